@@ -1,0 +1,46 @@
+# Two commands from a fresh clone: `make run` (set-up + the main job) and `make test` (set-up + tests).
+# Set-up is idempotent: a stamp file skips pip when pyproject.toml has not changed.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.hf_cd_installed
+# The CPU build of torch that lies on this machine's disk. GPU users: `make setup TORCH_SPEC=torch`
+# (or install the CUDA build from download.pytorch.org first); see the README.
+TORCH_SPEC ?= torch==2.13.0
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+SUDO       := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
+RUN_CONFIG ?= recipes/configs/fashion_mnist_vit_tiny_cpu.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup data run test lint clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@touch $@
+
+# Debian's Fashion-MNIST IDX files: the embedded real dataset. Skipped quietly where apt is absent.
+data:
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing dataset-fashion-mnist (Debian package)"; \
+	  $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
+	  echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST will come from the Hub"; \
+	fi
+
+run: setup
+	$(BIN)/python -m hf_cd.demo
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests recipes bench
+	$(BIN)/ruff format --check src tests recipes bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

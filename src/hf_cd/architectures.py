@@ -1,0 +1,227 @@
+"""The one table of architecture-specific knowledge: where each block's matrices live.
+
+Everything else in the library (CD pairs, diagnostics, quantization) reads module paths from
+here, so supporting a new ViT-like model is one entry in `ARCHITECTURES` (or a call to
+`register_architecture`), never an `if` branch elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FFNLayout:
+    """The MLP of a block: in-projections (one for GELU, gate + up for SwiGLU) and the out-projection."""
+
+    inputs: tuple[str, ...]
+    output: str
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Module paths of a pre-norm transformer block, relative to the block (and model, where said)."""
+
+    blocks: str
+    """Path from the base model (``model.base_model``) to the ``nn.ModuleList`` of blocks."""
+    query: str = "attention.q_proj"
+    key: str = "attention.k_proj"
+    value: str = "attention.v_proj"
+    output: str = "attention.o_proj"
+    attention: str = "attention"
+    norm_before_attention: str = "layernorm_before"
+    norm_before_ffn: str = "layernorm_after"
+    ffn_variants: tuple[FFNLayout, ...] = (FFNLayout(("mlp.fc1",), "mlp.fc2"),)
+    """Tried in order; the first whose modules all exist is the block's MLP (GELU or SwiGLU)."""
+    layer_scale_attention: str | None = None
+    layer_scale_ffn: str | None = None
+    patch_embedding: str = "embeddings.patch_embeddings.projection"
+    """Relative to the base model."""
+    final_norm: str = "layernorm"
+    """Relative to the base model."""
+    classifiers: tuple[str, ...] = ("classifier",)
+    """Relative to the top-level model; those that exist are used (DeiT with teacher has two)."""
+
+
+ARCHITECTURES: dict[str, BlockLayout] = {
+    "vit": BlockLayout(blocks="layers"),
+    "deit": BlockLayout(blocks="layers", classifiers=("classifier", "cls_classifier", "distillation_classifier")),
+    "dinov2": BlockLayout(
+        blocks="encoder.layer",
+        norm_before_attention="norm1",
+        norm_before_ffn="norm2",
+        ffn_variants=(
+            FFNLayout(("mlp.fc1",), "mlp.fc2"),
+            FFNLayout(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+        ),
+        layer_scale_attention="layer_scale1.lambda1",
+        layer_scale_ffn="layer_scale2.lambda1",
+    ),
+}
+
+
+def register_architecture(model_type: str, layout: BlockLayout) -> None:
+    """Teach the library a new ``config.model_type`` (e.g. a ViT variant with other module names)."""
+    ARCHITECTURES[model_type] = layout
+
+
+class UnsupportedArchitectureError(ValueError):
+    """Raised for models outside `ARCHITECTURES`; the message says how to pass pairs instead."""
+
+
+@dataclass
+class ResolvedBlock:
+    """One block of a concrete model, its modules looked up and their qualified names recorded."""
+
+    index: int
+    prefix: str
+    """Qualified name of the block inside the top-level model, e.g. ``vit.layers.3``."""
+    module: nn.Module
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    output: nn.Linear
+    attention: nn.Module
+    norm_before_attention: nn.Module
+    norm_before_ffn: nn.Module
+    ffn_inputs: tuple[nn.Linear, ...]
+    ffn_output: nn.Linear
+    num_heads: int
+    head_dim: int
+    names: dict[str, str] = field(default_factory=dict)
+    """Qualified module names: keys ``query key value output ffn_output norm_before_attention
+    norm_before_ffn`` and ``ffn_input_<i>``; ``layer_scale_attention`` / ``layer_scale_ffn`` name
+    the layer-scale *parameters* where the block has them."""
+    layer_scale_attention: nn.Parameter | None = None
+    layer_scale_ffn: nn.Parameter | None = None
+
+    @property
+    def linears(self) -> dict[str, nn.Linear]:
+        """The block's encoder linear layers, by role (``query`` … ``ffn_output``)."""
+        named = {"query": self.query, "key": self.key, "value": self.value, "output": self.output}
+        for i, module in enumerate(self.ffn_inputs):
+            named[f"ffn_input_{i}"] = module
+        named["ffn_output"] = self.ffn_output
+        return named
+
+
+def _get(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    try:
+        _get(root, path)
+    except AttributeError:
+        return False
+    return True
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / torch.compile wrappers so module names match the user's model."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DataParallel
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def get_layout(model: nn.Module) -> BlockLayout:
+    model = unwrap_model(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"hf_cd has no block layout for {type(model).__name__} (config.model_type={model_type!r}). "
+            f"Supported model types: {', '.join(supported_architectures())}. For another model, either pass "
+            "explicit pairs of Linear module names, e.g. "
+            "find_pairs(model, pairs=[('encoder.0.mlp.fc1', 'encoder.0.mlp.fc2')]) or "
+            "CDCallback(strength=1.0, pairs=[...]), or describe its blocks once with "
+            "hf_cd.architectures.register_architecture(model_type, BlockLayout(blocks=..., ...))."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def resolve_blocks(model: nn.Module) -> list[ResolvedBlock]:
+    """Look up every block's modules in ``model`` following its `BlockLayout`."""
+    model = unwrap_model(model)
+    layout = get_layout(model)
+    prefix_to_base = getattr(model, "base_model_prefix", "")
+    if prefix_to_base and _has(model, prefix_to_base):
+        base, base_prefix = _get(model, prefix_to_base), prefix_to_base + "."
+    else:
+        base, base_prefix = model, ""
+    if not _has(base, layout.blocks):
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has model_type {model.config.model_type!r} but no block list at "
+            f"'{base_prefix}{layout.blocks}'. Is this checkpoint from an older Transformers layout? "
+            "Re-save it with transformers>=5 or register a BlockLayout for it."
+        )
+    blocks = []
+    for index, block in enumerate(_get(base, layout.blocks)):
+        prefix = f"{base_prefix}{layout.blocks}.{index}"
+        ffn = next((v for v in layout.ffn_variants if all(_has(block, p) for p in (*v.inputs, v.output))), None)
+        if ffn is None:
+            raise UnsupportedArchitectureError(
+                f"Block {prefix} has none of the MLP layouts {[v.inputs + (v.output,) for v in layout.ffn_variants]}."
+            )
+        attention = _get(block, layout.attention)
+        query = _get(block, layout.query)
+        num_heads = getattr(attention, "num_attention_heads", None) or model.config.num_attention_heads
+        names = {
+            role: f"{prefix}.{getattr(layout, role)}"
+            for role in ("query", "key", "value", "output", "norm_before_attention", "norm_before_ffn")
+        }
+        names.update({f"ffn_input_{i}": f"{prefix}.{p}" for i, p in enumerate(ffn.inputs)})
+        names["ffn_output"] = f"{prefix}.{ffn.output}"
+        scales = {}
+        for role in ("layer_scale_attention", "layer_scale_ffn"):
+            path = getattr(layout, role)
+            if path is not None and _has(block, path):
+                scales[role] = _get(block, path)
+                names[role] = f"{prefix}.{path}"
+        blocks.append(
+            ResolvedBlock(
+                index=index,
+                prefix=prefix,
+                module=block,
+                query=query,
+                key=_get(block, layout.key),
+                value=_get(block, layout.value),
+                output=_get(block, layout.output),
+                attention=attention,
+                norm_before_attention=_get(block, layout.norm_before_attention),
+                norm_before_ffn=_get(block, layout.norm_before_ffn),
+                ffn_inputs=tuple(_get(block, p) for p in ffn.inputs),
+                ffn_output=_get(block, ffn.output),
+                num_heads=num_heads,
+                head_dim=query.out_features // num_heads,
+                names=names,
+                **scales,
+            )
+        )
+    return blocks
+
+
+def patch_embedding(model: nn.Module) -> nn.Module:
+    model = unwrap_model(model)
+    layout = get_layout(model)
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    return _get(base, layout.patch_embedding)
+
+
+def classifiers(model: nn.Module) -> dict[str, nn.Module]:
+    """The classification head(s) that exist on this model, by qualified name."""
+    model = unwrap_model(model)
+    layout = get_layout(model)
+    return {path: _get(model, path) for path in layout.classifiers if _has(model, path)}
