@@ -1,3 +1,50 @@
-"""hf-cd: Colinearity Decay for Hugging Face Vision Transformers."""
+"""hf-cd: Colinearity Decay for Hugging Face Vision Transformers.
+
+Train ViT / DeiT / Dinov2 models whose matrix pairs do not line up, so that they keep their
+accuracy at W8A8, W6A6 and W4A4 at no inference cost.
+"""
 
 __version__ = "0.1.0"
+
+from hf_cd.architectures import BlockLayout, FFNLayout, UnsupportedArchitectureError, register_architecture
+from hf_cd.callback import CDCallback
+from hf_cd.config import CDConfig
+from hf_cd.decay import ColinearityDecay, NonFiniteWeightsError
+from hf_cd.diagnostics import (
+    activation_stats,
+    alignment_summary,
+    measure_alignment,
+    outlier_summary,
+    plot_activation_stats,
+    plot_alignment,
+)
+from hf_cd.pairs import DEFAULT_KINDS, PAIR_KINDS, Factor, MatrixPair, find_pairs
+from hf_cd.table import Table
+from hf_cd.trainer import CDTrainer
+from hf_cd.tweo import tweo_penalty
+
+__all__ = [
+    "DEFAULT_KINDS",
+    "PAIR_KINDS",
+    "BlockLayout",
+    "CDCallback",
+    "CDConfig",
+    "CDTrainer",
+    "ColinearityDecay",
+    "FFNLayout",
+    "Factor",
+    "MatrixPair",
+    "NonFiniteWeightsError",
+    "Table",
+    "UnsupportedArchitectureError",
+    "__version__",
+    "activation_stats",
+    "alignment_summary",
+    "find_pairs",
+    "measure_alignment",
+    "outlier_summary",
+    "plot_activation_stats",
+    "plot_alignment",
+    "register_architecture",
+    "tweo_penalty",
+]

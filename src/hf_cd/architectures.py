@@ -47,7 +47,9 @@ class BlockLayout:
 
 ARCHITECTURES: dict[str, BlockLayout] = {
     "vit": BlockLayout(blocks="layers"),
-    "deit": BlockLayout(blocks="layers", classifiers=("classifier", "cls_classifier", "distillation_classifier")),
+    "deit": BlockLayout(
+        blocks="layers", classifiers=("classifier", "cls_classifier", "distillation_classifier")
+    ),
     "dinov2": BlockLayout(
         blocks="encoder.layer",
         norm_before_attention="norm1",
@@ -170,10 +172,12 @@ def resolve_blocks(model: nn.Module) -> list[ResolvedBlock]:
     blocks = []
     for index, block in enumerate(_get(base, layout.blocks)):
         prefix = f"{base_prefix}{layout.blocks}.{index}"
-        ffn = next((v for v in layout.ffn_variants if all(_has(block, p) for p in (*v.inputs, v.output))), None)
+        ffn = next(
+            (v for v in layout.ffn_variants if all(_has(block, p) for p in (*v.inputs, v.output))), None
+        )
         if ffn is None:
             raise UnsupportedArchitectureError(
-                f"Block {prefix} has none of the MLP layouts {[v.inputs + (v.output,) for v in layout.ffn_variants]}."
+                f"Block {prefix} has none of the MLP layouts {[(*v.inputs, v.output) for v in layout.ffn_variants]}."
             )
         attention = _get(block, layout.attention)
         query = _get(block, layout.query)

@@ -1,0 +1,60 @@
+"""What every benchmark records beside its numbers: date, commit, device and the exact command."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_description(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def environment(device: str) -> dict:
+    import torch
+    import transformers
+
+    commit = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit + ("-dirty" if dirty else ""),
+        "device": device_description(device),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_result(name: str, device: str, payload: dict, markdown: str) -> tuple[Path, Path]:
+    """Write ``bench/results/<name>-<date>-<device>.{json,md}``; returns both paths."""
+    env = environment(device)
+    stem = f"{name}-{env['date'][:10]}-{'gpu' if device.startswith('cuda') else 'cpu'}"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = RESULTS_DIR / f"{stem}.json", RESULTS_DIR / f"{stem}.md"
+    json_path.write_text(json.dumps({**env, **payload}, indent=2) + "\n")
+    header = "\n".join(f"- **{key}**: `{env[key]}`" for key in ("date", "commit", "device", "command"))
+    md_path.write_text(f"# {name}\n\n{header}\n\n{markdown.strip()}\n")
+    return json_path, md_path

@@ -1,0 +1,268 @@
+"""`CDCallback`: Colinearity Decay for any `transformers.Trainer`, as a `TrainerCallback`.
+
+A thin adapter: it finds the pairs when training begins, and after each real optimizer step
+hands `hf_cd.decay.ColinearityDecay` the learning rate each parameter's group used. It is an
+`ExportableState`, so its step count and power-iteration vectors travel in
+``trainer_state.json`` and a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from hf_cd.architectures import unwrap_model
+from hf_cd.decay import ColinearityDecay, StepStats
+from hf_cd.pairs import DEFAULT_KINDS, PAIR_KINDS, MatrixPair, find_pairs, parse_pair_spec
+
+logger = logging.getLogger(__name__)
+
+
+class UnsupportedTrainingSetupError(NotImplementedError):
+    """The distributed setup keeps weights where a decoupled update cannot reach them."""
+
+
+def check_training_setup(args, model) -> None:
+    """Refuse DeepSpeed and FSDP1 up front, saying why and what to use instead."""
+    uses_deepspeed = bool(getattr(args, "deepspeed", None)) or type(model).__name__ == "DeepSpeedEngine"
+    try:
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
+
+        state = AcceleratorState._shared_state
+        uses_deepspeed |= bool(state) and state.get("distributed_type") == DistributedType.DEEPSPEED
+    except ImportError:  # pragma: no cover
+        pass
+    if uses_deepspeed:
+        raise UnsupportedTrainingSetupError(
+            "Colinearity Decay does not support DeepSpeed: ZeRO keeps the fp32 master weights inside the "
+            "optimizer, so a decoupled update written to the model's weights is overwritten at the next step. "
+            "Use DDP or FSDP2 (accelerate's fsdp_version: 2) instead."
+        )
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+        raise UnsupportedTrainingSetupError(
+            "Colinearity Decay needs whole weight matrices, which FSDP1's flat parameters hide. "
+            "Use FSDP2 (accelerate's fsdp_version: 2), whose DTensor parameters hf_cd gathers and writes back."
+        )
+
+
+class _LogWindow:
+    """Device-side sums of step statistics between two logging steps (one host sync per log)."""
+
+    def __init__(self, kinds: Sequence[str]):
+        self.kinds = list(kinds)
+        self.alignment_sum: torch.Tensor | None = None
+        self.alignment_count: torch.Tensor | None = None
+        self.update_sq_norm: torch.Tensor | None = None
+        self.steps = 0
+        self.strength = 0.0
+
+    def add(self, stats: StepStats, strength: float) -> None:
+        if self.steps == 0:
+            self.alignment_sum = stats.alignment_sum.clone()
+            self.alignment_count = stats.alignment_count.clone()
+            self.update_sq_norm = stats.update_sq_norm.clone()
+        else:
+            self.alignment_sum += stats.alignment_sum
+            self.alignment_count += stats.alignment_count
+            self.update_sq_norm += stats.update_sq_norm
+        self.steps += 1
+        self.strength = strength
+
+    def pop(self) -> dict[str, float]:
+        if self.steps == 0:
+            return {}
+        alignment = self.alignment_sum / self.alignment_count.clamp_min(1)
+        update_norm = (self.update_sq_norm / self.steps).sqrt()
+        values = torch.cat([alignment, update_norm.reshape(1)]).tolist()
+        logs = {f"cd/alignment_{kind}": values[i] for i, kind in enumerate(self.kinds)}
+        logs["cd/update_norm"] = values[-1]
+        logs["cd/strength"] = self.strength
+        self.steps = 0
+        return logs
+
+
+class CDCallback(TrainerCallback, ExportableState):
+    """Apply the decoupled Colinearity Decay update after every real optimizer step.
+
+    Args:
+        strength: λ; the most aligned direction of each pair decays at rate ``lr·λ`` per step. 0 disables.
+        kinds: which pairs (``ffn``, ``value_output``, ``query_key``, ``cross_norm``).
+        every: apply every k optimizer steps, with strength ×k so λ keeps its meaning.
+        power_iters: warm-started power iterations per step for the spectral norms.
+        power_tol: then iterate until no spectral norm changes by more than this (relative); 0 = fixed.
+        warmup_steps: λ ramps linearly from 0 over this many optimizer steps.
+        pairs: explicit ``"in_module:out_module"`` pairs for models outside the architecture table.
+        fold_layer_scale: fold Dinov2's layer scale into the matrix it multiplies.
+        check_finite: stop with an error naming the pair when weights hold NaN/Inf (one host sync per step).
+    """
+
+    def __init__(
+        self,
+        strength: float = 1.0,
+        kinds: Sequence[str] = DEFAULT_KINDS,
+        every: int = 1,
+        power_iters: int = 2,
+        power_tol: float = 1e-4,
+        warmup_steps: int = 0,
+        pairs: Sequence[str] | None = None,
+        fold_layer_scale: bool = False,
+        check_finite: bool = True,
+    ):
+        if strength < 0 or not torch.isfinite(torch.tensor(float(strength))):
+            raise ValueError(f"CD strength must be a finite number ≥ 0 (0 turns CD off), got {strength}.")
+        if every < 1:
+            raise ValueError(f"every must be ≥ 1, got {every}.")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be ≥ 0, got {warmup_steps}.")
+        unknown = [k for k in kinds if k not in PAIR_KINDS]
+        if unknown:
+            raise ValueError(f"Unknown pair kinds {unknown}; choose from {', '.join(PAIR_KINDS)}.")
+        self.strength = float(strength)
+        self.kinds = list(kinds)
+        self.every = int(every)
+        self.power_iters = int(power_iters)
+        self.power_tol = float(power_tol)
+        self.warmup_steps = int(warmup_steps)
+        self.pairs = (
+            [p if isinstance(p, str) else ":".join(parse_pair_spec(p)) for p in pairs] if pairs else None
+        )
+        self.fold_layer_scale = bool(fold_layer_scale)
+        self.check_finite = bool(check_finite)
+        self.num_updates = 0
+        self.engine_state: dict | None = None  # set by Trainer when resuming, consumed by `setup`
+        self.decay: ColinearityDecay | None = None
+        self._window: _LogWindow | None = None
+        self._group_of_param: dict[str, int] | None = None
+        self._optimizer_id: int | None = None
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def find_pairs(self, model) -> list[MatrixPair]:
+        return find_pairs(model, self.kinds, pairs=self.pairs, fold_layer_scale=self.fold_layer_scale)
+
+    def setup(self, model) -> ColinearityDecay:
+        """Build the engine for ``model`` (idempotent), restoring checkpointed vectors if any."""
+        model = unwrap_model(model)
+        if self.decay is not None and self.decay.model is model:
+            return self.decay
+        self.decay = ColinearityDecay(
+            model,
+            self.find_pairs(model),
+            power_iters=self.power_iters,
+            power_tol=self.power_tol or None,
+            check_finite=self.check_finite,
+        )
+        if self.decay.skipped_frozen:
+            logger.info(
+                "CD skips %d frozen pairs: %s", len(self.decay.skipped_frozen), self.decay.skipped_frozen
+            )
+        if self.engine_state:
+            missing = self.decay.load_state_dict(self.engine_state)
+            if missing:
+                logger.warning("CD state has no power-iteration vectors for %s; they cold-start.", missing)
+            self.engine_state = None
+        self._window = _LogWindow(self.decay.kinds)
+        self._group_of_param = None
+        return self.decay
+
+    def current_strength(self) -> float:
+        """λ·every, ramped linearly over the warm-up (the step being applied counts as done)."""
+        ramp = 1.0 if self.warmup_steps == 0 else min(1.0, self.num_updates / self.warmup_steps)
+        return self.strength * self.every * ramp
+
+    def _learning_rates(self, optimizer) -> dict[str, float]:
+        """The lr each CD parameter's group used in the step just taken (groups may differ per parameter)."""
+        if self._group_of_param is None or self._optimizer_id != id(optimizer):
+            group_of_id = {
+                id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]
+            }
+            self._group_of_param = {}
+            for name in self.decay.written_param_names:
+                index = group_of_id.get(id(self.decay.params[name]))
+                if index is None:
+                    logger.warning("CD parameter %s is in no optimizer group; CD leaves it alone.", name)
+                else:
+                    self._group_of_param[name] = index
+            self._optimizer_id = id(optimizer)
+        groups = optimizer.param_groups
+        return {name: groups[index]["lr"] for name, index in self._group_of_param.items()}
+
+    # -- Trainer events -------------------------------------------------------------------------
+
+    def _restore_from_trainer_state(self, state) -> None:
+        """Resume from the checkpoint's ``trainer_state.json`` even when the Trainer's
+        ``restore_callback_states_from_checkpoint`` is off (its default): losing the step count and
+        the power-iteration vectors would make a resumed run differ from an uninterrupted one."""
+        stored = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        if isinstance(stored, list):
+            stored = stored[0] if stored else None
+        attributes = (stored or {}).get("attributes", {})
+        if self.decay is None and attributes.get("num_updates", 0) > self.num_updates:
+            self.num_updates = int(attributes["num_updates"])
+            self.engine_state = attributes.get("engine_state")
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.strength == 0 or model is None:
+            return
+        check_training_setup(args, model)
+        self._restore_from_trainer_state(state)
+        self.setup(model)
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.strength == 0 or optimizer is None:
+            return
+        if getattr(optimizer, "step_was_skipped", False):  # fp16 scaler found inf/nan gradients
+            return
+        self.num_updates += 1
+        if self.num_updates % self.every:
+            return
+        decay = self.setup(model)
+        learning_rates = self._learning_rates(optimizer)
+        strength = self.current_strength()
+        stats = decay.step(lambda name: learning_rates.get(name, 0.0), strength)
+        self._window.add(stats, strength)
+
+    def pop_log_metrics(self) -> dict[str, float]:
+        """The ``cd/*`` scalars averaged since the last call (`CDTrainer.log` merges them)."""
+        return self._window.pop() if self._window is not None else {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # With a plain Trainer, reporters that run before this callback miss these keys; CDTrainer
+        # merges them in `log` so that every reporter sees them.
+        metrics = self.pop_log_metrics()
+        if metrics and logs is not None:
+            logs.update(metrics)
+            if state.log_history:
+                state.log_history[-1].update(metrics)
+
+    # -- ExportableState ------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {
+            "args": {
+                "strength": self.strength,
+                "kinds": self.kinds,
+                "every": self.every,
+                "power_iters": self.power_iters,
+                "power_tol": self.power_tol,
+                "warmup_steps": self.warmup_steps,
+                "pairs": self.pairs,
+                "fold_layer_scale": self.fold_layer_scale,
+                "check_finite": self.check_finite,
+            },
+            "attributes": {
+                "num_updates": self.num_updates,
+                "engine_state": self.decay.state_dict() if self.decay is not None else self.engine_state,
+            },
+        }
+
+    def settings(self) -> dict:
+        """The CD settings, as a model card or ``config.json`` states them."""
+        return dict(self.state()["args"])

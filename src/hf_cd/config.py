@@ -1,0 +1,120 @@
+"""`CDConfig`: `TrainingArguments` plus every Colinearity Decay and TWEO knob (TRL's SFTConfig pattern).
+
+Being a dataclass with ``metadata["help"]`` on each field, it works unchanged with
+`HfArgumentParser` from the command line and from YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from hf_cd.pairs import DEFAULT_KINDS, PAIR_KINDS
+
+
+@dataclass
+class CDConfig(TrainingArguments):
+    """Training arguments for `CDTrainer`: the usual `TrainingArguments` plus ``cd_*`` and ``tweo_*``."""
+
+    cd_strength: float = field(
+        default=1.0,
+        metadata={
+            "help": "Colinearity Decay strength λ: the most aligned direction of each pair decays at rate lr·λ per "
+            "optimizer step. 0 turns CD off."
+        },
+    )
+    cd_kinds: list[str] = field(
+        default_factory=lambda: list(DEFAULT_KINDS),
+        metadata={"help": f"Matrix pairs to decay, any of: {', '.join(PAIR_KINDS)}."},
+    )
+    cd_every: int = field(
+        default=1, metadata={"help": "Apply CD every k optimizer steps (strength is multiplied by k)."}
+    )
+    cd_warmup_steps: int = field(
+        default=0, metadata={"help": "Ramp the CD strength linearly from 0 over this many optimizer steps."}
+    )
+    cd_power_iters: int = field(
+        default=2,
+        metadata={
+            "help": "Warm-started power iterations per step for the spectral norms (cold start converges)."
+        },
+    )
+    cd_power_tol: float = field(
+        default=1e-4,
+        metadata={
+            "help": "After cd_power_iters, keep iterating until no spectral norm moves by more than this (relative); "
+            "keeps the estimates within 1% while weights move fast. 0 = fixed iterations only."
+        },
+    )
+    cd_pairs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Explicit pairs 'in_module:out_module' (e.g. 'blocks.0.fc1:blocks.0.fc2') for models outside "
+            "the architecture table; replaces cd_kinds."
+        },
+    )
+    cd_fold_layer_scale: bool = field(
+        default=False, metadata={"help": "Fold Dinov2's layer scale into the matrix it multiplies."}
+    )
+    cd_check_finite: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop with an error naming the pair when a CD weight holds NaN/Inf (one sync per step)."
+        },
+    )
+    tweo_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the TWEO activation penalty on block outputs (baseline; 0 disables)."},
+    )
+    tweo_tau: float = field(default=3.0, metadata={"help": "TWEO threshold τ."})
+    tweo_p: float = field(default=4.0, metadata={"help": "TWEO exponent p."})
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep dataset columns the model's forward does not name: image datasets transform `image` "
+            "into `pixel_values` lazily, so dropping it would break them."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cd_strength < 0:
+            raise ValueError(f"cd_strength must be ≥ 0 (0 turns CD off), got {self.cd_strength}.")
+        if isinstance(self.cd_kinds, str):
+            self.cd_kinds = [k.strip() for k in self.cd_kinds.split(",") if k.strip()]
+        unknown = [k for k in self.cd_kinds if k not in PAIR_KINDS]
+        if unknown:
+            raise ValueError(f"Unknown cd_kinds {unknown}; choose from {', '.join(PAIR_KINDS)}.")
+        if self.cd_every < 1:
+            raise ValueError(f"cd_every must be ≥ 1, got {self.cd_every}.")
+        if self.cd_warmup_steps < 0:
+            raise ValueError(f"cd_warmup_steps must be ≥ 0, got {self.cd_warmup_steps}.")
+        if self.cd_power_tol < 0:
+            raise ValueError(f"cd_power_tol must be ≥ 0, got {self.cd_power_tol}.")
+        if self.cd_power_iters < 1:
+            raise ValueError(f"cd_power_iters must be ≥ 1, got {self.cd_power_iters}.")
+        if self.tweo_weight < 0 or self.tweo_tau <= 0 or self.tweo_p <= 0:
+            raise ValueError(
+                f"TWEO needs weight ≥ 0, tau > 0 and p > 0; got {self.tweo_weight}, {self.tweo_tau}, {self.tweo_p}."
+            )
+
+    def cd_callback_kwargs(self) -> dict:
+        """Arguments for `CDCallback` taken from this config."""
+        return {
+            "strength": self.cd_strength,
+            "kinds": list(self.cd_kinds),
+            "every": self.cd_every,
+            "power_iters": self.cd_power_iters,
+            "power_tol": self.cd_power_tol,
+            "warmup_steps": self.cd_warmup_steps,
+            "pairs": list(self.cd_pairs) if self.cd_pairs else None,
+            "fold_layer_scale": self.cd_fold_layer_scale,
+            "check_finite": self.cd_check_finite,
+        }
+
+    def cd_settings(self) -> dict:
+        """The method's settings as a model card and ``config.json`` record them."""
+        settings = {k: v for k, v in self.cd_callback_kwargs().items() if k != "check_finite"}
+        settings.update({"tweo_weight": self.tweo_weight, "tweo_tau": self.tweo_tau, "tweo_p": self.tweo_p})
+        return settings

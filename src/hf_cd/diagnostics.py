@@ -1,0 +1,203 @@
+"""Diagnostics that show whether CD works: pair alignment, activation outliers, and their plots.
+
+Exact (SVD-based) numbers, computed on demand; the training hot path logs cheaper running
+estimates through `CDCallback`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hf_cd.architectures import resolve_blocks, unwrap_model
+from hf_cd.colinearity import alignment
+from hf_cd.pairs import DEFAULT_KINDS, MatrixPair, factor_heads, find_pairs
+from hf_cd.table import Table
+
+
+@torch.no_grad()
+def measure_alignment(
+    model: nn.Module,
+    kinds: Iterable[str] = DEFAULT_KINDS,
+    *,
+    pairs: Sequence[str | Sequence[str] | MatrixPair] | None = None,
+    fold_layer_scale: bool = False,
+) -> Table:
+    """Normalized alignment ``‖B·A‖_F² / (‖B‖_F²·‖A‖₂²)`` of every pair (one row per head).
+
+    1 means every row of B lies along A's top direction (rank-one amplification); values near
+    ``1/rank`` mean no preferred direction.
+    """
+    model = unwrap_model(model)
+    found = find_pairs(model, kinds, pairs=pairs, fold_layer_scale=fold_layer_scale)
+    tensors = {name: p.detach().float() for name, p in model.named_parameters()}
+    rows = []
+    for pair in found:
+        a = factor_heads(pair.a, pair.heads, tensors)
+        b = factor_heads(pair.b, pair.heads, tensors)
+        values = alignment(a, b).tolist()
+        for head, value in enumerate(values):
+            rows.append(
+                {
+                    "pair": pair.name,
+                    "kind": pair.kind,
+                    "block": pair.block,
+                    "head": head if pair.heads > 1 else None,
+                    "alignment": value,
+                }
+            )
+    return Table(rows, ["pair", "kind", "block", "head", "alignment"])
+
+
+def alignment_summary(table: Table) -> dict[str, dict[str, float]]:
+    """Mean and max alignment per pair kind: the one-line answer to "did CD decorrelate the pairs?"."""
+    summary = {}
+    for kind in dict.fromkeys(table.column("kind")):
+        values = table.where(kind=kind).column("alignment")
+        summary[kind] = {"mean": sum(values) / len(values), "max": max(values)}
+    return summary
+
+
+def _site_stats(x: torch.Tensor, top_k: int) -> dict:
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    centered = x - x.mean()
+    variance = centered.square().mean()
+    channel_max = x.abs().amax(dim=0)
+    top = torch.topk(channel_max, min(top_k, channel_max.numel()))
+    return {
+        "max_abs": x.abs().max().item(),
+        "kurtosis": (centered.pow(4).mean() / variance.square().clamp_min(1e-30)).item(),
+        "range_over_std": ((x.max() - x.min()) / variance.sqrt().clamp_min(1e-30)).item(),
+        "top_channels": top.indices.tolist(),
+        "top_channel_max": [round(v, 4) for v in top.values.tolist()],
+    }
+
+
+@torch.no_grad()
+def activation_stats(model: nn.Module, batch, top_k: int = 5) -> Table:
+    """Per block: max |x|, kurtosis and top outlier channels of the residual stream and of the input
+    of every encoder linear layer, from one forward pass over ``batch``.
+
+    ``batch`` is a ``pixel_values`` tensor or a dict holding one (as a data collator returns).
+    """
+    model = unwrap_model(model)
+    pixel_values = batch["pixel_values"] if isinstance(batch, Mapping) else batch
+    device = next(model.parameters()).device
+    blocks = resolve_blocks(model)
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+
+    def keep_input(key):
+        def hook(module, inputs):
+            captured[key] = inputs[0]
+
+        return hook
+
+    def keep_output(key):
+        def hook(module, inputs, output):
+            captured[key] = output[0] if isinstance(output, (tuple, list)) else output
+
+        return hook
+
+    for block in blocks:
+        if block.index == 0:
+            handles.append(block.module.register_forward_pre_hook(keep_input((-1, "residual"))))
+        handles.append(block.module.register_forward_hook(keep_output((block.index, "residual"))))
+        for role, linear in block.linears.items():
+            site = f"{block.names[role].rsplit('.', 1)[-1]}_input"  # e.g. fc2_input: the post-GELU activation
+            handles.append(linear.register_forward_pre_hook(keep_input((block.index, site))))
+    was_training = model.training
+    model.eval()
+    try:
+        model(pixel_values=pixel_values.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    # Blocks in order; within a block the residual stream first, then the linears in forward order.
+    rows = [{"block": block, "site": site, **_site_stats(x, top_k)} for (block, site), x in captured.items()]
+    rows.sort(key=lambda row: (row["block"], row["site"] != "residual"))
+    return Table(rows)
+
+
+def outlier_summary(table: Table) -> dict[str, float]:
+    """The largest residual-stream |x| (overall and in the last block) and the largest linear input."""
+    residual = table.where(site="residual")
+    last_block = max(residual.column("block"))
+    linear_inputs = [row["max_abs"] for row in table if row["site"] != "residual"]
+    return {
+        "residual_max": max(residual.column("max_abs")),
+        "residual_max_last_block": residual.where(block=last_block)[0]["max_abs"],
+        "linear_input_max": max(linear_inputs) if linear_inputs else float("nan"),
+        "residual_kurtosis_max": max(residual.column("kurtosis")),
+    }
+
+
+def _labelled(tables: Table | Mapping[str, Table]) -> dict[str, Table]:
+    return {"model": tables} if isinstance(tables, Table) else dict(tables)
+
+
+def plot_alignment(tables: Table | Mapping[str, Table], path: str | Path) -> Path:
+    """Mean alignment per block and kind, one line per model (e.g. ``{"baseline": t0, "cd": t1}``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = _labelled(tables)
+    kinds = list(dict.fromkeys(k for t in tables.values() for k in t.column("kind")))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for label, table in tables.items():
+            rows = table.where(kind=kind)
+            blocks = sorted(set(rows.column("block")))
+            means = [sum(rows.where(block=b).column("alignment")) / len(rows.where(block=b)) for b in blocks]
+            ax.plot(blocks, means, marker="o", label=label)
+        ax.set_title(f"{kind} alignment")
+        ax.set_xlabel("block")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("‖BA‖²/(‖B‖²‖A‖₂²)")
+    axes[0][-1].legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_activation_stats(tables: Table | Mapping[str, Table], path: str | Path) -> Path:
+    """Max |x| per block: residual stream and each linear input, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = _labelled(tables)
+    sites = list(dict.fromkeys(s for t in tables.values() for s in t.column("site")))
+    columns = min(4, len(sites))
+    rows_needed = -(-len(sites) // columns)
+    fig, axes = plt.subplots(rows_needed, columns, figsize=(4 * columns, 3 * rows_needed), squeeze=False)
+    for ax, site in zip(axes.flat, sites):
+        for label, table in tables.items():
+            rows = table.where(site=site)
+            ax.plot(rows.column("block"), rows.column("max_abs"), marker="o", label=label)
+        ax.set_title(site)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(sites) :]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("max |x|")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
