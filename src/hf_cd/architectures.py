@@ -129,10 +129,16 @@ def supported_architectures() -> list[str]:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / torch.compile wrappers so module names match the user's model."""
+    """Strip DDP / torch.compile / PeftModel wrappers so module names match the transformers model.
+
+    A `peft` model unwraps to the transformers model with its LoRA layers injected, so block paths
+    stay those of the table and a LoRA layer's ``.weight`` names its effective weight.
+    """
     while True:
         if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DataParallel
             model = model.module
+        elif hasattr(model, "peft_config") and hasattr(model, "get_base_model"):  # peft.PeftModel
+            model = model.get_base_model()
         elif hasattr(model, "_orig_mod"):  # torch.compile
             model = model._orig_mod
         else:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hf_cd.architectures import unwrap_model
 from hf_cd.colinearity import (
     colinearity_directions,
     converged_power_iteration,
@@ -24,6 +25,7 @@ from hf_cd.colinearity import (
     power_iteration,
 )
 from hf_cd.pairs import MatrixPair, factor_gradients, factor_heads, head_shapes
+from hf_cd.weights import is_trainable, pull_back, read_weights, weight_sources
 
 try:  # FSDP2 parameters are DTensors; plain tensors elsewhere.
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -96,6 +98,16 @@ def _fp32_math(device: torch.device):
         torch.set_float32_matmul_precision(previous)
 
 
+def _factor_names(pair: MatrixPair) -> list[str]:
+    """Every matrix or scale name a pair reads."""
+    return [
+        name
+        for factor in (pair.a, pair.b)
+        for name in (*factor.params, factor.row_scale, factor.col_scale)
+        if name is not None
+    ]
+
+
 class ColinearityDecay:
     """The decoupled CD update over a fixed set of pairs of one model.
 
@@ -115,6 +127,7 @@ class ColinearityDecay:
     ):
         if power_iters < 1:
             raise ValueError(f"power_iters must be ≥ 1, got {power_iters}.")
+        model = unwrap_model(model)  # pair names are relative to the transformers model
         self.model = model
         self.power_iters = power_iters
         self.power_tol = power_tol
@@ -122,7 +135,10 @@ class ColinearityDecay:
         self.power_iterations_run = 0  # adaptive extra iterations, for diagnostics
         self.check_finite = check_finite
         self.params: dict[str, nn.Parameter] = dict(model.named_parameters())
-        trainable = [p for p in pairs if any(self.params[n].requires_grad for n in p.a.params + p.b.params)]
+        self.sources = weight_sources(model, (name for pair in pairs for name in _factor_names(pair)))
+        trainable = [
+            p for p in pairs if any(is_trainable(self.sources[n], self.params) for n in p.param_names)
+        ]
         self.skipped_frozen = [p.name for p in pairs if p not in trainable]
         self.pairs = trainable
         self.kinds: list[str] = sorted({p.kind for p in self.pairs})
@@ -132,7 +148,7 @@ class ColinearityDecay:
     # -- setup ------------------------------------------------------------------------------
 
     def _build_groups(self) -> list[_PairGroup]:
-        shapes = {name: p.shape for name, p in self.params.items()}
+        shapes = {name: self.params[source.base].shape for name, source in self.sources.items()}
         by_shape: dict[tuple, list[MatrixPair]] = {}
         for pair in self.pairs:
             by_shape.setdefault(head_shapes(pair, shapes), []).append(pair)
@@ -147,41 +163,29 @@ class ColinearityDecay:
 
     @property
     def param_names(self) -> list[str]:
-        """Every parameter the update reads (weights, and folded scales)."""
+        """Every real parameter the update reads (weights, LoRA factors, folded scales)."""
         names: dict[str, None] = {}
-        for pair in self.pairs:
-            for factor in (pair.a, pair.b):
-                for name in (*factor.params, factor.row_scale, factor.col_scale):
-                    if name is not None:
-                        names.setdefault(name, None)
+        for source in self.sources.values():
+            names.update(dict.fromkeys(source.params))
         return list(names)
 
     @property
     def written_param_names(self) -> list[str]:
-        """The trainable weights the update writes (frozen factors and scales are only read)."""
+        """The trainable parameters the update writes (frozen weights and scales are only read)."""
         names: dict[str, None] = {}
         for pair in self.pairs:
-            for name in pair.a.params + pair.b.params:
-                if self.params[name].requires_grad:
-                    names.setdefault(name, None)
+            for name in pair.param_names:
+                names.update(
+                    dict.fromkeys(n for n in self.sources[name].params if self.params[n].requires_grad)
+                )
         return list(names)
 
     # -- the step ---------------------------------------------------------------------------
 
-    def _full_weights(self) -> dict[str, torch.Tensor]:
-        """Every parameter the update reads, whole (FSDP2 shards gathered), in float32 or wider."""
-        tensors = {}
-        for name in self.param_names:
-            param = self.params[name].detach()
-            if isinstance(param, DTensor):
-                param = param.full_tensor()
-            tensors[name] = param.to(torch.promote_types(param.dtype, torch.float32))
-        return tensors
-
     @torch.no_grad()
     def step(self, lr_of: Callable[[str], float] | float, strength: float) -> StepStats:
         """Apply ``W ← W − η_W·strength·direction_W`` to every written weight; returns device-side stats."""
-        tensors = self._full_weights()
+        tensors = read_weights(self.sources, self.params)
         device = next(iter(tensors.values())).device
         if self.check_finite:
             self._check_finite_weights(tensors)
@@ -210,10 +214,13 @@ class ColinearityDecay:
                     heads = slice(offset, offset + pair.heads)
                     offset += pair.heads
                     for factor, direction in ((pair.a, direction_a[heads]), (pair.b, direction_b[heads])):
-                        for name, grad in factor_gradients(factor, pair.heads, direction, tensors).items():
-                            if not self.params[name].requires_grad:
-                                continue
-                            directions[name] = grad if name not in directions else directions[name] + grad
+                        for weight, grad in factor_gradients(factor, pair.heads, direction, tensors).items():
+                            for name, pulled in pull_back(
+                                self.sources[weight], grad, tensors, self.params
+                            ).items():
+                                directions[name] = (
+                                    pulled if name not in directions else directions[name] + pulled
+                                )
         if finite_checks and not bool(torch.isfinite(torch.stack(finite_checks)).all()):
             self._raise_non_finite_update(directions)
         update_sq_norm = self._apply(directions, lr_of, strength, device)
@@ -281,12 +288,11 @@ class ColinearityDecay:
 
     def _check_finite_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """One host sync for all weights; on failure, find and name the pair before anything is written."""
-        norms = torch._foreach_norm([tensors[name] for name in self.param_names])
+        norms = torch._foreach_norm([tensors[name] for name in self.param_names])  # real parameters only
         if bool(torch.isfinite(torch.stack(norms)).all()):
             return
         for pair in self.pairs:
-            scales = (pair.a.row_scale, pair.a.col_scale, pair.b.row_scale, pair.b.col_scale)
-            names = [n for n in (*pair.param_names, *scales) if n]
+            names = [n for weight in _factor_names(pair) for n in self.sources[weight].params]
             bad = [n for n in names if not bool(torch.isfinite(tensors[n]).all())]
             if bad:
                 counts = ", ".join(
@@ -300,7 +306,11 @@ class ColinearityDecay:
 
     def _raise_non_finite_update(self, directions: dict[str, torch.Tensor]) -> None:
         bad_directions = {n for n, d in directions.items() if not bool(torch.isfinite(d).all())}
-        owners = [p.name for p in self.pairs if set(p.param_names) & bad_directions]
+        owners = [
+            p.name
+            for p in self.pairs
+            if {n for w in p.param_names for n in self.sources[w].params} & bad_directions
+        ]
         raise NonFiniteWeightsError(
             f"Colinearity Decay produced a non-finite update for pair(s) {owners} although the weights are finite "
             "(float32 overflow: are the weights extremely large?). Nothing was written; lower the CD strength."

@@ -16,6 +16,7 @@ from hf_cd.architectures import resolve_blocks, unwrap_model
 from hf_cd.colinearity import alignment
 from hf_cd.pairs import DEFAULT_KINDS, MatrixPair, factor_heads, find_pairs
 from hf_cd.table import Table
+from hf_cd.weights import read_weights, weight_sources
 
 
 @torch.no_grad()
@@ -33,7 +34,8 @@ def measure_alignment(
     """
     model = unwrap_model(model)
     found = find_pairs(model, kinds, pairs=pairs, fold_layer_scale=fold_layer_scale)
-    tensors = {name: p.detach().float() for name, p in model.named_parameters()}
+    names = [n for p in found for f in (p.a, p.b) for n in (*f.params, f.row_scale, f.col_scale) if n]
+    tensors = read_weights(weight_sources(model, names), dict(model.named_parameters()))  # LoRA: effective W
     rows = []
     for pair in found:
         a = factor_heads(pair.a, pair.heads, tensors)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from hf_cd.architectures import ResolvedBlock, resolve_blocks, unwrap_model
+from hf_cd.weights import weight_sources
 
 PAIR_KINDS: tuple[str, ...] = ("ffn", "value_output", "query_key", "cross_norm")
 DEFAULT_KINDS: tuple[str, ...] = ("ffn", "value_output")
@@ -133,12 +134,13 @@ def _block_pairs(
 
 
 def _as_param_name(model: nn.Module, name: str) -> str:
-    """Accept a Linear module name or a parameter name; return the weight parameter's name."""
-    params = dict(model.named_parameters())
-    if name in params:
-        return name
-    if f"{name}.weight" in params:
-        return f"{name}.weight"
+    """Accept a Linear module name or a parameter name; return the weight's name (virtual for LoRA layers)."""
+    for candidate in (name, f"{name}.weight"):
+        try:
+            weight_sources(model, [candidate])
+        except KeyError:
+            continue
+        return candidate
     raise ValueError(
         f"'{name}' is neither a parameter nor a module with a weight in {type(model).__name__}. "
         "Pass Linear module names such as 'encoder.0.mlp.fc1' (see model.named_modules())."
@@ -292,11 +294,13 @@ def validate_pairs(model: nn.Module, pairs: Sequence[MatrixPair]) -> None:
             for name in (*factor.params, factor.row_scale, factor.col_scale):
                 if name is None:
                     continue
-                if name not in params:
+                try:
+                    (source,) = weight_sources(model, [name]).values()
+                except KeyError:
                     raise ValueError(
                         f"Pair '{pair.name}' refers to '{name}', which {type(model).__name__} lacks."
-                    )
-                shapes[name] = params[name].shape  # a DTensor's shape is already the global one
+                    ) from None
+                shapes[name] = params[source.base].shape  # a DTensor's shape is already the global one
             for name in factor.params:
                 if len(shapes[name]) != 2:
                     raise ValueError(
