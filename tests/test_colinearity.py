@@ -105,3 +105,58 @@ def test_alignment_is_one_for_rank_one_and_small_for_orthogonal():
     assert alignment(a, b).item() == pytest.approx(1.0, rel=1e-5)
     null = torch.linalg.svd(u.unsqueeze(0)).Vh[1:]  # vectors orthogonal to u
     assert alignment(a, null[:3].unsqueeze(0)).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def _weighted_autograd(a, b, row_weights):
+    """Gradient of ½ Σ_k w_k ‖(BA)_k‖² with w held fixed."""
+    a = a.clone().requires_grad_(True)
+    b = b.clone().requires_grad_(True)
+    (0.5 * (row_weights.unsqueeze(1) * (b @ a).square()).sum()).backward()
+    return a.grad, b.grad
+
+
+@pytest.mark.parametrize("shape", [(12, 7, 9), (3, 20, 16)])  # product route, then Gram route
+def test_outlier_rows_mode_is_the_gradient_of_the_weighted_product_and_spares_typical_rows(shape):
+    r, n, m = shape
+    generator = torch.Generator().manual_seed(5)
+    a = torch.randn(r, n, dtype=torch.float64, generator=generator)
+    b = torch.randn(m, r, dtype=torch.float64, generator=generator) * 0.1
+    b[2] *= 40.0  # one output channel with an outlier gain
+    b[5] *= 25.0
+    sigma_a, sigma_b = torch.linalg.matrix_norm(a, ord=2), torch.linalg.matrix_norm(b, ord=2)
+    direction_a, direction_b, sq_norm = colinearity_directions(
+        a[None], b[None], sigma_a.reshape(1), sigma_b.reshape(1), mode="outlier_rows", threshold=2.0
+    )
+    gains = (b @ a).norm(dim=1)
+    weights = (gains / (2.0 * gains.median()) - 1).clamp(0, 1)
+    assert weights[2] == 1.0 and weights[5] > 0 and (weights > 0).sum() <= 3
+    grad_a, grad_b = _weighted_autograd(a, b, weights)
+    torch.testing.assert_close(direction_a[0], grad_a / sigma_b**2)
+    torch.testing.assert_close(direction_b[0], grad_b / sigma_a**2)
+    assert torch.all(direction_b[0][weights == 0] == 0)  # typical rows of B are not touched
+    torch.testing.assert_close(sq_norm[0], (b @ a).square().sum())
+
+
+@pytest.mark.parametrize("shape", [(12, 7, 9), (3, 20, 16)])
+def test_balanced_mode_adds_decay_on_overloaded_hidden_units_only(shape):
+    r, n, m = shape
+    generator = torch.Generator().manual_seed(6)
+    a = torch.randn(r, n, dtype=torch.float64, generator=generator)
+    b = torch.randn(m, r, dtype=torch.float64, generator=generator)
+    a[1] *= 10.0  # hidden unit 1 carries far more than the others
+    sigmas = torch.linalg.matrix_norm(a, ord=2).reshape(1), torch.linalg.matrix_norm(b, ord=2).reshape(1)
+    plain_a, plain_b, _ = colinearity_directions(a[None], b[None], *sigmas)
+    balanced_a, balanced_b, _ = colinearity_directions(
+        a[None], b[None], *sigmas, mode="balanced", threshold=2.0
+    )
+    extra_a, extra_b = balanced_a[0] - plain_a[0], balanced_b[0] - plain_b[0]
+    torch.testing.assert_close(extra_a[1], a[1])  # full decay of the overloaded unit's row of A
+    torch.testing.assert_close(extra_b[:, 1], b[:, 1])  # and its column of B
+    others = [j for j in range(r) if j != 1]
+    assert torch.count_nonzero(extra_a[others]) == 0 and torch.count_nonzero(extra_b[:, others]) == 0
+
+
+def test_unknown_mode_is_rejected():
+    a, b = torch.randn(1, 3, 4), torch.randn(1, 5, 3)
+    with pytest.raises(ValueError, match="outlier_rows"):
+        colinearity_directions(a, b, torch.ones(1), torch.ones(1), mode="gentle")

@@ -176,3 +176,19 @@ def test_bad_explicit_pairs_are_explained(spec, needle):
 def test_unknown_kind_is_rejected():
     with pytest.raises(ValueError, match="query_key"):
         find_pairs(MODELS["vit"](), ["ffn", "attention"])
+
+
+def test_fold_norm_scales_the_columns_of_a_by_the_layernorm_gamma():
+    model = MODELS["vit"]()
+    with torch.no_grad():
+        model.vit.layers[0].layernorm_after.weight.uniform_(0.5, 2.0)
+        model.vit.layers[0].layernorm_before.weight.uniform_(0.5, 2.0)
+    ffn, value_output = find_pairs(model, fold_norm=True)[:2]
+    tensors = {n: p.detach() for n, p in model.named_parameters()}
+    layer = model.vit.layers[0]
+    a = factor_heads(ffn.a, 1, tensors)[0]
+    torch.testing.assert_close(a, layer.mlp.fc1.weight * layer.layernorm_after.weight, rtol=0, atol=0)
+    v = factor_heads(value_output.a, value_output.heads, tensors)
+    d = layer.attention.head_dim
+    expected = (layer.attention.v_proj.weight * layer.layernorm_before.weight)[:d]
+    torch.testing.assert_close(v[0], expected, rtol=0, atol=0)

@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_cd.architectures import unwrap_model
+from hf_cd.colinearity import CD_MODES
 from hf_cd.decay import ColinearityDecay, StepStats
 from hf_cd.pairs import DEFAULT_KINDS, PAIR_KINDS, MatrixPair, find_pairs, parse_pair_spec
 
@@ -100,6 +101,10 @@ class CDCallback(TrainerCallback, ExportableState):
         warmup_steps: λ ramps linearly from 0 over this many optimizer steps.
         pairs: explicit ``"in_module:out_module"`` pairs for models outside the architecture table.
         fold_layer_scale: fold Dinov2's layer scale into the matrix it multiplies.
+        fold_norm: fold the LayerNorm γ in front of an FFN / value→output pair into A.
+        mode: which alignment is decayed: ``plain``, ``outlier_rows`` or ``balanced``
+            (`hf_cd.colinearity.colinearity_directions` gives the equations).
+        threshold: θ of the ``outlier_rows`` / ``balanced`` modes (θ× the median gain is typical).
         check_finite: stop with an error naming the pair when weights hold NaN/Inf (one host sync per step).
     """
 
@@ -114,6 +119,9 @@ class CDCallback(TrainerCallback, ExportableState):
         pairs: Sequence[str] | None = None,
         fold_layer_scale: bool = False,
         check_finite: bool = True,
+        fold_norm: bool = False,
+        mode: str = "plain",
+        threshold: float = 2.0,
     ):
         if strength < 0 or not torch.isfinite(torch.tensor(float(strength))):
             raise ValueError(f"CD strength must be a finite number ≥ 0 (0 turns CD off), got {strength}.")
@@ -134,6 +142,12 @@ class CDCallback(TrainerCallback, ExportableState):
             [p if isinstance(p, str) else ":".join(parse_pair_spec(p)) for p in pairs] if pairs else None
         )
         self.fold_layer_scale = bool(fold_layer_scale)
+        self.fold_norm = bool(fold_norm)
+        if mode not in CD_MODES:
+            raise ValueError(f"Unknown CD mode {mode!r}; choose from {', '.join(CD_MODES)}.")
+        if threshold <= 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}.")
+        self.mode, self.threshold = mode, float(threshold)
         self.check_finite = bool(check_finite)
         self.num_updates = 0
         self.engine_state: dict | None = None  # set by Trainer when resuming, consumed by `setup`
@@ -145,7 +159,13 @@ class CDCallback(TrainerCallback, ExportableState):
     # -- set-up -------------------------------------------------------------------------------
 
     def find_pairs(self, model) -> list[MatrixPair]:
-        return find_pairs(model, self.kinds, pairs=self.pairs, fold_layer_scale=self.fold_layer_scale)
+        return find_pairs(
+            model,
+            self.kinds,
+            pairs=self.pairs,
+            fold_layer_scale=self.fold_layer_scale,
+            fold_norm=self.fold_norm,
+        )
 
     def setup(self, model) -> ColinearityDecay:
         """Build the engine for ``model`` (idempotent), restoring checkpointed vectors if any."""
@@ -158,6 +178,8 @@ class CDCallback(TrainerCallback, ExportableState):
             power_iters=self.power_iters,
             power_tol=self.power_tol or None,
             check_finite=self.check_finite,
+            mode=self.mode,
+            threshold=self.threshold,
         )
         if self.decay.skipped_frozen:
             logger.info(
@@ -255,6 +277,9 @@ class CDCallback(TrainerCallback, ExportableState):
                 "warmup_steps": self.warmup_steps,
                 "pairs": self.pairs,
                 "fold_layer_scale": self.fold_layer_scale,
+                "fold_norm": self.fold_norm,
+                "mode": self.mode,
+                "threshold": self.threshold,
                 "check_finite": self.check_finite,
             },
             "attributes": {

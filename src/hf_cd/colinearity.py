@@ -102,29 +102,74 @@ def _use_gram_route(r: int, m: int, n: int) -> bool:
     return 2 * r * (m + n) < 3 * m * n
 
 
+CD_MODES: tuple[str, ...] = ("plain", "outlier_rows", "balanced")
+
+
+def _relative_excess(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``clamp(v / (θ·median v) − 1, 0, 1)`` per batch entry: 0 up to θ× the typical value, 1 from 2θ×."""
+    typical = values.median(dim=1, keepdim=True).values.clamp_min(_EPS)
+    return (values / (threshold * typical) - 1.0).clamp(0.0, 1.0)
+
+
 def colinearity_directions(
-    a: torch.Tensor, b: torch.Tensor, sigma_a: torch.Tensor, sigma_b: torch.Tensor
+    a: torch.Tensor,
+    b: torch.Tensor,
+    sigma_a: torch.Tensor,
+    sigma_b: torch.Tensor,
+    mode: str = "plain",
+    threshold: float = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The per-factor CD directions and ``‖B·A‖_F²`` for batches A (P, r, n), B (P, m, r).
 
-    Returns ``(Bᵀ·B·A / σ_B², B·A·Aᵀ / σ_A², ‖B·A‖_F²)``; the step is ``−η·λ`` times each direction.
+    The step is ``−η·λ`` times each direction. ``mode`` chooses what counts as *detrimental*
+    alignment (``M = B·A``, ``m_k`` its k-th row, ``g_k = ‖m_k‖`` the gain of output channel k,
+    ``a_j`` / ``b_j`` the j-th row of A / column of B, θ = ``threshold``)::
+
+        plain:         D_A = Bᵀ·M / ‖B‖₂²                  D_B = M·Aᵀ / ‖A‖₂²
+        outlier_rows:  D_A = Bᵀ·W·M / ‖B‖₂²                D_B = W·M·Aᵀ / ‖A‖₂²
+                       W = diag(w),  w_k = clamp(g_k / (θ·median g) − 1, 0, 1)
+        balanced:      D_A = plain D_A + U·A               D_B = plain D_B + B·U
+                       U = diag(u),  u_j = clamp(t_j / (θ·median t) − 1, 0, 1),  t_j = ‖a_j‖·‖b_j‖
+
+    ``outlier_rows`` is the gradient of ``½ Σ_k w_k ‖m_k‖²`` with w held fixed: only output channels
+    whose gain is well above the typical one decay (TWEO's mechanism, in weight space), the worst at
+    the full rate. ``balanced`` adds a weight decay restricted to hidden units that carry far more
+    than the typical unit, so plain CD cannot pile the mass into a few of them (the post-GELU
+    outliers of fc2's input in the spec's regime B). Both leave typical rows and units alone.
     """
+    if mode not in CD_MODES:
+        raise ValueError(f"Unknown CD mode {mode!r}; choose from {', '.join(CD_MODES)}.")
     r, n = a.shape[1:]
     m = b.shape[1]
     inv_sq_a = (1.0 / sigma_a.square().clamp_min(_EPS)).view(-1, 1, 1)
     inv_sq_b = (1.0 / sigma_b.square().clamp_min(_EPS)).view(-1, 1, 1)
     if _use_gram_route(r, m, n):
-        gram_b = torch.bmm(b.transpose(1, 2), b)  # Bᵀ·B (P, r, r)
         gram_a = torch.bmm(a, a.transpose(1, 2))  # A·Aᵀ (P, r, r)
-        # scale the small r×r factors, not the large results: one fewer pass over r×n and m×r
+        b_gram_a = torch.bmm(b, gram_a)  # B·A·Aᵀ = M·Aᵀ (P, m, r)
+        row_sq_gains = (b_gram_a * b).sum(dim=2)  # ‖m_k‖² = b_kᵀ·A·Aᵀ·b_k
+        product_sq_norm = row_sq_gains.sum(dim=1)
+        if mode == "outlier_rows":
+            weights = _relative_excess(row_sq_gains.clamp_min(0).sqrt(), threshold).unsqueeze(2)
+            gram_b = torch.bmm((b * weights).transpose(1, 2), b)  # Bᵀ·W·B
+            direction_b = b_gram_a * (weights * inv_sq_a)
+        else:
+            gram_b = torch.bmm(b.transpose(1, 2), b)  # Bᵀ·B (P, r, r)
+            direction_b = b_gram_a * inv_sq_a
+        # scale the small r×r factor, not the large result: one fewer pass over r×n
         direction_a = torch.bmm(gram_b * inv_sq_b, a)
-        direction_b = torch.bmm(b, gram_a * inv_sq_a)
-        product_sq_norm = (gram_b * gram_a).sum(dim=(1, 2))  # tr(BᵀB·AAᵀ) = ‖BA‖_F²
     else:
         product = torch.bmm(b, a)  # M (P, m, n)
+        product_sq_norm = product.square().sum(dim=(1, 2))
+        if mode == "outlier_rows":
+            weights = _relative_excess(product.norm(dim=2), threshold).unsqueeze(2)
+            product = product * weights
         direction_a = torch.bmm(b.transpose(1, 2), product * inv_sq_b)  # M is m×n, smaller than r×n
         direction_b = torch.bmm(product * inv_sq_a, a.transpose(1, 2))
-        product_sq_norm = product.square().sum(dim=(1, 2))
+    if mode == "balanced":
+        throughput = a.norm(dim=2) * b.norm(dim=1)  # (P, r): ‖a_j‖·‖b_j‖ per hidden unit
+        unit_weights = _relative_excess(throughput, threshold)
+        direction_a = direction_a + unit_weights.unsqueeze(2) * a
+        direction_b = direction_b + b * unit_weights.unsqueeze(1)
     return direction_a, direction_b, product_sq_norm
 
 

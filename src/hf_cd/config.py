@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from hf_cd.colinearity import CD_MODES
 from hf_cd.pairs import DEFAULT_KINDS, PAIR_KINDS
 
 
@@ -57,6 +58,22 @@ class CDConfig(TrainingArguments):
     cd_fold_layer_scale: bool = field(
         default=False, metadata={"help": "Fold Dinov2's layer scale into the matrix it multiplies."}
     )
+    cd_fold_norm: bool = field(
+        default=False,
+        metadata={"help": "Fold the LayerNorm γ in front of an FFN / value→output pair into its A factor."},
+    )
+    cd_mode: str = field(
+        default="plain",
+        metadata={
+            "help": "Which alignment CD decays: 'plain' (all of it, the spec's form), 'outlier_rows' (only output "
+            "channels whose gain exceeds cd_threshold× the median) or 'balanced' (plain, plus decay of hidden "
+            "units that carry more than cd_threshold× the median). Equations: hf_cd.colinearity."
+        },
+    )
+    cd_threshold: float = field(
+        default=2.0,
+        metadata={"help": "θ of the outlier_rows / balanced modes: θ× the median counts as typical."},
+    )
     cd_check_finite: bool = field(
         default=True,
         metadata={
@@ -86,6 +103,10 @@ class CDConfig(TrainingArguments):
         unknown = [k for k in self.cd_kinds if k not in PAIR_KINDS]
         if unknown:
             raise ValueError(f"Unknown cd_kinds {unknown}; choose from {', '.join(PAIR_KINDS)}.")
+        if self.cd_mode not in CD_MODES:
+            raise ValueError(f"Unknown cd_mode {self.cd_mode!r}; choose from {', '.join(CD_MODES)}.")
+        if self.cd_threshold <= 0:
+            raise ValueError(f"cd_threshold must be > 0, got {self.cd_threshold}.")
         if self.cd_every < 1:
             raise ValueError(f"cd_every must be ≥ 1, got {self.cd_every}.")
         if self.cd_warmup_steps < 0:
@@ -110,6 +131,9 @@ class CDConfig(TrainingArguments):
             "warmup_steps": self.cd_warmup_steps,
             "pairs": list(self.cd_pairs) if self.cd_pairs else None,
             "fold_layer_scale": self.cd_fold_layer_scale,
+            "fold_norm": self.cd_fold_norm,
+            "mode": self.cd_mode,
+            "threshold": self.cd_threshold,
             "check_finite": self.cd_check_finite,
         }
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from hf_cd.architectures import unwrap_model
 from hf_cd.colinearity import (
+    CD_MODES,
     colinearity_directions,
     converged_power_iteration,
     normalized_alignment,
@@ -124,11 +125,16 @@ class ColinearityDecay:
         power_tol: float | None = 1e-4,
         max_power_iters: int = 100,
         check_finite: bool = True,
+        mode: str = "plain",
+        threshold: float = 2.0,
     ):
         if power_iters < 1:
             raise ValueError(f"power_iters must be ≥ 1, got {power_iters}.")
         model = unwrap_model(model)  # pair names are relative to the transformers model
         self.model = model
+        if mode not in CD_MODES:
+            raise ValueError(f"Unknown CD mode {mode!r}; choose from {', '.join(CD_MODES)}.")
+        self.mode, self.threshold = mode, float(threshold)
         self.power_iters = power_iters
         self.power_tol = power_tol
         self.max_power_iters = max_power_iters
@@ -200,7 +206,9 @@ class ColinearityDecay:
                 b = torch.cat([factor_heads(p.b, p.heads, tensors) for p in group.pairs])
                 sigma_a, sigma_b = self._spectral_norms(group, a, b)
                 spectral_norms[group.key] = (sigma_a, sigma_b)
-                direction_a, direction_b, product_sq_norm = colinearity_directions(a, b, sigma_a, sigma_b)
+                direction_a, direction_b, product_sq_norm = colinearity_directions(
+                    a, b, sigma_a, sigma_b, self.mode, self.threshold
+                )
                 pair_alignment = normalized_alignment(b.square().sum(dim=(1, 2)), sigma_a, product_sq_norm)
                 kind_index = group.kind_index.to(device)
                 alignment_sum.index_add_(0, kind_index, pair_alignment.double())

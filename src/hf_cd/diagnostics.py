@@ -26,6 +26,7 @@ def measure_alignment(
     *,
     pairs: Sequence[str | Sequence[str] | MatrixPair] | None = None,
     fold_layer_scale: bool = False,
+    fold_norm: bool = False,
 ) -> Table:
     """Normalized alignment ``‖B·A‖_F² / (‖B‖_F²·‖A‖₂²)`` of every pair (one row per head).
 
@@ -33,7 +34,7 @@ def measure_alignment(
     ``1/rank`` mean no preferred direction.
     """
     model = unwrap_model(model)
-    found = find_pairs(model, kinds, pairs=pairs, fold_layer_scale=fold_layer_scale)
+    found = find_pairs(model, kinds, pairs=pairs, fold_layer_scale=fold_layer_scale, fold_norm=fold_norm)
     names = [n for p in found for f in (p.a, p.b) for n in (*f.params, f.row_scale, f.col_scale) if n]
     tensors = read_weights(weight_sources(model, names), dict(model.named_parameters()))  # LoRA: effective W
     rows = []

@@ -61,12 +61,18 @@ def _ffn_input_label(block: ResolvedBlock, index: int) -> str:
 
 
 def _block_pairs(
-    block: ResolvedBlock, next_block: ResolvedBlock | None, kinds: Sequence[str], fold_layer_scale: bool
+    block: ResolvedBlock,
+    next_block: ResolvedBlock | None,
+    kinds: Sequence[str],
+    fold_layer_scale: bool,
+    fold_norm: bool = False,
 ) -> list[MatrixPair]:
     """The pairs of one block, following the table in the spec (`colinearity-decay.md`)."""
     names = block.names
     ls_attention = names.get("layer_scale_attention") if fold_layer_scale else None
     ls_ffn = names.get("layer_scale_ffn") if fold_layer_scale else None
+    gamma_attention = f"{names['norm_before_attention']}.weight" if fold_norm else None
+    gamma_ffn = f"{names['norm_before_ffn']}.weight" if fold_norm else None
     weight = {role: f"{name}.weight" for role, name in names.items() if not role.startswith("layer_scale")}
     ffn_inputs = [weight[f"ffn_input_{i}"] for i in range(len(block.ffn_inputs))]
     pairs: list[MatrixPair] = []
@@ -77,7 +83,7 @@ def _block_pairs(
                 MatrixPair(
                     name=f"{block.prefix}.ffn{suffix}",
                     kind="ffn",
-                    a=Factor((ffn_input,)),
+                    a=Factor((ffn_input,), col_scale=gamma_ffn),
                     b=Factor((weight["ffn_output"],), row_scale=ls_ffn),
                     block=block.index,
                 )
@@ -87,7 +93,7 @@ def _block_pairs(
             MatrixPair(
                 name=f"{block.prefix}.value_output",
                 kind="value_output",
-                a=Factor((weight["value"],), split="rows"),
+                a=Factor((weight["value"],), split="rows", col_scale=gamma_attention),
                 b=Factor((weight["output"],), split="cols", row_scale=ls_attention),
                 heads=block.num_heads,
                 block=block.index,
@@ -170,6 +176,7 @@ def find_pairs(
     *,
     pairs: Sequence[str | Sequence[str] | MatrixPair] | None = None,
     fold_layer_scale: bool = False,
+    fold_norm: bool = False,
 ) -> list[MatrixPair]:
     """The ordered matrix pairs of every block of ``model``, in block order.
 
@@ -177,7 +184,9 @@ def find_pairs(
     ``query_key`` (per head) and ``cross_norm`` (a sublayer's output into the next sublayer's
     inputs, LayerNorm γ folded in). ``pairs`` replaces the table with explicit
     ``(in_module, out_module)`` names for models the table does not cover. ``fold_layer_scale``
-    folds Dinov2's layer scale into the matrix that it multiplies.
+    folds Dinov2's layer scale into the matrix that it multiplies; ``fold_norm`` folds the
+    LayerNorm γ in front of an FFN / value→output pair into A's columns (``A·diag(γ)``), so the
+    pair is measured on what the block really computes from the normalized stream.
     """
     model = unwrap_model(model)
     if pairs is not None:
@@ -201,7 +210,7 @@ def find_pairs(
     found = []
     for i, block in enumerate(blocks):
         next_block = blocks[i + 1] if i + 1 < len(blocks) else None
-        found.extend(_block_pairs(block, next_block, kinds, fold_layer_scale))
+        found.extend(_block_pairs(block, next_block, kinds, fold_layer_scale, fold_norm))
     validate_pairs(model, found)
     return found
 
