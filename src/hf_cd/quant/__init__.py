@@ -1,0 +1,64 @@
+"""Post-training quantization of Hugging Face ViT / DeiT / Dinov2 models, to measure what CD buys.
+
+One verb, small config objects (torchao's shape); a new model is returned and the input is never
+changed::
+
+    from hf_cd.quant import QuantConfig, quantize, evaluate_quantized
+
+    qmodel = quantize(model, QuantConfig(w_bits=4, a_bits=4, pipeline="repq"), calib_images)
+    table = evaluate_quantized(model, (x_test, y_test), x_train, bits=((8, 8), (6, 6), (4, 4)))
+    print(table.to_markdown())
+
+Pipelines: ``minmax``, ``percentile``, ``repq`` (RepQ-ViT) and ``per_tensor``; add more with
+`register_pipeline`. The "fully quantized ViT" setting: every encoder linear (weights and inputs),
+both attention matmuls' inputs, and the patch embedding and classifier at 8 bits by default.
+"""
+
+from hf_cd.quant import pipelines as _builtin_pipelines  # noqa: F401  (registers the built-ins)
+from hf_cd.quant.api import quantize
+from hf_cd.quant.attention import ATTENTION_IMPLEMENTATION
+from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, DEFAULT_WEIGHT_CLIP_RATIOS, QuantConfig
+from hf_cd.quant.evaluate import DEFAULT_BITS, DEFAULT_PIPELINES, evaluate_accuracy, evaluate_quantized
+from hf_cd.quant.inputs import CalibrationDataError
+from hf_cd.quant.observers import NoCalibrationDataError
+from hf_cd.quant.params import QuantParams
+from hf_cd.quant.pipelines import FakeQuantPipeline
+from hf_cd.quant.prepare import quantization_state
+from hf_cd.quant.registry import (
+    PIPELINES,
+    Pipeline,
+    UnknownPipelineError,
+    available_pipelines,
+    get_pipeline,
+    register_pipeline,
+)
+from hf_cd.quant.report import quantization_report
+from hf_cd.quant.results import FULL_PRECISION, RESULT_COLUMNS, QuantResults, result_row
+
+__all__ = [
+    "ATTENTION_IMPLEMENTATION",
+    "DEFAULT_ACTIVATION_PERCENTILES",
+    "DEFAULT_BITS",
+    "DEFAULT_PIPELINES",
+    "DEFAULT_WEIGHT_CLIP_RATIOS",
+    "FULL_PRECISION",
+    "PIPELINES",
+    "RESULT_COLUMNS",
+    "CalibrationDataError",
+    "FakeQuantPipeline",
+    "NoCalibrationDataError",
+    "Pipeline",
+    "QuantConfig",
+    "QuantParams",
+    "QuantResults",
+    "UnknownPipelineError",
+    "available_pipelines",
+    "evaluate_accuracy",
+    "evaluate_quantized",
+    "get_pipeline",
+    "quantization_report",
+    "quantization_state",
+    "quantize",
+    "register_pipeline",
+    "result_row",
+]

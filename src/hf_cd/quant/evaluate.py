@@ -1,0 +1,149 @@
+"""`evaluate_quantized`: top-1 accuracy of the float model and of every (pipeline, bits) quantized copy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hf_cd.quant.api import calibration_images_for
+from hf_cd.quant.calibration import forward_images
+from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.inputs import check_reiterable, iterate_batches, num_batches
+from hf_cd.quant.prepare import check_quantizable
+from hf_cd.quant.registry import get_pipeline
+from hf_cd.quant.results import FULL_PRECISION, QuantResults, result_row
+
+DEFAULT_PIPELINES: tuple[str, ...] = ("minmax", "percentile", "repq", "per_tensor")
+DEFAULT_BITS: tuple[tuple[int, int], ...] = ((8, 8), (6, 6), (4, 4))
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module, eval_data: Any, batch_size: int = 64, progress: bool = True, description: str = "eval"
+) -> tuple[float, int]:
+    """Top-1 accuracy in percent and the number of images, one batch on the device at a time.
+
+    The model is run in eval mode and its train/eval flags are restored afterwards.
+    """
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    correct = total = 0
+    try:
+        batches = iterate_batches(eval_data, batch_size, need_labels=True)
+        for pixel_values, labels in tqdm(
+            batches,
+            total=num_batches(eval_data, batch_size),
+            desc=description,
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        ):
+            logits = forward_images(model, pixel_values).logits
+            correct += (logits.argmax(-1).cpu() == labels.cpu()).sum().item()
+            total += labels.shape[0]
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if total == 0:
+        raise ValueError("The evaluation data is empty: no labelled images to measure accuracy on.")
+    return 100.0 * correct / total, total
+
+
+def evaluate_quantized(
+    model: nn.Module,
+    eval_data: Any,
+    calib_data: Any,
+    pipelines: Sequence[str] = DEFAULT_PIPELINES,
+    bits: Iterable[tuple[int, int]] = DEFAULT_BITS,
+    config: QuantConfig | None = None,
+) -> QuantResults:
+    """Quantize ``model`` with every pipeline at every ``(w_bits, a_bits)`` and measure top-1 accuracy.
+
+    Args:
+        model: the float model (left unchanged).
+        eval_data: labelled images: ``(pixel_values, labels)`` tensors, a DataLoader / list of batch
+            dicts with ``labels``, or a ``datasets.Dataset``; read once per row, batch by batch.
+        calib_data: calibration images (see `quantize`); the same draw serves every row.
+        pipelines: registered pipeline names.
+        bits: ``(w_bits, a_bits)`` pairs for the encoder.
+        config: the other settings (embedding / classifier bits, calibration count, seed, batch
+            size, …); its ``w_bits``, ``a_bits`` and ``pipeline`` are replaced per row.
+
+    Returns:
+        `QuantResults`: the full-precision row, then one row per (pipeline, bits) in the order given;
+        the keys are documented in `hf_cd.quant.results`.
+    """
+    base = config or QuantConfig()
+    check_reiterable(eval_data, "eval_data")
+    check_quantizable(model)
+    configs = [base.replace(pipeline=name, w_bits=w, a_bits=a) for name in pipelines for w, a in bits]
+    for name in pipelines:
+        get_pipeline(name)
+    calibrated = [c for c in configs if c.quantizes_activations]
+    images = (
+        calibration_images_for(calibrated[0], calib_data) if calibrated else None
+    )  # one draw for all rows
+
+    start = time.perf_counter()
+    reference, num_eval = evaluate_accuracy(
+        model, eval_data, base.batch_size, base.progress, "full precision eval"
+    )
+    dtype_bits = torch.finfo(next(model.parameters()).dtype).bits
+    rows = [
+        result_row(
+            pipeline=FULL_PRECISION,
+            runtime="float",
+            w_bits=dtype_bits,
+            a_bits=dtype_bits,
+            embedding_bits=dtype_bits,
+            classifier_bits=dtype_bits,
+            accuracy=reference,
+            num_eval=num_eval,
+            num_calibration=0,
+            seed=base.seed,
+            quantize_seconds=0.0,
+            eval_seconds=time.perf_counter() - start,
+            reference_accuracy=reference,
+        )
+    ]
+    for row_config in configs:
+        pipeline = get_pipeline(row_config.pipeline)
+        start = time.perf_counter()
+        quantized = pipeline(model, row_config, images if row_config.quantizes_activations else None)
+        quantize_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        accuracy, count = evaluate_accuracy(
+            quantized,
+            eval_data,
+            base.batch_size,
+            base.progress,
+            f"{row_config.pipeline} {row_config.label} eval",
+        )
+        eval_seconds = time.perf_counter() - start
+        state = getattr(quantized, "hf_cd_quant", None)
+        del quantized
+        rows.append(
+            result_row(
+                pipeline=row_config.pipeline,
+                runtime=pipeline.runtime,
+                w_bits=row_config.w_bits,
+                a_bits=row_config.a_bits,
+                embedding_bits=row_config.embedding_bits,
+                classifier_bits=row_config.classifier_bits,
+                accuracy=accuracy,
+                num_eval=count,
+                num_calibration=state.num_calibration
+                if state is not None
+                else (0 if images is None else images.shape[0]),
+                seed=row_config.seed,
+                quantize_seconds=quantize_seconds,
+                eval_seconds=eval_seconds,
+                reference_accuracy=reference,
+            )
+        )
+    return QuantResults(rows)

@@ -1,0 +1,235 @@
+"""Observers: streaming statistics of one activation site over the calibration batches.
+
+Each observer turns what it saw into `QuantParams`. Those that pick a range by minimum squared
+error take two passes over the calibration images: the first keeps only the tails needed for the
+candidate percentiles (so nothing close to the whole activation is held), the second sums the
+error of every candidate. Observers compute in float32 on the device the activations live on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from hf_cd.quant.params import QuantParams
+from hf_cd.quant.quantizers import (
+    asymmetric_params,
+    fake_quantize_asymmetric,
+    fake_quantize_log_sqrt2,
+    quantization_mse,
+    symmetric_scale,
+    tail_length,
+    upper_quantile_from_top,
+)
+
+
+class NoCalibrationDataError(RuntimeError):
+    """An activation site saw no data during calibration (its module never ran)."""
+
+
+class Observer:
+    """Base class: counts passes and images; subclasses say how many passes they need and what to keep."""
+
+    num_passes: int = 1
+
+    def __init__(self, bits: int, name: str = "") -> None:
+        self.bits = bits
+        self.name = name
+        self.pass_index = -1
+        self.num_images = 0
+        self.seen = [0] * self.num_passes
+
+    def begin_pass(self, pass_index: int, num_images: int) -> None:
+        """Start pass ``pass_index`` over ``num_images`` images (each pass sees the same images)."""
+        self.pass_index, self.num_images = pass_index, num_images
+
+    def observe(self, x: torch.Tensor) -> None:
+        if self.pass_index >= self.num_passes:
+            return  # another site of the same calibration group needs more passes than this one
+        self.seen[self.pass_index] += x.shape[0] if x.ndim else 1
+        self._observe(x.detach().float(), self.pass_index)
+
+    def end_pass(self) -> None:
+        if self.pass_index < self.num_passes and self.seen[self.pass_index] == 0:
+            raise NoCalibrationDataError(
+                f"Activation site {self.name or '?'} saw no data in calibration pass {self.pass_index}: its "
+                "module never ran. If it is an attention matmul, the model's attention does not dispatch "
+                "through transformers' ALL_ATTENTION_FUNCTIONS, which hf_cd.quant relies on."
+            )
+        if self.pass_index < self.num_passes:
+            self._end_pass(self.pass_index)
+
+    def params(self) -> QuantParams:
+        raise NotImplementedError
+
+    def _observe(self, x: torch.Tensor, pass_index: int) -> None:
+        raise NotImplementedError
+
+    def _end_pass(self, pass_index: int) -> None:
+        """Hook for work once a pass has seen every image."""
+
+
+class MinMaxObserver(Observer):
+    """Running minimum and maximum → asymmetric per-tensor range (the plain textbook calibration)."""
+
+    def __init__(self, bits: int, name: str = "") -> None:
+        super().__init__(bits, name)
+        self.minimum: torch.Tensor | None = None
+        self.maximum: torch.Tensor | None = None
+
+    def _observe(self, x: torch.Tensor, pass_index: int) -> None:
+        low, high = x.amin(), x.amax()
+        self.minimum = low if self.minimum is None else torch.minimum(self.minimum, low)
+        self.maximum = high if self.maximum is None else torch.maximum(self.maximum, high)
+
+    def params(self) -> QuantParams:
+        scale, zero_point = asymmetric_params(self.minimum, self.maximum, self.bits)
+        return QuantParams("asymmetric", self.bits, scale, zero_point)
+
+
+class AbsMaxObserver(Observer):
+    """Running maximum of ``|x|`` → symmetric per-tensor scale (static AbsMax)."""
+
+    def __init__(self, bits: int, name: str = "") -> None:
+        super().__init__(bits, name)
+        self.absmax: torch.Tensor | None = None
+
+    def _observe(self, x: torch.Tensor, pass_index: int) -> None:
+        absmax = x.abs().amax()
+        self.absmax = absmax if self.absmax is None else torch.maximum(self.absmax, absmax)
+
+    def params(self) -> QuantParams:
+        return QuantParams("symmetric", self.bits, symmetric_scale(self.absmax, self.bits))
+
+
+class _TailObserver(Observer):
+    """Pass 0 keeps the largest (and smallest) values per column; pass 1 scores candidate ranges.
+
+    Columns are the channels (last dimension) when ``per_channel``, else the whole tensor is one
+    column. The number of values to keep is fixed at the first batch from the per-image element
+    count and the number of images of the pass, so the quantiles are exact.
+    """
+
+    num_passes = 2
+
+    def __init__(
+        self,
+        bits: int,
+        percentiles: Sequence[float],
+        per_channel: bool = False,
+        lower_tail: bool = True,
+        name="",
+    ) -> None:
+        super().__init__(bits, name)
+        self.percentiles = tuple(float(p) for p in percentiles)
+        self.per_channel = per_channel
+        self.lower_tail = lower_tail
+        self.count = 0  # rows of the (rows × columns) view seen so far
+        self.count_expected = 0  # … and over all images of the pass
+        self.keep = 0
+        self.top: torch.Tensor | None = None
+        self.bottom: torch.Tensor | None = None  # largest values of −x
+        self.candidates: list[tuple[torch.Tensor, ...]] = []
+        self.errors: list[torch.Tensor] = []
+
+    def _columns(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1]) if self.per_channel else x.reshape(-1, 1)
+
+    def _observe(self, x: torch.Tensor, pass_index: int) -> None:
+        if pass_index == 0:
+            self._keep_tails(x)
+        else:
+            for index, candidate in enumerate(self.candidates):
+                x_hat = self._quantize(x, candidate)
+                error = quantization_mse(self._columns(x), self._columns(x_hat), dim=0)
+                self.errors[index] = self.errors[index] + (error if self.per_channel else error.sum())
+
+    def _keep_tails(self, x: torch.Tensor) -> None:
+        columns = self._columns(x)
+        if self.keep == 0:
+            rows_per_image = columns.shape[0] // max(x.shape[0], 1)
+            self.count_expected = rows_per_image * self.num_images
+            self.keep = tail_length(self.count_expected, min(self.percentiles))
+        self.count += columns.shape[0]
+        self.top = self._merge(self.top, columns)
+        if self.lower_tail:
+            self.bottom = self._merge(self.bottom, -columns)
+
+    def _merge(self, kept: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:
+        if kept is not None:
+            columns = torch.cat([kept, columns], dim=0)
+        k = min(self.keep, columns.shape[0])
+        return columns.topk(k, dim=0, largest=True, sorted=True).values
+
+    def _end_pass(self, pass_index: int) -> None:
+        if pass_index == 0:
+            if self.count != self.count_expected:
+                raise RuntimeError(
+                    f"Activation site {self.name}: expected {self.count_expected} rows over "
+                    f"{self.num_images} images but saw {self.count}; do all images have the same size?"
+                )
+            self.candidates = [self._candidate(p) for p in self.percentiles]
+            self.errors = [torch.zeros((), device=self.top.device) for _ in self.candidates]
+
+    def _quantile_pair(self, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        high = upper_quantile_from_top(self.top, self.count, p)
+        low = -upper_quantile_from_top(self.bottom, self.count, p) if self.lower_tail else None
+        return low, high
+
+    def _best(self) -> tuple[torch.Tensor, ...]:
+        """The winning candidate, chosen per channel when per-channel."""
+        errors = torch.stack(self.errors)  # candidates × (channels)
+        best = errors.argmin(dim=0)
+        stacked = [torch.stack(parts) for parts in zip(*self.candidates)]
+        if errors.ndim == 1:
+            return tuple(part[best] for part in stacked)
+        return tuple(part.gather(0, best.unsqueeze(0)).squeeze(0) for part in stacked)
+
+    def _candidate(self, p: float) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _quantize(self, x: torch.Tensor, candidate: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PercentileObserver(_TailObserver):
+    """Asymmetric range ``[quantile(1 − p), quantile(p)]``, ``p`` of least squared error (RepQ-ViT's search).
+
+    Per-channel ranges (RepQ-ViT's post-LayerNorm calibration before reparameterization) do not
+    force 0 into the range; per-tensor ranges do, so the zero-point is a valid code.
+    """
+
+    def _candidate(self, p: float) -> tuple[torch.Tensor, ...]:
+        low, high = self._quantile_pair(p)
+        squeeze = (lambda t: t.reshape(-1)) if self.per_channel else (lambda t: t.reshape(()))
+        scale, zero_point = asymmetric_params(
+            squeeze(low), squeeze(high), self.bits, include_zero=not self.per_channel
+        )
+        return scale, zero_point
+
+    def _quantize(self, x: torch.Tensor, candidate: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        scale, zero_point = candidate
+        return fake_quantize_asymmetric(x, scale, zero_point, self.bits)
+
+    def params(self) -> QuantParams:
+        scale, zero_point = self._best()
+        return QuantParams("asymmetric", self.bits, scale, zero_point)
+
+
+class LogSqrt2Observer(_TailObserver):
+    """log√2 quantizer for softmax probabilities: ``delta = quantile(p)``, ``p`` of least squared error."""
+
+    def __init__(self, bits: int, percentiles: Sequence[float], name: str = "") -> None:
+        super().__init__(bits, percentiles, per_channel=False, lower_tail=False, name=name)
+
+    def _candidate(self, p: float) -> tuple[torch.Tensor, ...]:
+        _, high = self._quantile_pair(p)
+        return (high.reshape(()).clamp(min=1e-8),)
+
+    def _quantize(self, x: torch.Tensor, candidate: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return fake_quantize_log_sqrt2(x, candidate[0], self.bits)
+
+    def params(self) -> QuantParams:
+        (delta,) = self._best()
+        return QuantParams("log_sqrt2", self.bits, delta)

@@ -1,0 +1,79 @@
+"""`FakeQuantPipeline`: the shared skeleton of the built-in pipelines.
+
+A pipeline says three things: how to quantize a weight, which observer calibrates an activation
+site, and (optionally) what to do to the float copy first (RepQ's reparameterization). The
+skeleton copies the model, does those in that order, and returns the copy. Calibrating after the
+weights are quantized means every activation range is fitted to the quantized model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hf_cd.quant.calibration import calibrate
+from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.observers import Observer
+from hf_cd.quant.prepare import ActivationSite, QuantizationState, prepare_fake_quant_copy, quantization_state
+from hf_cd.quant.quantizers import is_float_bits
+
+
+class FakeQuantPipeline:
+    """Base class; subclasses set ``name`` and implement `quantize_weight` and `observer`."""
+
+    name: str = ""
+    runtime: str = "fake_quant"
+    description: str = ""
+
+    def __call__(
+        self, model: nn.Module, config: QuantConfig, calibration_images: torch.Tensor | None
+    ) -> nn.Module:
+        quantized = prepare_fake_quant_copy(model, config)
+        state = quantization_state(quantized)
+        self.before_weights(quantized, state, config, calibration_images)
+        self.quantize_weights(state, config)
+        observers = {
+            site.name: self.observer(site, config)
+            for site in state.activations
+            if not is_float_bits(site.bits)
+        }
+        if observers:
+            if calibration_images is None:
+                raise ValueError(f"Pipeline {self.name!r} needs calibration images to quantize activations.")
+            calibrate(
+                quantized,
+                calibration_images,
+                observers,
+                state,
+                batch_size=config.batch_size,
+                sequential=config.sequential,
+                progress=config.progress,
+                description=f"{self.name} {config.label} calibration",
+            )
+        state.num_calibration = 0 if calibration_images is None else int(calibration_images.shape[0])
+        return quantized
+
+    def before_weights(
+        self,
+        model: nn.Module,
+        state: QuantizationState,
+        config: QuantConfig,
+        calibration_images: torch.Tensor | None,
+    ) -> None:
+        """Hook on the float copy before anything is quantized (no-op by default)."""
+
+    @torch.no_grad()
+    def quantize_weights(self, state: QuantizationState, config: QuantConfig) -> None:
+        for site in state.weights:
+            if not is_float_bits(site.bits):
+                weight = site.module.weight
+                weight.copy_(self.quantize_weight(weight.detach(), site.bits, config))
+
+    def quantize_weight(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
+        raise NotImplementedError
+
+    def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"

@@ -1,0 +1,23 @@
+"""``minmax``: the textbook baseline. Weights: symmetric per output channel from their absmax;
+activations: asymmetric per tensor from the calibration minimum and maximum."""
+
+from __future__ import annotations
+
+import torch
+
+from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.observers import MinMaxObserver, Observer
+from hf_cd.quant.pipelines.base import FakeQuantPipeline
+from hf_cd.quant.prepare import ActivationSite
+from hf_cd.quant.quantizers import quantize_weight_symmetric
+
+
+class MinMaxPipeline(FakeQuantPipeline):
+    name = "minmax"
+    description = "per-channel symmetric weights, per-tensor min/max asymmetric activations"
+
+    def quantize_weight(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
+        return quantize_weight_symmetric(weight, bits, per_channel=True)
+
+    def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
+        return MinMaxObserver(site.bits, site.name)

@@ -1,0 +1,26 @@
+"""``per_tensor``: static per-tensor AbsMax, symmetric, for weights and activations alike.
+
+The simplest setting every integer runtime supports, and the one outlier channels hurt most: one
+large value sets the step for the whole tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.observers import AbsMaxObserver, Observer
+from hf_cd.quant.pipelines.base import FakeQuantPipeline
+from hf_cd.quant.prepare import ActivationSite
+from hf_cd.quant.quantizers import quantize_weight_symmetric
+
+
+class PerTensorPipeline(FakeQuantPipeline):
+    name = "per_tensor"
+    description = "per-tensor AbsMax symmetric weights and activations"
+
+    def quantize_weight(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
+        return quantize_weight_symmetric(weight, bits, per_channel=False)
+
+    def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
+        return AbsMaxObserver(site.bits, site.name)

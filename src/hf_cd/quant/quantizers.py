@@ -1,0 +1,190 @@
+"""The quantizers as pure functions: every pipeline shares this arithmetic and nothing else here.
+
+Conventions (the ones RepQ-ViT and PTQ4ViT use, written once):
+
+* Uniform asymmetric, ``b`` bits: integer codes ``0 … 2^b − 1``; ``scale = (max − min) / (2^b − 1)``
+  and an integer ``zero_point = round(−min / scale)``; ``x̂ = (clamp(round(x / scale) + zp) − zp) · scale``.
+* Uniform symmetric, ``b`` bits: the narrow signed range ``−(2^(b−1) − 1) … 2^(b−1) − 1`` (2^b − 1 codes),
+  so ``q(−x) = −q(x)``; ``scale = absmax / (2^(b−1) − 1)``.
+* log√2, ``b`` bits: ``2^b`` codes, ``2^b − 1`` of them the levels ``delta · 2^(−k/2)`` (k = 0 … 2^b − 2)
+  and one exact zero, for softmax probabilities that crowd near 0.
+
+Scales and zero-points broadcast against ``x``: a scalar is per-tensor, a ``(C,)`` tensor is per channel
+of the last dimension, a ``(C, 1)`` tensor per row (per output channel of a flattened weight).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_BITS = 16
+"""Bit widths at or above this leave a tensor in floating point (no quantization at all)."""
+
+MIN_BITS, MAX_BITS = 2, 8
+SCALE_EPS = 1e-8
+"""Lower bound on scales, so an all-constant tensor does not divide by zero."""
+
+
+def is_float_bits(bits: int) -> bool:
+    """``True`` when ``bits`` means "leave float" (≥ 16)."""
+    return bits >= FLOAT_BITS
+
+
+def check_bits(name: str, bits: object) -> int:
+    """Return ``bits`` if it is an int in 2..8 or ≥ 16, else raise a ValueError naming the fix."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(
+            f"{name} must be an int (2..8 to quantize, ≥ {FLOAT_BITS} to leave float), got {bits!r}."
+        )
+    if not (MIN_BITS <= bits <= MAX_BITS or bits >= FLOAT_BITS):
+        raise ValueError(
+            f"{name}={bits} is out of range: use {MIN_BITS}..{MAX_BITS} bits to quantize, "
+            f"or ≥ {FLOAT_BITS} to leave that tensor in floating point."
+        )
+    return bits
+
+
+def asymmetric_range(bits: int) -> tuple[int, int]:
+    """Integer codes of the unsigned asymmetric quantizer."""
+    return 0, 2**bits - 1
+
+
+def symmetric_range(bits: int) -> tuple[int, int]:
+    """Integer codes of the narrow-range signed symmetric quantizer."""
+    top = 2 ** (bits - 1) - 1
+    return -top, top
+
+
+def asymmetric_params(
+    minimum: torch.Tensor, maximum: torch.Tensor, bits: int, include_zero: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero-point that spread ``[min, max]`` over the codes ``0 … 2^b − 1``.
+
+    ``include_zero`` widens the range to contain 0, so 0 is exact and the zero-point is a valid
+    code (what an integer kernel needs); RepQ's per-channel ranges before reparameterization don't.
+    """
+    minimum = torch.as_tensor(minimum, dtype=torch.float32)
+    maximum = torch.as_tensor(maximum, dtype=torch.float32, device=minimum.device)
+    if include_zero:
+        minimum, maximum = minimum.clamp(max=0.0), maximum.clamp(min=0.0)
+    scale = ((maximum - minimum) / (2**bits - 1)).clamp(min=SCALE_EPS)
+    zero_point = torch.round(-minimum / scale)
+    return scale, zero_point
+
+
+def symmetric_scale(absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Scale that maps ``±absmax`` onto the outermost symmetric codes."""
+    absmax = torch.as_tensor(absmax, dtype=torch.float32)
+    return (absmax / symmetric_range(bits)[1]).clamp(min=SCALE_EPS)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 at least (half precision rounds codes wrongly); float64 stays float64."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def fake_quantize_asymmetric(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Quantize to ``b``-bit unsigned codes and back, in ``x``'s dtype."""
+    low, high = asymmetric_range(bits)
+    codes = torch.round(_compute_dtype(x) / scale).add_(zero_point).clamp_(low, high)
+    return codes.sub_(zero_point).mul_(scale).to(x.dtype)
+
+
+def fake_quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize to ``b``-bit narrow-range signed codes and back, in ``x``'s dtype."""
+    low, high = symmetric_range(bits)
+    return torch.round(_compute_dtype(x) / scale).clamp_(low, high).mul_(scale).to(x.dtype)
+
+
+def fake_quantize_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """RepQ-ViT's log√2 quantizer: ``delta · 2^(−k/2)`` with ``k = round(−2·log2(x / delta))``.
+
+    Values at or above ``delta`` map to ``delta``; values too small for the last level
+    (``k ≥ 2^b − 1``) and values ≤ 0 map to exactly 0, so ``b`` bits hold ``2^b`` codes in all.
+    """
+    x32 = _compute_dtype(x)
+    codes = 2**bits - 1  # the last code is zero
+    exponent = torch.round(-2.0 * torch.log2(x32 / delta)).nan_to_num_(nan=codes).clamp_(0, codes)
+    exponent = torch.where(x32 > 0, exponent, codes).long()
+    # A table, not exp2: every element of one level gets the identical value (exp2's vectorized and
+    # scalar paths differ in the last bit), so the output has exactly 2^b values and is monotonic.
+    table = torch.tensor([2.0 ** (-k / 2) for k in range(codes)] + [0.0], dtype=x32.dtype, device=x.device)
+    return (table[exponent] * delta).to(x.dtype)
+
+
+def quantization_mse(x: torch.Tensor, x_hat: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Summed squared error, over everything or over ``dim`` (the criterion of every MSE search here)."""
+    error = (x.float() - x_hat.float()).square_()
+    return error.sum() if dim is None else error.sum(dim)
+
+
+# --- weights --------------------------------------------------------------------------------------
+
+
+def _rows(weight: torch.Tensor) -> torch.Tensor:
+    """A Linear or Conv weight as (output channels × everything else)."""
+    return weight.detach().reshape(weight.shape[0], -1).float()
+
+
+def quantize_weight_symmetric(
+    weight: torch.Tensor, bits: int, per_channel: bool = True, clip_ratios: Sequence[float] = (1.0,)
+) -> torch.Tensor:
+    """Fake-quantize a weight symmetrically, per output channel or per tensor.
+
+    Each channel (or the tensor) takes the clipping ratio of ``absmax`` from ``clip_ratios`` with the
+    least squared error (the first on ties): clipping a few large weights buys finer steps for all
+    the others. Ratios are tried in chunks of at most 2^24 elements, so big weights fit in memory.
+    """
+    rows = _rows(weight)
+    absmax = rows.abs().amax(dim=1, keepdim=True) if per_channel else rows.abs().amax().reshape(1, 1)
+    ratios = torch.tensor([float(r) for r in clip_ratios], device=rows.device)
+    chunk = max(1, 2**24 // rows.numel())
+    best_error = best_scale = None
+    for start in range(0, ratios.numel(), chunk):
+        scales = symmetric_scale(absmax.unsqueeze(0) * ratios[start : start + chunk].view(-1, 1, 1), bits)
+        errors = quantization_mse(
+            rows.unsqueeze(0), fake_quantize_symmetric(rows.unsqueeze(0), scales, bits), dim=2
+        )
+        if not per_channel:
+            errors = errors.sum(dim=1, keepdim=True)  # candidates × 1
+        error, index = errors.min(dim=0)  # per channel (or the one tensor)
+        scale = scales.expand(-1, absmax.shape[0], 1).gather(0, index.view(1, -1, 1)).squeeze(0)
+        if best_error is None:
+            best_error, best_scale = error, scale
+        else:
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_scale = torch.where(better.view(-1, 1), scale, best_scale)
+    return fake_quantize_symmetric(rows, best_scale, bits).reshape(weight.shape).to(weight.dtype)
+
+
+# --- quantiles from the tails ----------------------------------------------------------------------
+
+
+def upper_quantile_from_top(top: torch.Tensor, count: int, q: float) -> torch.Tensor:
+    """``torch.quantile(x, q, dim=0)`` (linear interpolation) from only the largest values of ``x``.
+
+    ``top`` holds the ``k`` largest values of each column of ``x`` in descending order and ``count``
+    is the number of rows of ``x``; ``k`` must exceed ``(1 − q)·(count − 1) + 1``. Keeping only the
+    tail is what lets calibration stream batches instead of holding every activation.
+    """
+    position = q * (count - 1)  # ascending index into the sorted column
+    lower = int(position)
+    fraction = position - lower
+    index_low = count - 1 - lower  # the same element counted from the top
+    index_high = max(index_low - 1, 0)
+    if index_low >= top.shape[0]:
+        raise ValueError(
+            f"The kept tail of {top.shape[0]} values is too short for quantile {q} of {count} values."
+        )
+    low, high = top[index_low], top[index_high]
+    return low + fraction * (high - low)
+
+
+def tail_length(count: int, lowest_quantile: float) -> int:
+    """How many top values `upper_quantile_from_top` needs for quantiles ≥ ``lowest_quantile``."""
+    return min(count, int((1.0 - lowest_quantile) * (count - 1)) + 3)

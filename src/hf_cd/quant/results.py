@@ -1,0 +1,107 @@
+"""The result row format shared by `evaluate_quantized`, the benchmarks and the Hub card.
+
+One row per (pipeline, bits), plus the full-precision row. Keys (stable; new keys may be added,
+these are never renamed):
+
+==================  ============================================================================
+``pipeline``        registered pipeline name, or ``full_precision``
+``runtime``         what ran it: ``float``, ``fake_quant`` (built-ins), or a real runtime's name
+``w_bits``          encoder weight bits (≥ 16 = float; the full-precision row has the dtype's bits)
+``a_bits``          encoder activation bits, incl. the attention matmul inputs
+``embedding_bits``  patch-embedding weight and input bits
+``classifier_bits`` classifier weight and input bits
+``accuracy``        top-1 accuracy in percent (0–100)
+``accuracy_drop``   full-precision accuracy minus this one, in points (0 for full precision)
+``num_eval``        images evaluated
+``num_calibration`` calibration images used (0 for full precision)
+``seed``            seed of the calibration draw
+``quantize_seconds`` wall time of `quantize` (copy, calibration, weight quantization)
+``eval_seconds``    wall time of the evaluation pass
+==================  ============================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hf_cd.table import Table
+
+RESULT_COLUMNS: tuple[str, ...] = (
+    "pipeline",
+    "runtime",
+    "w_bits",
+    "a_bits",
+    "embedding_bits",
+    "classifier_bits",
+    "accuracy",
+    "accuracy_drop",
+    "num_eval",
+    "num_calibration",
+    "seed",
+    "quantize_seconds",
+    "eval_seconds",
+)
+FULL_PRECISION = "full_precision"
+
+
+def result_row(
+    *,
+    pipeline: str,
+    runtime: str,
+    w_bits: int,
+    a_bits: int,
+    embedding_bits: int,
+    classifier_bits: int,
+    accuracy: float,
+    num_eval: int,
+    num_calibration: int,
+    seed: int,
+    quantize_seconds: float,
+    eval_seconds: float,
+    reference_accuracy: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One row in `RESULT_COLUMNS` order; ``reference_accuracy`` (full precision) gives ``accuracy_drop``."""
+    row = {
+        "pipeline": pipeline,
+        "runtime": runtime,
+        "w_bits": int(w_bits),
+        "a_bits": int(a_bits),
+        "embedding_bits": int(embedding_bits),
+        "classifier_bits": int(classifier_bits),
+        "accuracy": float(accuracy),
+        "accuracy_drop": None if reference_accuracy is None else float(reference_accuracy) - float(accuracy),
+        "num_eval": int(num_eval),
+        "num_calibration": int(num_calibration),
+        "seed": int(seed),
+        "quantize_seconds": round(float(quantize_seconds), 3),
+        "eval_seconds": round(float(eval_seconds), 3),
+    }
+    row.update(extra)
+    return row
+
+
+class QuantResults(Table):
+    """The rows of `evaluate_quantized` (a `Table`: ``to_dicts()``, ``to_markdown()``, ``to_pandas()``)."""
+
+    def __init__(self, rows=(), columns=None):
+        super().__init__(rows, columns if columns is not None else list(RESULT_COLUMNS))
+
+    def accuracy(self, pipeline: str, w_bits: int | None = None, a_bits: int | None = None) -> float:
+        """The accuracy of one row, e.g. ``results.accuracy("repq", 4, 4)`` or ``results.accuracy("full_precision")``."""
+        matches = [
+            row
+            for row in self.rows
+            if row["pipeline"] == pipeline
+            and (w_bits is None or row["w_bits"] == w_bits)
+            and (a_bits is None or row["a_bits"] == a_bits)
+        ]
+        if len(matches) != 1:
+            raise KeyError(
+                f"{len(matches)} rows match pipeline={pipeline!r}, w_bits={w_bits}, a_bits={a_bits}."
+            )
+        return matches[0]["accuracy"]
+
+    @property
+    def full_precision_accuracy(self) -> float:
+        return self.accuracy(FULL_PRECISION)

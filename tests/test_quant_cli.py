@@ -1,0 +1,88 @@
+"""``python -m hf_cd.quant`` on a saved model and a ``save_to_disk`` dataset of ready tensors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import datasets
+import pytest
+import torch
+from transformers import ViTForImageClassification
+
+from conftest import tiny_vit_config
+from hf_cd.quant import RESULT_COLUMNS
+from hf_cd.quant.cli import _bits_pair, main
+
+
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """These tensors are tiny: one thread avoids OpenMP barrier stalls when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cli_quantizes_and_evaluates_a_saved_model(tmp_path, capsys):
+    torch.manual_seed(0)
+    ViTForImageClassification(tiny_vit_config()).save_pretrained(tmp_path / "model")
+    generator = torch.Generator().manual_seed(0)
+    splits = {
+        split: datasets.Dataset.from_dict(
+            {
+                "pixel_values": torch.randn(count, 1, 28, 28, generator=generator).numpy(),
+                "labels": torch.randint(0, 10, (count,), generator=generator).tolist(),
+            }
+        )
+        for split, count in (("train", 40), ("test", 30))
+    }
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "data"))
+    output, markdown = tmp_path / "out" / "ptq.json", tmp_path / "out" / "ptq.md"
+    argv = [
+        "--model",
+        str(tmp_path / "model"),
+        "--dataset",
+        str(tmp_path / "data"),
+        "--pipelines",
+        "minmax",
+        "repq",
+    ]
+    argv += [
+        "--bits",
+        "8,8",
+        "W4A4",
+        "--num-calibration",
+        "16",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    argv += ["--max-eval-samples", "20", "--output", str(output), "--markdown", str(markdown)]
+    assert main(argv) == 0
+
+    payload = json.loads(output.read_text())
+    rows = payload["rows"]
+    assert [(r["pipeline"], r["w_bits"], r["a_bits"]) for r in rows] == [
+        ("full_precision", 32, 32),
+        ("minmax", 8, 8),
+        ("minmax", 4, 4),
+        ("repq", 8, 8),
+        ("repq", 4, 4),
+    ]
+    assert all(list(row) == list(RESULT_COLUMNS) for row in rows)
+    assert all(row["num_eval"] == 20 for row in rows)
+    assert all(row["num_calibration"] == 16 for row in rows[1:])
+    for key in ("date", "command", "device", "torch", "transformers"):
+        assert payload[key]
+    printed = capsys.readouterr().out
+    assert printed.count("| minmax |") == 2 and "| repq |" in printed
+    assert "| full_precision |" in markdown.read_text()
+
+
+def test_cli_rejects_a_malformed_bits_pair():
+    assert _bits_pair("W6A4") == (6, 4) and _bits_pair("8,6") == (8, 6)
+    with pytest.raises(argparse.ArgumentTypeError, match="W,A"):
+        _bits_pair("4x4")
