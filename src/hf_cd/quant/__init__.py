@@ -34,6 +34,7 @@ from hf_cd.quant.registry import (
 )
 from hf_cd.quant.report import quantization_report
 from hf_cd.quant.results import FULL_PRECISION, RESULT_COLUMNS, QuantResults, result_row
+from hf_cd.quant.sensitivity import SITE_GROUPS, plot_sensitivity, sensitivity, site_statistics
 
 __all__ = [
     "ATTENTION_IMPLEMENTATION",
@@ -44,6 +45,7 @@ __all__ = [
     "FULL_PRECISION",
     "PIPELINES",
     "RESULT_COLUMNS",
+    "SITE_GROUPS",
     "CalibrationDataError",
     "FakeQuantPipeline",
     "NoCalibrationDataError",
@@ -56,9 +58,12 @@ __all__ = [
     "evaluate_accuracy",
     "evaluate_quantized",
     "get_pipeline",
+    "plot_sensitivity",
     "quantization_report",
     "quantization_state",
     "quantize",
     "register_pipeline",
     "result_row",
+    "sensitivity",
+    "site_statistics",
 ]
