@@ -32,8 +32,10 @@ data:
 	  echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST will come from the Hub"; \
 	fi
 
+# The main job: train a ViT from scratch on Fashion-MNIST with CD, evaluate it (full precision and
+# quantized), print a summary. Output under outputs/; `make run RUN_ARGS="--num_train_epochs 2"` adds flags.
 run: setup
-	$(BIN)/python -m hf_cd.demo
+	$(BIN)/python recipes/finetune.py --config $(RUN_CONFIG) $(RUN_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

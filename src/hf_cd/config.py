@@ -45,7 +45,7 @@ class CDConfig(TrainingArguments):
         default=1e-4,
         metadata={
             "help": "After cd_power_iters, keep iterating until no spectral norm moves by more than this (relative); "
-            "keeps the estimates within 1% while weights move fast. 0 = fixed iterations only."
+            "keeps the estimates within one percent while weights move fast. 0 = fixed iterations only."
         },
     )
     cd_pairs: list[str] | None = field(

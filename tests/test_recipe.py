@@ -1,0 +1,374 @@
+"""recipes/finetune.py end to end on the real Fashion-MNIST (tiny models, a few steps), and its arguments."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    Dinov2ForImageClassification,
+    ViTForImageClassification,
+)
+
+from conftest import requires_fashion_mnist, tiny_dinov2_config, tiny_vit_config
+from hf_cd import alignment_summary, measure_alignment
+from hf_cd.data import FASHION_MNIST_CLASSES, UnknownDatasetError, collate_fn, load_image_dataset
+from hf_cd.data.loading import subsample_stratified
+from hf_cd.data.transforms import ImagePreprocessing, with_image_transforms
+from hf_cd.recipe import (
+    MODEL_PRESETS,
+    RecipeArgumentError,
+    SeededAugmentation,
+    format_summary,
+    parse_recipe_args,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "recipes" / "configs"
+
+
+def load_finetune():
+    spec = importlib.util.spec_from_file_location("finetune", ROOT / "recipes" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY_PRESET = [
+    "--model_preset", "vit_tiny", "--hidden_size", "32", "--num_hidden_layers", "2",
+    "--num_attention_heads", "2", "--image_size", "28", "--patch_size", "7", "--num_channels", "1",
+]  # fmt: skip
+QUICK = [
+    "--dataset_name", "fashion_mnist", "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true",
+    "--dataloader_pin_memory", "false", "--seed", "0", "--learning_rate", "3e-3", "--cd_strength", "5",
+]  # fmt: skip
+
+
+# --- arguments ------------------------------------------------------------------------------------
+
+
+def test_config_file_sets_defaults_and_command_line_flags_override_it(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_preset": "vit_small",
+                "output_dir": str(tmp_path / "from_yaml"),
+                "learning_rate": "1e-3",  # YAML reads 1e-3 as a string; it must still become a float
+                "cd_strength": 2.0,
+                "cd_kinds": ["ffn"],
+                "max_train_samples": 100,
+                "quant_eval": False,
+                "quant_bits": ["W4A4"],
+                "crop_scale": [0.8, 1.0],
+            }
+        )
+    )
+    args = parse_recipe_args(
+        [
+            "--config",
+            str(config),
+            "--learning_rate",
+            "5e-4",
+            "--cd_kinds",
+            "ffn",
+            "value_output",
+            "--quant_eval",
+            "true",
+        ]
+    )
+    assert args.training.learning_rate == 5e-4  # flag beats file
+    assert args.training.cd_kinds == ["ffn", "value_output"]
+    assert args.quant.quant_eval is True
+    assert args.training.cd_strength == 2.0  # file beats default
+    assert args.model.model_preset == "vit_small"
+    assert args.data.max_train_samples == 100 and args.data.crop_scale == [0.8, 1.0]
+    assert args.quant.bit_pairs() == [(4, 4)]
+    assert args.training.output_dir == str(tmp_path / "from_yaml")
+    assert args.data.flip_probability == 0.5  # neither: the dataclass default
+    assert args.training.remove_unused_columns is False
+
+    file_only = parse_recipe_args(["--config", str(config)])
+    assert file_only.training.learning_rate == 1e-3 and isinstance(file_only.training.learning_rate, float)
+    assert file_only.quant.quant_eval is False and file_only.training.cd_kinds == ["ffn"]
+
+    without_file = parse_recipe_args(["--model_preset", "vit_base", "--output_dir", str(tmp_path)])
+    assert without_file.training.learning_rate == 5e-5 and without_file.training.cd_strength == 1.0
+
+
+def test_help_lists_every_option_group(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_recipe_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--config",
+        "--model_preset",
+        "--dataset_name",
+        "--cd_strength",
+        "--quant_bits",
+        "--learning_rate",
+    ):
+        assert flag in text, flag
+
+
+def test_shipped_configs_parse(tmp_path):
+    configs = sorted(CONFIGS.glob("*.yaml"))
+    assert {path.name for path in configs} >= {
+        "fashion_mnist_vit_tiny_cpu.yaml",
+        "fashion_mnist_vit_small_gpu.yaml",
+        "eurosat_vit_base.yaml",
+        "fgvc_aircraft_dinov2.yaml",
+        "sun397_vit_base.yaml",
+    }
+    for path in configs:
+        # TrainingArguments refuses bf16 without a GPU at parse time; switch it off so the GPU configs parse here
+        args = parse_recipe_args(["--config", str(path), "--output_dir", str(tmp_path), "--bf16", "false"])
+        assert args.training.cd_strength > 0, path.name
+        assert args.training.save_strategy != "no", f"{path.name}: an interrupted run must be resumable"
+
+
+def test_unknown_option_in_the_config_file_is_named_with_a_suggestion(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("model_preset: vit_tiny\nlearnig_rate: 1.0e-3\n")
+    with pytest.raises(RecipeArgumentError, match=r"learnig_rate.*did you mean 'learning_rate'"):
+        parse_recipe_args(["--config", str(config)])
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "needle"),
+    [
+        (["--model_preset", "vit_huge"], RecipeArgumentError, r"Unknown model_preset 'vit_huge'.*vit_tiny, vit_small, vit_base"),
+        ([], RecipeArgumentError, r"exactly one model source, got neither.*--model_name_or_path.*--model_preset"),
+        (["--model_preset", "vit_tiny", "--model_name_or_path", "x"], RecipeArgumentError, "got both"),
+        (["--model_preset", "vit_tiny", "--dataset_name", "fashion_mnst"], UnknownDatasetError, r"fashion_mnst.*Did you mean 'fashion_mnist'"),
+        (["--model_name_or_path", "google/vit-base-patch16-224-in21k", "--patch_size", "4"], RecipeArgumentError, "apply only with --model_preset"),
+        (["--model_preset", "vit_tiny", "--quant_bits", "W8"], RecipeArgumentError, "W8.*WxAy"),
+        (["--model_preset", "vit_tiny", "--crop_scale", "0.8"], RecipeArgumentError, "crop_scale takes two numbers"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_refused_with_a_message_that_says_what_to_do(tmp_path, argv, error, needle):
+    with pytest.raises(error, match=needle):
+        parse_recipe_args([*argv, "--output_dir", str(tmp_path)])
+
+
+def test_presets_have_the_standard_shapes():
+    shapes = {
+        name: (p.hidden_size, p.num_hidden_layers, p.num_attention_heads) for name, p in MODEL_PRESETS.items()
+    }
+    assert shapes == {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
+
+
+def test_unknown_quantization_pipeline_fails_before_training(tmp_path):
+    finetune = load_finetune()
+    with pytest.raises(ValueError, match="no_such_pipeline"):
+        finetune.main(
+            [*TINY_PRESET, *QUICK, "--output_dir", str(tmp_path), "--max_steps", "1", "--max_train_samples", "20",
+             "--quant_pipelines", "no_such_pipeline"]
+        )  # fmt: skip
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _accuracy_and_logits(model, dataset) -> tuple[float, torch.Tensor]:
+    batch = collate_fn([dataset[i] for i in range(len(dataset))])
+    logits = model.eval()(pixel_values=batch["pixel_values"]).logits
+    return 100.0 * (logits.argmax(-1) == batch["labels"]).float().mean().item(), logits
+
+
+@pytest.mark.slow
+@requires_fashion_mnist
+def test_recipe_trains_evaluates_quantizes_and_saves_a_model_that_reloads(tmp_path):
+    out = tmp_path / "run"
+    run = load_finetune().main(
+        [*TINY_PRESET, *QUICK, "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "16",
+         "--max_train_samples", "200", "--max_eval_samples", "60", "--max_test_samples", "100",
+         "--eval_strategy", "steps", "--eval_steps", "3", "--logging_steps", "3", "--save_steps", "3",
+         "--diagnostics_samples", "16", "--quant_pipelines", "minmax", "repq", "--quant_bits", "W8A8", "W4A4",
+         "--quant_num_calibration", "8", "--quant_max_eval_samples", "40"]
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results == json.loads(json.dumps(run.results))
+
+    assert results["dataset"] == {
+        "name": "fashion_mnist",
+        "label": None,
+        "num_labels": 10,
+        "train_samples": 200,
+        "validation_samples": 60,
+        "test_samples": 100,
+    }
+    assert results["model"]["source"] == "preset vit_tiny" and results["model"]["hidden_size"] == 32
+    assert results["training"]["global_step"] == 6 and results["training"]["resumed_from"] is None
+    assert results["cd_settings"]["strength"] == 5.0 and results["cd_settings"]["kinds"] == [
+        "ffn",
+        "value_output",
+    ]
+    assert 0.0 <= results["test"]["accuracy"] <= 100.0 and results["test"]["loss"] > 0
+    assert results["validation"]["accuracy"] is not None
+    for moment in ("before", "after"):
+        summary = results["diagnostics"][moment]
+        assert set(summary["alignment"]) == {"ffn", "value_output"}
+        assert all(0 < v["mean"] <= v["max"] <= 1 for v in summary["alignment"].values())
+        assert summary["outliers"]["residual_max"] >= summary["outliers"]["residual_max_last_block"] > 0
+    assert results["diagnostics"]["before"] != results["diagnostics"]["after"]  # the weights did move
+    for key in ("train", "test_eval", "quant_eval", "total"):
+        assert results["wall_time_s"][key] >= 0
+    assert results["wall_time_s"]["total"] >= results["wall_time_s"]["train"]
+    assert results["model_card"] is None  # the Hub issue's card is not written yet
+    for plot in results["plots"].values():
+        assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the saved model (safetensors + image processor) reloads and gives the same logits
+    assert (out / "model.safetensors").is_file() and (out / "preprocessor_config.json").is_file()
+    reloaded = AutoModelForImageClassification.from_pretrained(out)
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert reloaded.config.id2label[7] == FASHION_MNIST_CLASSES[7]
+    assert reloaded.config.hf_cd["strength"] == 5.0
+    raw = load_image_dataset("fashion_mnist", seed=0)
+    test = subsample_stratified(raw["test"], 100, 0)
+    test = with_image_transforms({"test": test}, processor, 1, train_split="none")["test"]
+    accuracy, logits = _accuracy_and_logits(reloaded, test)
+    _, trained_logits = _accuracy_and_logits(run.trainer.model.cpu(), test)
+    torch.testing.assert_close(logits, trained_logits, rtol=0, atol=0)
+    assert accuracy == pytest.approx(results["test"]["accuracy"], abs=1e-4)
+    after = alignment_summary(measure_alignment(reloaded))
+    assert after["ffn"]["mean"] == pytest.approx(results["diagnostics"]["after"]["alignment"]["ffn"]["mean"])
+
+    quantized = results["quantized"]
+    assert quantized["status"] == "done"
+    rows = quantized["rows"]
+    assert [(r["pipeline"], r["w_bits"], r["a_bits"]) for r in rows[1:]] == [
+        ("minmax", 8, 8),
+        ("minmax", 4, 4),
+        ("repq", 8, 8),
+        ("repq", 4, 4),
+    ]
+    assert rows[0]["pipeline"] == "full_precision" and all(r["num_eval"] == 40 for r in rows)
+    assert all(0 <= r["accuracy"] <= 100 for r in rows)
+    assert all(r["num_calibration"] == 8 for r in rows[1:])
+
+    summary = format_summary(results)
+    for needle in ("fashion_mnist", "6 steps", "test ", str(out / "results.json"), "ffn alignment", "→"):
+        assert needle in summary, needle
+    assert "| minmax |" in summary and "W4A4" in summary
+
+
+def _save_pretrained_tiny(directory: Path, model_class, config) -> Path:
+    """A stand-in for a Hub checkpoint: 3 labels, RGB, its own image processor."""
+    torch.manual_seed(1)
+    model = model_class(config)
+    model.save_pretrained(directory)
+    from transformers import ViTImageProcessorPil
+
+    ViTImageProcessorPil(size={"height": 28, "width": 28}).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.slow
+@requires_fashion_mnist
+@pytest.mark.parametrize(
+    ("model_class", "config"),
+    [
+        (ViTForImageClassification, tiny_vit_config(num_labels=3, num_channels=3)),
+        (Dinov2ForImageClassification, tiny_dinov2_config(num_labels=3, num_channels=3)),
+    ],
+    ids=["vit", "dinov2"],
+)
+def test_fine_tuning_a_checkpoint_replaces_its_head_with_the_datasets_labels(tmp_path, model_class, config):
+    source = _save_pretrained_tiny(tmp_path / "pretrained", model_class, config)
+    run = load_finetune().main(
+        ["--model_name_or_path", str(source), *QUICK, "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+         "--per_device_train_batch_size", "8", "--max_train_samples", "40", "--max_eval_samples", "20",
+         "--max_test_samples", "20", "--no_quant_eval", "--diagnostics_samples", "4"]
+    )  # fmt: skip
+    model = run.trainer.model
+    assert model.config.num_labels == 10 and model.classifier.out_features == 10
+    assert model.config.label2id["Ankle boot"] == 9
+    assert run.results["model"]["source"] == str(source)
+    assert run.results["quantized"]["status"] == "skipped"
+    # the encoder starts from the checkpoint, not from a fresh init: 2 AdamW steps at lr 3e-3 move it ≤ ~0.01
+    pretrained = dict(model_class.from_pretrained(source).named_parameters())
+    trained = dict(model.named_parameters())
+    encoder = [name for name in pretrained if "classifier" not in name]
+    assert encoder and all(pretrained[n].shape == trained[n].shape for n in encoder)
+    assert max((trained[n].detach() - pretrained[n].detach()).abs().max().item() for n in encoder) < 0.015
+
+
+@requires_fashion_mnist
+def test_augmentation_is_a_function_of_seed_epoch_and_row_and_leaves_the_global_rng_alone():
+    from transformers import ViTImageProcessorPil
+
+    train = load_image_dataset("fashion_mnist", seed=0, max_train_samples=40)["train"]
+    preprocessing = ImagePreprocessing.from_image_processor(
+        ViTImageProcessorPil(size={"height": 28, "width": 28}), 1
+    )
+
+    def augmented(seed: int, epoch: int) -> list[torch.Tensor]:
+        dataset = SeededAugmentation(train, preprocessing, (0.5, 1.0), (3 / 4, 4 / 3), 0.5, seed)
+        dataset.set_epoch(epoch)
+        return [dataset[i]["pixel_values"] for i in range(10)]
+
+    rng = torch.get_rng_state()
+    reference = augmented(0, 0)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(a, b) for a, b in zip(reference, augmented(0, 0)))
+    assert (
+        sum(not torch.equal(a, b) for a, b in zip(reference, augmented(0, 1))) >= 8
+    )  # a new epoch, new crops
+    assert sum(not torch.equal(a, b) for a, b in zip(reference, augmented(1, 0))) >= 8
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@requires_fashion_mnist
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    """Mid-epoch checkpoint, dropout, random crops and flips, CD: the resumed run ends bit for bit equal."""
+    common = [
+        *TINY_PRESET, *QUICK, "--max_steps", "6", "--save_steps", "3", "--per_device_train_batch_size", "16",
+        "--max_train_samples", "64", "--max_eval_samples", "16", "--max_test_samples", "16",
+        "--hidden_dropout_prob", "0.1", "--no_quant_eval", "--diagnostics_samples", "4",
+    ]  # fmt: skip
+    finetune = load_finetune()
+    straight = tmp_path / "straight"
+    finetune.main([*common, "--output_dir", str(straight)])
+
+    # an "interrupted" run: its output_dir holds only the step-3 checkpoint, and it resumes from the latest one
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(straight / "checkpoint-3", interrupted / "checkpoint-3")
+    run = finetune.main([*common, "--output_dir", str(interrupted), "--resume_from_checkpoint", "latest"])
+    assert run.results["training"]["resumed_from"] == str(interrupted / "checkpoint-3")
+    assert run.results["training"]["global_step"] == 6
+    assert run.trainer.cd_callback.num_updates == 6
+    assert run.trainer.train_dataset.epoch == 1  # the 4-step epochs: step 6 ran in the second one
+
+    expected, resumed = (
+        load_file(straight / "model.safetensors"),
+        load_file(interrupted / "model.safetensors"),
+    )
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+    started_over = json.loads((straight / "results.json").read_text())
+    assert run.results["test"]["accuracy"] == started_over["test"]["accuracy"]
+
+
+def test_resume_latest_without_a_checkpoint_says_so(tmp_path):
+    finetune = load_finetune()
+    with pytest.raises(RecipeArgumentError, match="holds no checkpoint"):
+        finetune.main(
+            [*TINY_PRESET, *QUICK, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"]
+        )
