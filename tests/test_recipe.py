@@ -372,3 +372,42 @@ def test_resume_latest_without_a_checkpoint_says_so(tmp_path):
         finetune.main(
             [*TINY_PRESET, *QUICK, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"]
         )
+
+
+@requires_fashion_mnist
+def test_lora_fine_tuning_saves_the_adapter_and_a_merged_model_and_never_writes_w0(tmp_path):
+    source = _save_pretrained_tiny(
+        tmp_path / "pretrained",
+        Dinov2ForImageClassification,
+        tiny_dinov2_config(num_labels=3, num_channels=3),
+    )
+    out = tmp_path / "out"
+    run = load_finetune().main(
+        ["--model_name_or_path", str(source), *QUICK, "--output_dir", str(out), "--max_steps", "3",
+         "--per_device_train_batch_size", "8", "--max_train_samples", "40", "--max_eval_samples", "20",
+         "--max_test_samples", "20", "--diagnostics_samples", "4", "--use_lora", "true", "--lora_r", "4",
+         "--learning_rate", "1e-2", "--quant_pipelines", "minmax", "--quant_bits", "W8A8",
+         "--quant_num_calibration", "8", "--quant_max_eval_samples", "20"]
+    )  # fmt: skip
+    results = run.results
+    assert results["model"]["lora"]["r"] == 4
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    merged = Dinov2ForImageClassification.from_pretrained(out)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    # W0 was never written: merged weight − s·B·A (from the saved adapter) is the checkpoint's weight
+    pretrained = dict(Dinov2ForImageClassification.from_pretrained(source).named_parameters())
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    scaling = 16.0 / 4  # lora_alpha / r
+    checked = 0
+    for name, merged_weight in merged.named_parameters():
+        a_key = f"base_model.model.{name.removesuffix('.weight')}.lora_A.weight"
+        if a_key not in adapter:
+            continue
+        b = adapter[a_key.replace("lora_A", "lora_B")]
+        assert b.abs().max() > 0, f"{name}: the adapter did not train"
+        w0 = merged_weight.detach() - scaling * b @ adapter[a_key]
+        torch.testing.assert_close(w0, pretrained[name].detach(), rtol=0, atol=1e-6, msg=name)
+        checked += 1
+    assert checked == 2 * 6  # 2 blocks × q, k, v, o, fc1, fc2
+    assert results["quantized"]["status"] == "done"
+    assert results["cd_settings"]["strength"] == 5.0

@@ -103,6 +103,21 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
 """DeiT-Ti / DeiT-S / ViT-B widths, depths and heads."""
 
 
+LORA_ADAPTER_DIR = "adapter"
+LORA_TARGETS: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "fc1",
+    "fc2",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+"""Every encoder linear of ViT / DeiT / Dinov2 (GELU and SwiGLU); names a model lacks are ignored."""
+
+
 class RecipeArgumentError(ValueError):
     """A recipe option (or combination of options) that cannot work; the message says how to fix it."""
 
@@ -165,6 +180,26 @@ class ModelArguments:
         default="main", metadata={"help": "Branch, tag or commit of --model_name_or_path on the Hub."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models are cached."})
+    use_lora: bool = field(
+        default=False,
+        metadata={
+            "help": "Fine-tune LoRA adapters (peft) instead of every weight. CD then acts on the effective "
+            "weights W0 + s·B·A; the merged model is saved to output_dir and the adapter to output_dir/adapter."
+        },
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (the adapter scale is alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target: list[str] = field(
+        default_factory=lambda: list(LORA_TARGETS),
+        metadata={"help": "Module names that get adapters (suffix match, as peft's target_modules)."},
+    )
+    lora_modules_to_save: list[str] = field(
+        default_factory=lambda: ["classifier"],
+        metadata={
+            "help": "Modules trained in full and saved with the adapter (the new classification head)."
+        },
+    )
     ignore_mismatched_sizes: bool = field(
         default=True,
         metadata={
@@ -205,6 +240,8 @@ class ModelArguments:
                 f"{', '.join(preset_only)} shape a model trained from scratch and apply only with --model_preset; "
                 f"{self.model_name_or_path!r} brings its own config and image processor."
             )
+        if self.use_lora and (self.lora_r < 1 or not self.lora_target):
+            raise RecipeArgumentError(f"LoRA needs lora_r ≥ 1 and a lora_target, got r={self.lora_r}.")
         if self.num_channels not in (None, 1, 3):
             raise RecipeArgumentError(f"num_channels must be 1 or 3, got {self.num_channels}.")
 
@@ -505,9 +542,36 @@ def build_model(model_args: ModelArguments, labels: Mapping[str, Any]) -> tuple[
     return model, image_processor
 
 
+def add_lora(model: PreTrainedModel, model_args: ModelArguments):
+    """Wrap ``model`` in LoRA adapters on the chosen encoder linears (the head trains in full)."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [name for name in model_args.lora_target if name in present]
+    if not targets:
+        raise RecipeArgumentError(
+            f"None of lora_target {model_args.lora_target} names a module of {type(model).__name__}; "
+            f"its linears include {sorted(n for n in present if n.endswith(('proj', 'fc1', 'fc2')))}."
+        )
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        modules_to_save=list(model_args.lora_modules_to_save),
+    )
+    return get_peft_model(model, config)
+
+
 def describe_model(model: PreTrainedModel, model_args: ModelArguments) -> dict[str, Any]:
     config = model.config
+    lora = (
+        {"r": model_args.lora_r, "alpha": model_args.lora_alpha, "target": list(model_args.lora_target)}
+        if model_args.use_lora
+        else None
+    )
     return {
+        "lora": lora,
         "source": model_args.source,
         "architecture": type(model).__name__,
         "model_type": config.model_type,
@@ -821,9 +885,11 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
     )
     diagnostics_batch = first_batch(evaluation["validation"], data_args.diagnostics_samples)
     before = measure_diagnostics(model, diagnostics_batch, training_args) if is_main else None
+    described_model = describe_model(model, model_args)
+    trained = add_lora(model, model_args) if model_args.use_lora else model
 
     trainer = CDTrainer(
-        model=model,
+        model=trained,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=evaluation["validation"],
@@ -837,7 +903,10 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
     train_started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - train_started
-    trainer.save_model(str(output_dir))
+    if model_args.use_lora:  # the adapter alone; the merged, deployable model follows after the test
+        trainer.save_model(str(output_dir / LORA_ADAPTER_DIR))
+    else:
+        trainer.save_model(str(output_dir))
     trainer.save_state()
 
     test_started = time.perf_counter()
@@ -845,6 +914,11 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
     test_seconds = time.perf_counter() - test_started
     if not is_main:
         return RecipeRun(trainer, None)
+    if model_args.use_lora:
+        # What deploys is the merged model: it is quantized, diagnosed and saved like any other.
+        model = trainer.model.merge_and_unload()
+        model.save_pretrained(output_dir)
+        image_processor.save_pretrained(output_dir)
 
     state = trainer.state
     results: dict[str, Any] = {
@@ -857,7 +931,7 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
             "validation_samples": len(raw["validation"]),
             "test_samples": len(raw["test"]),
         },
-        "model": describe_model(model, model_args),
+        "model": described_model,
         "training": {
             "global_step": state.global_step,
             "max_steps": state.max_steps,
