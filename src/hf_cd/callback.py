@@ -258,8 +258,10 @@ class CDCallback(TrainerCallback, ExportableState):
     def on_log(self, args, state, control, logs=None, **kwargs):
         # With a plain Trainer, reporters that run before this callback miss these keys; CDTrainer
         # merges them in `log` so that every reporter sees them.
+        if logs is None or "loss" not in logs:  # training logs only; evaluation logs keep their own keys
+            return
         metrics = self.pop_log_metrics()
-        if metrics and logs is not None:
+        if metrics:
             logs.update(metrics)
             if state.log_history:
                 state.log_history[-1].update(metrics)

@@ -135,7 +135,33 @@ class CDTrainer(Trainer):
             return self._load_converted_weights(self.state.best_model_checkpoint)
         return super()._load_best_model()
 
+    # -- model card ----------------------------------------------------------------------------
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset: str | list[str] | None = None,
+        finetuned_from: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Write the hf-cd card (`hf_cd.hub`), not the generic one, so `push_to_hub` uploads it.
+
+        The card holds the CD settings. It also holds the quantized accuracy when ``output_dir``
+        holds this run's ``results.json``. The other `Trainer.create_model_card` arguments
+        (language, license, tags, ...) are ignored.
+        """
+        if not self.is_world_process_zero():
+            return
+        from hf_cd import hub  # hub loads hf_cd.quant, which `import hf_cd` should not pay for
+
+        dataset_name = dataset[0] if isinstance(dataset, (list, tuple)) and dataset else dataset
+        results = hub.trainer_results(self, dataset=dataset_name or None, finetuned_from=finetuned_from)
+        repo_id = self.hub_model_id or self.args.hub_model_id or model_name
+        hub.write_model_card(self.args.output_dir, results, repo_id=repo_id)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" not in logs:  # evaluation and end-of-training logs: the window stays for the next one
+            return super().log(logs, start_time)
         callback = self.cd_callback
         if callback is not None:
             logs.update(callback.pop_log_metrics())
