@@ -226,7 +226,7 @@ def test_recipe_trains_evaluates_quantizes_and_saves_a_model_that_reloads(tmp_pa
     for key in ("train", "test_eval", "quant_eval", "total"):
         assert results["wall_time_s"][key] >= 0
     assert results["wall_time_s"]["total"] >= results["wall_time_s"]["train"]
-    assert results["model_card"] is None  # the Hub issue's card is not written yet
+    assert results["model_card"] == str(out / "README.md")  # hf_cd.hub's card; tests/test_hub.py checks it
     for plot in results["plots"].values():
         assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

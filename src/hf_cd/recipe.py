@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
 import json
 import logging
 import math
@@ -42,7 +41,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_cd import __version__, quant
+from hf_cd import __version__, hub, quant
 from hf_cd.config import CDConfig
 from hf_cd.data import (
     DATASETS,
@@ -829,17 +828,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def write_model_card(output_dir: Path, results: Mapping[str, Any]) -> Path | None:
-    """MODEL CARD HOOK (Hub issue): writes ``README.md`` once ``hf_cd.hub.write_model_card`` exists.
-
-    Until then it writes nothing and returns ``None``; results.json records ``model_card: null``.
-    """
-    try:
-        hub = importlib.import_module("hf_cd.hub")
-    except ImportError:
-        return None
-    writer = getattr(hub, "write_model_card", None)
-    return None if writer is None else Path(writer(output_dir, results))
+def write_model_card(output_dir: Path, results: Mapping[str, Any]) -> Path:
+    """Write ``README.md``: the card with the quantized accuracy, CD settings and diagnostics (`hf_cd.hub`)."""
+    return hub.write_model_card(output_dir, results)
 
 
 @dataclass
@@ -987,6 +978,15 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
     results["model_card"] = None if card is None else str(card)
     results["wall_time_s"]["total"] = time.perf_counter() - started
     write_json_atomic(results_path, results)
+    if training_args.push_to_hub:
+        # The Trainer pushed at save time, before the test and quantized numbers existed: push the
+        # finished card, weights and results.json (and nothing else) now.
+        hub.push_cd_model(
+            output_dir,
+            trainer.hub_model_id,
+            private=bool(training_args.hub_private_repo),
+            token=training_args.hub_token,
+        )
     return RecipeRun(trainer, results)
 
 

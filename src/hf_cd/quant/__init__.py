@@ -34,6 +34,11 @@ from hf_cd.quant.registry import (
 )
 from hf_cd.quant.report import quantization_report
 from hf_cd.quant.results import FULL_PRECISION, RESULT_COLUMNS, QuantResults, result_row
+from hf_cd.quant.runtimes import (  # noqa: F401  (also registers onnxruntime-int8, torchao-int8, torchao-fp8)
+    OnnxRuntimeInt8Config,
+    RuntimeUnavailableError,
+    TorchaoRuntimeConfig,
+)
 from hf_cd.quant.sensitivity import SITE_GROUPS, plot_sensitivity, sensitivity, site_statistics
 
 __all__ = [

@@ -5,6 +5,11 @@ returns a *new* model (the one passed in must not change) whose forward takes ``
 and returns an output with ``.logits``. Fake-quant pipelines subclass
 `hf_cd.quant.pipelines.base.FakeQuantPipeline`; a real runtime (e.g. ``onnxruntime-int8``) only has
 to honour the call contract and set ``runtime``, so `evaluate_quantized` reports it in the same rows.
+
+Optional hook: a pipeline with a method ``evaluate(model, config, calibration_images, eval_data)``
+measures its own row (a real runtime times itself against its own float model, which a returned
+module cannot); it returns `result_row`'s keyword arguments except ``pipeline``, ``runtime``,
+``seed`` and ``reference_accuracy``. See `hf_cd.quant.runtimes`.
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ def register_pipeline(pipeline: Pipeline, *, overwrite: bool = False) -> Pipelin
     return pipeline
 
 
-def available_pipelines() -> list[str]:
-    return sorted(PIPELINES)
+def available_pipelines(runtime: str | None = None) -> list[str]:
+    """Registered names, sorted; ``runtime="fake_quant"`` lists only the simulated ones (any bits, any device)."""
+    return sorted(name for name, pipeline in PIPELINES.items() if runtime in (None, pipeline.runtime))
 
 
 def get_pipeline(name: str) -> Pipeline:

@@ -18,6 +18,20 @@ these are never renamed):
 ``quantize_seconds`` wall time of `quantize` (copy, calibration, weight quantization)
 ``eval_seconds``    wall time of the evaluation pass
 ==================  ============================================================================
+
+Real-runtime rows (``runtime`` ``onnxruntime`` / ``torchao``) add these; ``<B>`` is a batch size
+(1 and 32 for ONNX Runtime on the CPU, 256 for torchao on the GPU):
+
+=============================  =================================================================
+``float_accuracy``             accuracy of the same runtime's float model (ORT float32, bf16)
+``latency_ms_batch<B>``        median wall time of one batch through the quantized model, in ms
+``float_latency_ms_batch<B>``  the same for the runtime's float model, timed interleaved with it
+``speedup_vs_float_batch<B>``  float latency over quantized latency at batch ``<B>``
+``speedup_vs_float``           the speed-up at the largest batch measured (> 1: int8 is faster)
+``num_threads``                ONNX Runtime intra-op threads, the same for float and int8
+``throughput_images_per_s``    torchao: images per second at the timing batch (and
+                               ``float_throughput_images_per_s`` for bf16)
+=============================  =================================================================
 """
 
 from __future__ import annotations
@@ -85,7 +99,11 @@ class QuantResults(Table):
     """The rows of `evaluate_quantized` (a `Table`: ``to_dicts()``, ``to_markdown()``, ``to_pandas()``)."""
 
     def __init__(self, rows=(), columns=None):
-        super().__init__(rows, columns if columns is not None else list(RESULT_COLUMNS))
+        rows = [dict(row) for row in rows]
+        if columns is None:  # the stable columns first, then any a row adds (real-runtime latency)
+            added = dict.fromkeys(key for row in rows for key in row if key not in RESULT_COLUMNS)
+            columns = [*RESULT_COLUMNS, *added]
+        super().__init__(rows, columns)
 
     def accuracy(self, pipeline: str, w_bits: int | None = None, a_bits: int | None = None) -> float:
         """The accuracy of one row, e.g. ``results.accuracy("repq", 4, 4)`` or ``results.accuracy("full_precision")``."""

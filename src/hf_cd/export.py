@@ -1,0 +1,174 @@
+"""Export a trained ViT / DeiT / Dinov2 classifier to a deployable file: float or int8 ONNX.
+
+    python -m hf_cd.export --model runs/vit-cd --format onnx --output vit-cd.onnx
+    python -m hf_cd.export --model runs/vit-cd --format onnx --int8 --calibration-dataset fashion_mnist --output vit-cd-int8.onnx
+
+The int8 file is the one ``evaluate_quantized(..., pipelines=("onnxruntime-int8",))`` measures:
+the same export, the same `quantize_static` settings, calibrated on the same images (the
+``--num-calibration`` images drawn with ``--seed`` from the calibration split, as `hf_cd.quant`
+draws them). Labels, input size and the quantization settings are written into the file's
+ONNX metadata. Input ``pixel_values`` (batch, channels, height, width), output ``logits``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from hf_cd.quant.api import calibration_images_for
+from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.runtimes.base import settings_from_extra
+from hf_cd.quant.runtimes.onnxruntime_int8 import (
+    CALIBRATION_METHODS,
+    ONNX_EXTRA_KEY,
+    OnnxRuntimeInt8Config,
+    OnnxRuntimeInt8Pipeline,
+    add_metadata,
+    export_onnx,
+    onnx_metadata,
+)
+
+EXPORT_FORMATS: tuple[str, ...] = ("onnx",)
+INT8_PIPELINE = "onnxruntime-int8"
+
+logger = logging.getLogger("hf_cd.export")
+
+
+def export_model(
+    model: nn.Module,
+    output: str | Path,
+    *,
+    format: str = "onnx",
+    int8: bool = False,
+    calib_data: Any = None,
+    config: QuantConfig | None = None,
+) -> Path:
+    """Write ``model`` to ``output`` as a float32 or int8 (``int8=True``) ONNX file; returns the path.
+
+    Args:
+        model: a ViT / DeiT / Dinov2 image classifier from transformers (left unchanged).
+        output: the ``.onnx`` file to write.
+        format: ``"onnx"`` (the only format so far).
+        int8: statically quantize for ONNX Runtime's int8 CPU kernels (needs ``calib_data``).
+        calib_data: calibration images in any form `hf_cd.quant.quantize` reads.
+        config: calibration count, seed, batch size, embedding / classifier bits, and the ONNX
+            settings in ``config.extra["onnxruntime"]`` (an `OnnxRuntimeInt8Config`).
+    """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"Unknown export format {format!r}; supported: {', '.join(EXPORT_FORMATS)}.")
+    config = (config or QuantConfig()).replace(pipeline=INT8_PIPELINE, w_bits=8, a_bits=8)
+    settings = settings_from_extra(config, ONNX_EXTRA_KEY, OnnxRuntimeInt8Config, OnnxRuntimeInt8Config())
+    output = Path(output)
+    if not int8:
+        path = export_onnx(
+            model, output, opset=settings.opset, dynamo=settings.dynamo, atol=settings.parity_atol
+        )
+        add_metadata(path, onnx_metadata(model, None, None, 0))
+        return path
+    if calib_data is None:
+        raise ValueError(
+            "int8 export calibrates activation ranges: pass calib_data (e.g. 32 training images), or "
+            "--calibration-dataset NAME on the command line."
+        )
+    images = calibration_images_for(config, calib_data)
+    quantized = OnnxRuntimeInt8Pipeline(settings)(model, config, images)
+    return quantized.save(output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_cd.export",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="directory of a from_pretrained image classifier")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
+    parser.add_argument("--output", type=Path, required=True, help="the .onnx file to write")
+    parser.add_argument("--int8", action="store_true", help="static int8 quantization (ONNX Runtime QDQ)")
+    parser.add_argument(
+        "--calibration-dataset",
+        default=None,
+        help="dataset name or directory for --int8 (anything `python -m hf_cd.quant --dataset` reads)",
+    )
+    parser.add_argument("--calibration-split", default="train")
+    parser.add_argument("--num-calibration", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="minmax")
+    parser.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8")
+    parser.add_argument(
+        "--embedding-bits", type=int, default=8, help="8, or 16+ to keep the patch embedding float"
+    )
+    parser.add_argument(
+        "--classifier-bits", type=int, default=8, help="8, or 16+ to keep the classifier float"
+    )
+    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument(
+        "--torchscript-exporter", action="store_true", help="use torch's deprecated TorchScript exporter"
+    )
+    return parser
+
+
+def _calibration_split(args: argparse.Namespace, model: nn.Module) -> Any:
+    """The calibration split, prepared with the model's image processor exactly as `python -m hf_cd.quant` does."""
+    from hf_cd.quant.cli import load_splits
+
+    split_args = argparse.Namespace(
+        dataset=args.calibration_dataset,
+        eval_split=args.calibration_split,
+        calibration_split=args.calibration_split,
+        max_eval_samples=None,
+        seed=args.seed,
+        model=args.model,
+    )
+    return load_splits(split_args, model)[1]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.int8 and args.calibration_dataset is None:
+        raise SystemExit(
+            "--int8 calibrates activation ranges: pass --calibration-dataset NAME (e.g. fashion_mnist)."
+        )
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(args.model).eval()
+    settings = OnnxRuntimeInt8Config(
+        calibration_method=args.calibration_method,
+        activation_type=args.activation_type,
+        opset=args.opset,
+        dynamo=not args.torchscript_exporter,
+    )
+    config = QuantConfig(
+        pipeline=INT8_PIPELINE,
+        embedding_bits=args.embedding_bits,
+        classifier_bits=args.classifier_bits,
+        num_calibration=args.num_calibration,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=False,
+        extra={ONNX_EXTRA_KEY: settings},
+    )
+    calib_data = _calibration_split(args, model) if args.int8 else None
+    path = export_model(
+        model, args.output, format=args.format, int8=args.int8, calib_data=calib_data, config=config
+    )
+    kind = (
+        f"int8 QDQ, {args.calibration_method} calibration on {args.num_calibration} images of "
+        f"{args.calibration_dataset}/{args.calibration_split} (seed {args.seed})"
+        if args.int8
+        else "float32"
+    )
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB, {kind})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

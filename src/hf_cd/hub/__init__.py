@@ -1,0 +1,54 @@
+"""Share CD-trained checkpoints on the Hugging Face Hub, with their quantized accuracy in the model card.
+
+Why: someone who pulls a CD-trained model should know how it holds up at W8A8 / W6A6 / W4A4
+without measuring it again. The card carries the numbers twice. A table is there for people. The
+``model-index`` metadata, with one `huggingface_hub.EvalResult` per pipeline and bit width, is there
+for programs, and `read_quantized_results` parses it back into rows::
+
+    from hf_cd.hub import load_cd_checkpoint, push_cd_model, read_quantized_results, write_model_card
+
+    write_model_card(output_dir, results)                     # README.md beside the safetensors weights
+    push_cd_model(output_dir, "user/vit-cd", dry_run=True)    # the exact files and card it would upload
+    model, processor, results = load_cd_checkpoint("user/vit-cd")
+    results.accuracy("repq", 4, 4)
+
+Safety rules:
+
+- Weights are safetensors only. Pickle weights need ``allow_pickle=True``.
+- Tokens never appear in logs, errors or cards.
+- A malformed card raises `ModelCardError`, and the message names the field.
+- A Hub failure (offline, no token, no such repo) raises a one-line `HubAccessError` that says
+  what to do.
+
+The package has four modules: `card` writes the card, `parse` reads it back, `transfer` loads
+and pushes checkpoints, and `errors` holds the exceptions and turns Hub failures into clear errors.
+"""
+
+from hf_cd.hub.card import (
+    CARD_COLUMNS,
+    CARD_TAGS,
+    build_model_card,
+    card_template,
+    trainer_results,
+    write_model_card,
+)
+from hf_cd.hub.errors import HubAccessError, IncompleteResultsWarning, ModelCardError, UnsafeWeightsError
+from hf_cd.hub.parse import read_quantized_results
+from hf_cd.hub.transfer import HubUpload, load_cd_checkpoint, push_cd_model
+
+__all__ = [
+    "CARD_COLUMNS",
+    "CARD_TAGS",
+    "HubAccessError",
+    "HubUpload",
+    "IncompleteResultsWarning",
+    "ModelCardError",
+    "UnsafeWeightsError",
+    "build_model_card",
+    "card_template",
+    "load_cd_checkpoint",
+    "push_cd_model",
+    "read_quantized_results",
+    "trainer_results",
+    "write_model_card",
+]

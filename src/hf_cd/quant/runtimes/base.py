@@ -1,0 +1,136 @@
+"""What the real-runtime pipelines share: the error they raise, the evaluate hook, and latency timing.
+
+A runtime pipeline honours the registry's call contract (``pipeline(model, config, images)``
+returns a model whose forward gives ``.logits``), and adds `RuntimePipeline.evaluate`, which
+`evaluate_quantized` calls instead of its own loop: a real runtime must time itself against its
+own float baseline (same runtime, same threads), which a returned ``nn.Module`` cannot do.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.quantizers import is_float_bits
+
+
+class RuntimeUnavailableError(RuntimeError):
+    """A real runtime that cannot run here (missing package or device); the message says the fix."""
+
+
+class RuntimePipeline:
+    """Base of the real-runtime pipelines; subclasses set ``name``, ``runtime`` and implement both methods."""
+
+    name: str = ""
+    runtime: str = ""
+    description: str = ""
+
+    def __call__(
+        self, model: nn.Module, config: QuantConfig, calibration_images: torch.Tensor | None
+    ) -> nn.Module:
+        raise NotImplementedError
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        config: QuantConfig,
+        calibration_images: torch.Tensor | None,
+        eval_data: Any,
+    ) -> dict[str, Any]:
+        """Quantize, measure accuracy on ``eval_data`` and latency; returns `result_row` keyword arguments.
+
+        The keys are those of `hf_cd.quant.results.result_row` except ``pipeline``, ``runtime``,
+        ``seed`` and ``reference_accuracy`` (which `evaluate_quantized` fills in), plus this
+        runtime's latency columns.
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def check_int8_bits(pipeline: str, config: QuantConfig, float_parts_allowed: bool = True) -> None:
+    """Integer kernels come in one width: refuse other bits instead of silently running 8-bit ones."""
+    if config.w_bits != 8 or config.a_bits != 8:
+        raise ValueError(
+            f"Pipeline {pipeline!r} runs real 8-bit integer kernels, so it measures W8A8 only; got "
+            f"{config.label}. Evaluate other bit widths with the fake-quant pipelines (e.g. "
+            f"pipelines=('repq',)) and {pipeline!r} in a call with bits=((8, 8),)."
+        )
+    for name in ("embedding_bits", "classifier_bits"):
+        bits = getattr(config, name)
+        if bits != 8 and not (float_parts_allowed and is_float_bits(bits)):
+            raise ValueError(
+                f"Pipeline {pipeline!r} runs {name} at 8 bits or leaves that layer float (≥ 16); got {bits}."
+            )
+
+
+def settings_from_extra(config: QuantConfig, key: str, settings_type: type, default: Any) -> Any:
+    """The runtime's settings: ``config.extra[key]`` as a settings object or a dict of its fields."""
+    value = config.extra.get(key, default)
+    if isinstance(value, settings_type):
+        return value
+    if isinstance(value, Mapping):
+        return settings_type(**value)
+    raise TypeError(
+        f"QuantConfig.extra[{key!r}] must be a {settings_type.__name__} or a dict of its fields, got "
+        f"{type(value).__name__}."
+    )
+
+
+def interleaved_median_ms(
+    runners: Mapping[str, Callable[[], None]], runs: int, warmup: int
+) -> dict[str, float]:
+    """Median wall time in milliseconds of each runner, run in alternating rounds.
+
+    Alternating float and int8 calls in every round means CPU frequency changes and other
+    processes on a shared machine hit both alike, so their ratio stays meaningful.
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"runs must be ≥ 1 and warmup ≥ 0, got runs={runs}, warmup={warmup}.")
+    for _ in range(warmup):
+        for run in runners.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(runs):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
+
+
+def latency_columns(
+    latencies_ms: Mapping[int, Mapping[str, float]], quantized: str = "quantized", float_: str = "float"
+) -> dict[str, float | int]:
+    """``latency_ms_batch<B>``, ``float_latency_ms_batch<B>``, ``speedup_vs_float_batch<B>`` per batch
+    size, and ``speedup_vs_float`` at the largest batch (the throughput figure a card quotes)."""
+    columns: dict[str, float | int] = {}
+    for batch, measured in sorted(latencies_ms.items()):
+        columns[f"latency_ms_batch{batch}"] = round(measured[quantized], 4)
+        columns[f"float_latency_ms_batch{batch}"] = round(measured[float_], 4)
+        columns[f"speedup_vs_float_batch{batch}"] = round(measured[float_] / measured[quantized], 4)
+    largest = max(latencies_ms)
+    columns["speedup_vs_float"] = columns[f"speedup_vs_float_batch{largest}"]
+    return columns
+
+
+def tile_images(images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A batch of exactly ``batch_size`` images, repeating the given ones (speed does not depend on which)."""
+    repeats = -(-batch_size // images.shape[0])
+    return images.repeat(repeats, *([1] * (images.ndim - 1)))[:batch_size].contiguous()
+
+
+def example_images(model: nn.Module, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` seeded random images of the model's input size (for export and timing, not accuracy)."""
+    config = model.config
+    size = config.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, config.num_channels, height, width, generator=generator)

@@ -1,0 +1,289 @@
+"""ONNX export and the real-runtime pipelines on tiny random models: parity, errors, and no side effects."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassification,
+    Dinov2ForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTForImageClassification,
+)
+
+from conftest import tiny_dinov2_config, tiny_vit_config
+from hf_cd import UnsupportedArchitectureError
+from hf_cd.export import export_model, main
+from hf_cd.quant import QuantConfig, RuntimeUnavailableError, evaluate_quantized, quantize
+from hf_cd.quant.inputs import select_calibration_images
+from hf_cd.quant.runtimes import (
+    OnnxExportError,
+    OnnxRuntimeClassifier,
+    OnnxRuntimeInt8Config,
+    UnsupportedOpError,
+    export_onnx,
+    onnx_logits_max_abs_diff,
+)
+from hf_cd.quant.runtimes import onnxruntime_int8 as ort_module
+
+PARITY_ATOL = 1e-4
+
+
+def tiny_deit_config() -> DeiTConfig:
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    keys += ("image_size", "patch_size", "num_channels", "num_labels")
+    return DeiTConfig(**{key: getattr(tiny_vit_config(), key) for key in keys})
+
+
+def make_model(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "vit":
+        return ViTForImageClassification(tiny_vit_config()).eval()
+    if kind == "deit":
+        return DeiTForImageClassification(tiny_deit_config()).eval()
+    return Dinov2ForImageClassification(tiny_dinov2_config()).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """Small graphs: one thread avoids OpenMP stalls on a shared CPU, for torch and ORT alike."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def images(count: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["vit", "deit", "dinov2"])
+def test_onnx_runtime_float_logits_match_pytorch(kind, tmp_path):
+    model = make_model(kind)
+    path = export_onnx(model, tmp_path / f"{kind}.onnx", check_parity=False)
+    # batch 1 and batch 5: the batch axis is dynamic, not baked in at the example's size (2)
+    difference = onnx_logits_max_abs_diff(model, path, images(5, seed=3))
+    assert difference <= PARITY_ATOL
+    session = ort_module.ort_session(path, 1)
+    assert session.get_inputs()[0].shape[0] != 2  # a symbolic dimension
+
+
+def test_torchscript_exporter_fallback_matches_too(tmp_path):
+    model = make_model("vit")
+    path = export_onnx(model, tmp_path / "vit-torchscript.onnx", dynamo=False, check_parity=False)
+    assert onnx_logits_max_abs_diff(model, path, images(5, seed=4)) <= PARITY_ATOL
+
+
+def test_parity_check_catches_a_wrong_export(tmp_path):
+    model = make_model("vit")
+    path = export_onnx(model, tmp_path / "vit.onnx", check_parity=False)
+    with torch.no_grad():
+        model.classifier.bias.add_(1.0)  # the file no longer matches the model
+    assert onnx_logits_max_abs_diff(model, path, images(3)) > 0.5
+
+
+def _state(model: torch.nn.Module) -> dict:
+    return {
+        "weights": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": {name: m.training for name, m in model.named_modules()},
+        "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
+        "attention": model.config._attn_implementation,
+        "dtype": next(model.parameters()).dtype,
+    }
+
+
+def test_the_users_model_is_unchanged_by_export_and_int8(tmp_path):
+    model = make_model("vit").train()
+    model.vit.embeddings.patch_embeddings.projection.weight.requires_grad_(False)
+    before = _state(model)
+    export_onnx(model, tmp_path / "float.onnx")
+    config = QuantConfig(pipeline="onnxruntime-int8", progress=False)
+    int8 = quantize(model, config, images(32))
+    after = _state(model)
+    assert before["weights"].keys() == after["weights"].keys()
+    assert all(torch.equal(before["weights"][k], after["weights"][k]) for k in before["weights"])
+    assert before["training"] == after["training"]
+    assert all(after["training"].values())
+    assert before["requires_grad"] == after["requires_grad"]
+    assert (before["attention"], before["dtype"]) == (after["attention"], after["dtype"])
+    assert isinstance(int8, OnnxRuntimeClassifier)
+    assert int8(pixel_values=images(4)).logits.shape == (4, 10)
+
+
+def test_int8_pipeline_calibrates_on_the_fake_quant_images(monkeypatch):
+    model = make_model("vit")
+    calibration_pool, seen = images(100, seed=7), []
+    original = ort_module.quantize_onnx_int8
+
+    def spy(float_path, output_path, calibration_images, *args, **kwargs):
+        seen.append(calibration_images.clone())
+        return original(float_path, output_path, calibration_images, *args, **kwargs)
+
+    monkeypatch.setattr(ort_module, "quantize_onnx_int8", spy)
+    config = QuantConfig(
+        progress=False, num_calibration=16, seed=3, extra={"onnxruntime": {"latency_runs": 2}}
+    )
+    table = evaluate_quantized(
+        model,
+        (images(40, 1), torch.arange(40) % 10),
+        calibration_pool,
+        ("onnxruntime-int8",),
+        ((8, 8),),
+        config,
+    )
+    assert len(seen) == 1
+    assert torch.equal(seen[0], select_calibration_images(calibration_pool, 16, 3))
+    row = table[1]
+    assert row["runtime"] == "onnxruntime" and row["num_calibration"] == 16
+    assert {"latency_ms_batch1", "latency_ms_batch32", "speedup_vs_float", "float_accuracy"} <= set(row)
+    assert row["speedup_vs_float"] == pytest.approx(
+        row["float_latency_ms_batch32"] / row["latency_ms_batch32"], rel=1e-3
+    )
+    assert "latency_ms_batch32" in table.to_markdown()
+
+
+def _inputs_by_producer(path) -> list[tuple[str, list[str]]]:
+    """``(op_type, [producer op type of each input])`` per node; initializers count as ``const``."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    producer = {output: node.op_type for node in graph.node for output in node.output}
+    constants = {initializer.name for initializer in graph.initializer}
+    return [
+        (node.op_type, [producer.get(name, "const" if name in constants else "input") for name in node.input])
+        for node in graph.node
+    ]
+
+
+def test_int8_graph_keeps_norms_softmax_gelu_and_attention_float(tmp_path):
+    model = make_model("vit")
+    float_path = export_onnx(model, tmp_path / "float.onnx")
+    default = ort_module.quantize_onnx_int8(float_path, tmp_path / "int8.onnx", images(16))
+    nodes = _inputs_by_producer(default)
+    for op_type, sources in nodes:
+        if op_type in ("LayerNormalization", "Softmax", "Erf", "Gelu"):
+            assert "DequantizeLinear" not in sources, op_type
+    linears = [s for t, s in nodes if t in ("MatMul", "Gemm", "Conv") and s[0] == "DequantizeLinear"]
+    attention = [s for t, s in nodes if t == "MatMul" and "DequantizeLinear" not in s]
+    assert len(linears) == 6 * 2 + 2  # q k v o fc1 fc2 per block, the patch embedding, the classifier
+    assert len(attention) == 2 * 2  # Q·Kᵀ and P·V per block stay float
+
+    settings = OnnxRuntimeInt8Config(quantize_attention_matmuls=True)
+    other = ort_module.quantize_onnx_int8(
+        float_path, tmp_path / "other.onnx", images(16), settings, embedding_bits=16, classifier_bits=16
+    )
+    nodes = _inputs_by_producer(other)
+    assert all("DequantizeLinear" not in s for t, s in nodes if t in ("Conv", "Gemm"))
+    assert all(s[0] == "DequantizeLinear" for t, s in nodes if t == "MatMul")
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], num_labels=3)
+    resnet = ResNetForImageClassification(config).eval()
+    with pytest.raises(UnsupportedArchitectureError, match="resnet"):
+        export_onnx(resnet, tmp_path / "resnet.onnx")
+    with pytest.raises(UnsupportedArchitectureError, match="resnet"):
+        quantize(resnet, QuantConfig(pipeline="onnxruntime-int8"), torch.randn(4, 3, 32, 32))
+
+
+def test_an_op_the_exporter_cannot_translate_is_named(tmp_path):
+    model = make_model("vit")
+
+    class SvdHead(torch.nn.Module):
+        def __init__(self, linear: torch.nn.Linear):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            return self.linear(x + torch.linalg.svdvals(x.reshape(x.shape[0], 2, -1)).sum(-1, keepdim=True))
+
+    model.classifier = SvdHead(model.classifier)
+    with pytest.raises(OnnxExportError, match="linalg_svd") as error:
+        export_onnx(model, tmp_path / "svd.onnx")
+    assert "dynamo=False" in str(error.value)
+
+
+@pytest.mark.parametrize("op_type", ["Softmax", "LayerNormalization", "Add", "Gelu"])
+def test_quantizing_ops_that_must_stay_float_is_refused(op_type):
+    with pytest.raises(UnsupportedOpError, match=f"{op_type} stays float"):
+        OnnxRuntimeInt8Config(op_types=("MatMul", op_type))
+
+
+def test_unknown_op_types_and_settings_are_refused():
+    with pytest.raises(UnsupportedOpError, match="Unknown op type 'Tanh'"):
+        OnnxRuntimeInt8Config(op_types=("MatMul", "Tanh"))
+    with pytest.raises(ValueError, match="calibration_method must be one of"):
+        OnnxRuntimeInt8Config(calibration_method="kl")
+    with pytest.raises(TypeError, match=r"extra\['onnxruntime'\] must be a OnnxRuntimeInt8Config"):
+        quantize(
+            make_model("vit"), QuantConfig(pipeline="onnxruntime-int8", extra={"onnxruntime": 3}), images(4)
+        )
+
+
+def test_int8_runtimes_refuse_other_bit_widths():
+    model = make_model("vit")
+    with pytest.raises(ValueError, match="W8A8 only; got W4A4"):
+        quantize(model, QuantConfig(pipeline="onnxruntime-int8", w_bits=4, a_bits=4), images(8))
+    with pytest.raises(ValueError, match="classifier_bits at 8 bits"):
+        quantize(model, QuantConfig(pipeline="onnxruntime-int8", classifier_bits=6), images(8))
+
+
+def test_missing_onnxruntime_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    model = make_model("vit")
+    with pytest.raises(RuntimeUnavailableError, match=r"pip install 'hf-cd\[onnx\]'"):
+        export_onnx(model, tmp_path / "vit.onnx")
+    with pytest.raises(RuntimeUnavailableError, match="onnxruntime"):
+        evaluate_quantized(
+            model,
+            (images(8), torch.zeros(8, dtype=torch.long)),
+            images(8),
+            pipelines=("onnxruntime-int8",),
+            bits=((8, 8),),
+            config=QuantConfig(progress=False),
+        )
+
+
+def test_torchao_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = make_model("vit")
+    for name in ("torchao-int8", "torchao-fp8"):
+        with pytest.raises(RuntimeUnavailableError, match="needs a CUDA device"):
+            quantize(model, QuantConfig(pipeline=name), images(4))
+
+
+def test_torchao_missing_or_fp8_on_an_old_gpu_is_a_clear_error(monkeypatch):
+    model = make_model("vit")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    with pytest.raises(RuntimeUnavailableError, match=r"pip install 'hf-cd\[gpu\]'"):
+        quantize(model, QuantConfig(pipeline="torchao-int8"), images(4))
+    fake_torchao = types.ModuleType("torchao")
+    fake_torchao.quantization = types.ModuleType("torchao.quantization")
+    monkeypatch.setitem(sys.modules, "torchao", fake_torchao)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", fake_torchao.quantization)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(RuntimeUnavailableError, match=r"compute capability ≥ 8.9.*sm_80"):
+        quantize(model, QuantConfig(pipeline="torchao-fp8"), images(4))
+
+
+def test_export_cli_writes_a_float_model_with_metadata(tmp_path):
+    import onnx
+
+    model = make_model("dinov2")
+    model.save_pretrained(tmp_path / "model")
+    output = tmp_path / "out" / "dinov2.onnx"
+    assert main(["--model", str(tmp_path / "model"), "--format", "onnx", "--output", str(output)]) == 0
+    assert onnx_logits_max_abs_diff(model, output, images(3)) <= PARITY_ATOL
+    metadata = {prop.key: prop.value for prop in onnx.load(str(output)).metadata_props}
+    assert metadata["model_type"] == "dinov2" and "id2label" in metadata
+    with pytest.raises(SystemExit, match="--calibration-dataset"):
+        main(["--model", str(tmp_path / "model"), "--int8", "--output", str(output)])
+    with pytest.raises(ValueError, match="Unknown export format"):
+        export_model(model, output, format="tflite")
