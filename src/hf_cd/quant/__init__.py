@@ -12,6 +12,8 @@ changed::
 Pipelines: ``minmax``, ``percentile``, ``repq`` (RepQ-ViT) and ``per_tensor``; add more with
 `register_pipeline`. The "fully quantized ViT" setting: every encoder linear (weights and inputs),
 both attention matmuls' inputs, and the patch embedding and classifier at 8 bits by default.
+Reconstruction pipelines ``gptq``, ``gptaq``, ``marr`` and ``marr_grid`` solve the encoder weights
+layer by layer (options in ``QuantConfig.extra``: `hf_cd.quant.reconstruction`).
 """
 
 from hf_cd.quant import pipelines as _builtin_pipelines  # noqa: F401  (registers the built-ins)
@@ -24,6 +26,7 @@ from hf_cd.quant.observers import NoCalibrationDataError
 from hf_cd.quant.params import QuantParams
 from hf_cd.quant.pipelines import FakeQuantPipeline
 from hf_cd.quant.prepare import quantization_state
+from hf_cd.quant.reconstruction import measure_reconstruction_errors, reconstruction_report
 from hf_cd.quant.registry import (
     PIPELINES,
     Pipeline,
@@ -63,10 +66,12 @@ __all__ = [
     "evaluate_accuracy",
     "evaluate_quantized",
     "get_pipeline",
+    "measure_reconstruction_errors",
     "plot_sensitivity",
     "quantization_report",
     "quantization_state",
     "quantize",
+    "reconstruction_report",
     "register_pipeline",
     "result_row",
     "sensitivity",

@@ -1,0 +1,422 @@
+"""The model-level engine of the reconstruction pipelines (``gptq``, ``gptaq``, ``marr``, ``marr_grid``).
+
+Every encoder linear is quantized by solving for its weight on calibration inputs, in forward order,
+and every activation site is calibrated just before the linears that read it, so each solve sees
+the input the finished model will give that layer. A block runs in four stages::
+
+    stage 0: calibrate the attention input (LayerNorm output)    → solve q, k, v
+    stage 1: calibrate the attention matmul inputs and o's input → solve o
+    stage 2: calibrate the FFN input (LayerNorm output)          → solve fc1 (gate, up)
+    stage 3: calibrate fc2's input                               → solve fc2
+
+Activation sites use the observers of the activation pipeline (``percentile`` by default; ``repq``
+also reparameterizes LayerNorms first), and so do the patch embedding and classifier weights; only
+how encoder linear weights are chosen changes. For GPTAQ and MARR a second, float copy of the model
+gives each linear's full-precision input for the same images.
+
+Options, in ``QuantConfig.extra`` (keys starting ``gptq_`` / ``gptaq_`` / ``marr_`` are checked):
+
+=========================  =========  ==============================================================
+``gptq_activations``       percentile registered fake-quant pipeline for activations, embedding, head
+``gptq_damp``              0.01       damping, fraction of mean(diag H) added to diag H
+``gptq_block_size``        128        columns per lazy batch update
+``gptq_group_size``        None       input columns per weight scale (None: one per output channel)
+``gptq_act_order``         False      quantize columns by decreasing H_ii
+``gptq_clip_search``       True       each scale's clipping ratio by least weight MSE (config.weight_clip_ratios)
+``gptq_precision``         float64    arithmetic of statistics and solver (float32 or float64)
+``gptaq_alpha``            0.25       ``gptaq``: the one global scale α of the residual term
+``marr_alpha_init``        0.25       ``marr``: α_0 of every module's PID loop
+``marr_rounds``            6          ``marr``: error evaluations per module after α = 0
+``marr_gains``             (0.8, 0.05, 0.1)  ``marr``: (K_p, K_i, K_d)
+``marr_max_step``          0.35       ``marr``: largest change of α per round
+``marr_tolerance``         0.01       ``marr``: stop when α moves less than this
+``marr_grid``              0, 0.125, …, 1  ``marr_grid``: α candidates per module
+``marr_feedback``          calibration  ``marr``/``marr_grid``: where E(α) is measured: ``calibration``
+                                      (the images the solve fits) or ``holdout`` (solve on the other
+                                      images, measure on a held-out share, then re-solve on all)
+``marr_holdout``           0.25       share of the calibration images held out for ``holdout``
+=========================  =========  ==============================================================
+
+What each pipeline did per module (α, its trajectory, the errors) is kept on the copy; read it with
+`reconstruction_report`. `measure_reconstruction_errors` measures any quantized copy (any pipeline)
+against the float model on held-out images with the same relative error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hf_cd.architectures import unwrap_model
+from hf_cd.quant.calibration import calibrate, forward_images, model_device_and_dtype
+from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.gptq import InputStatistics, SolverSettings
+from hf_cd.quant.marr import DEFAULT_GRID
+from hf_cd.quant.prepare import ActivationSite, WeightSite, quantization_state
+from hf_cd.quant.quantizers import is_float_bits
+from hf_cd.table import Table
+
+RECONSTRUCTION_ATTRIBUTE = "hf_cd_reconstruction"
+"""Attribute of a copy made by a reconstruction pipeline holding its per-module `Table`."""
+
+OPTION_PREFIXES = ("gptq_", "gptaq_", "marr_")
+
+SITE_STAGES: dict[str, int] = {
+    "attention_input": 0,
+    "query": 1,
+    "key": 1,
+    "value": 1,
+    "attention_probs": 1,
+    "attention_output": 1,
+    "ffn_input": 2,
+    "ffn_hidden": 3,
+}
+"""Stage at whose start each activation role of a block is calibrated (`hf_cd.quant.prepare` roles)."""
+NUM_STAGES = 4
+STAGE_NAMES = ("qkv", "attention_output", "ffn_input", "ffn_output")
+
+
+def linear_stage(role: str) -> int:
+    """Stage in which the linear of ``role`` (`ResolvedBlock.linears` keys) is solved."""
+    if role in ("query", "key", "value"):
+        return 0
+    if role == "output":
+        return 1
+    if role.startswith("ffn_input"):
+        return 2
+    if role == "ffn_output":
+        return 3
+    raise ValueError(f"No reconstruction stage for an encoder linear of role {role!r}.")
+
+
+# --- options -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReconstructionOptions:
+    """The ``QuantConfig.extra`` options of the reconstruction pipelines (table in the module docstring)."""
+
+    gptq_activations: str = "percentile"
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    gptq_group_size: int | None = None
+    gptq_act_order: bool = False
+    gptq_clip_search: bool = True
+    gptq_precision: str = "float64"
+    gptaq_alpha: float = 0.25
+    marr_alpha_init: float = 0.25
+    marr_rounds: int = 6
+    marr_gains: tuple[float, float, float] = (0.8, 0.05, 0.1)
+    marr_max_step: float = 0.35
+    marr_tolerance: float = 0.01
+    marr_grid: tuple[float, ...] = DEFAULT_GRID
+    marr_feedback: str = "calibration"
+    marr_holdout: float = 0.25
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> ReconstructionOptions:
+        """Read our keys from ``extra``; other pipelines' keys are left alone, misspelt ones of ours raise."""
+        known = [f.name for f in fields(cls)]
+        values = {}
+        for key, value in extra.items():
+            if not key.startswith(OPTION_PREFIXES):
+                continue
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"Unknown reconstruction option {key!r} in QuantConfig.extra.{hint} Known: {', '.join(known)}."
+                )
+            values[key] = value
+        if "marr_gains" in values:
+            values["marr_gains"] = tuple(float(g) for g in values["marr_gains"])
+        if "marr_grid" in values:
+            values["marr_grid"] = tuple(float(a) for a in values["marr_grid"])
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        def check(condition: bool, key: str, expected: str) -> None:
+            if not condition:
+                raise ValueError(
+                    f"QuantConfig.extra[{key!r}] must be {expected}, got {getattr(self, key)!r}."
+                )
+
+        def positive_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        check(isinstance(self.gptq_activations, str), "gptq_activations", "a registered pipeline name")
+        check(isinstance(self.gptq_damp, (int, float)) and self.gptq_damp >= 0, "gptq_damp", "a number ≥ 0")
+        check(positive_int(self.gptq_block_size), "gptq_block_size", "a positive int")
+        check(
+            self.gptq_group_size is None or positive_int(self.gptq_group_size),
+            "gptq_group_size",
+            "None or a positive int",
+        )
+        check(isinstance(self.gptq_act_order, bool), "gptq_act_order", "a bool")
+        check(isinstance(self.gptq_clip_search, bool), "gptq_clip_search", "a bool")
+        check(self.gptq_precision in ("float32", "float64"), "gptq_precision", "'float32' or 'float64'")
+        check(0.0 <= self.gptaq_alpha <= 1.0, "gptaq_alpha", "in [0, 1]")
+        check(0.0 < self.marr_alpha_init <= 1.0, "marr_alpha_init", "in (0, 1]")
+        check(positive_int(self.marr_rounds), "marr_rounds", "a positive int")
+        check(
+            len(self.marr_gains) == 3 and min(self.marr_gains) >= 0,
+            "marr_gains",
+            "three gains ≥ 0 (kp, ki, kd)",
+        )
+        check(self.marr_max_step > 0, "marr_max_step", "> 0")
+        check(self.marr_tolerance >= 0, "marr_tolerance", "≥ 0")
+        check(
+            len(self.marr_grid) > 0 and all(0.0 <= a <= 1.0 for a in self.marr_grid),
+            "marr_grid",
+            "a non-empty sequence of α in [0, 1]",
+        )
+        check(self.marr_feedback in ("calibration", "holdout"), "marr_feedback", "'calibration' or 'holdout'")
+        check(0.0 < self.marr_holdout < 1.0, "marr_holdout", "in (0, 1)")
+
+    def holdout_fraction(self) -> float | None:
+        """Share of calibration images an α search measures on, or ``None`` to measure on all of them."""
+        return self.marr_holdout if self.marr_feedback == "holdout" else None
+
+    def solver_settings(self) -> SolverSettings:
+        return SolverSettings(
+            percdamp=float(self.gptq_damp),
+            block_size=self.gptq_block_size,
+            act_order=self.gptq_act_order,
+            dtype=getattr(torch, self.gptq_precision),
+        )
+
+
+# --- capturing a layer's input ------------------------------------------------------------------------
+
+
+class _InputCaptured(Exception):
+    """Raised by a pre-hook once a stage's input is captured, to stop the forward there."""
+
+
+def capture_input(model: nn.Module, modules: Sequence[nn.Module], images: torch.Tensor) -> torch.Tensor:
+    """The input of the first of ``modules`` to run when ``model`` sees ``images`` (the forward stops there).
+
+    A forward pre-hook registered now runs after the quantizer hooks a copy already has, so it sees
+    the input exactly as the layer will (fake-quantized where the layer's input site is).
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        captured.append(args[0].detach())
+        raise _InputCaptured
+
+    handles = [module.register_forward_pre_hook(hook) for module in modules]
+    try:
+        with contextlib.suppress(_InputCaptured):
+            forward_images(model, images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not captured:
+        raise RuntimeError(
+            f"None of the {len(modules)} layers of this stage ran during a forward pass; is the model's "
+            "architecture entry (hf_cd.architectures) pointing at modules its forward uses?"
+        )
+    return captured[0]
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: nn.Module,
+    modules: Sequence[nn.Module],
+    images: torch.Tensor,
+    batch_size: int,
+    dtype: torch.dtype,
+    reference: nn.Module | None = None,
+    reference_modules: Sequence[nn.Module] = (),
+) -> InputStatistics:
+    """`InputStatistics` of the (shared) input of ``modules``, batch by batch over ``images``.
+
+    With a ``reference`` (the float copy) each batch also runs there to the same layers, so the
+    statistics hold GPTAQ's residual ``Σ (x_fp − x_q) x_qᵀ``.
+    """
+    device, _ = model_device_and_dtype(model)
+    statistics = InputStatistics(modules[0].in_features, device, dtype, with_reference=reference is not None)
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start : start + batch_size]
+        x_q = capture_input(model, modules, batch)
+        x_fp = capture_input(reference, reference_modules, batch) if reference is not None else None
+        statistics.add(x_q, x_fp)
+    return statistics
+
+
+@dataclass
+class LayerInputs:
+    """What the solves of one stage read: its input statistics, and the split an α search uses.
+
+    ``fit`` (the Hessian and residual the α search solves with) and ``feedback`` (where it measures
+    E(α)) are both ``statistics`` unless MARR's feedback is a held-out split of the calibration images.
+    """
+
+    statistics: InputStatistics
+    fit: InputStatistics
+    feedback: InputStatistics
+
+    def __post_init__(self) -> None:
+        self.hessian = self.statistics.hessian
+        self.residual = self.statistics.residual if self.statistics.with_reference else None
+        same = self.fit is self.statistics
+        self.fit_hessian = self.hessian if same else self.fit.hessian
+        self.fit_residual = self.residual if same or not self.fit.with_reference else self.fit.residual
+
+    @property
+    def split(self) -> bool:
+        return self.fit is not self.statistics
+
+
+# --- the engine --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """One stage of one block: the activation sites to calibrate, then the linears to solve."""
+
+    block: int
+    index: int
+    sites: list[ActivationSite] = field(default_factory=list)
+    weights: list[WeightSite] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"block {self.block} {STAGE_NAMES[self.index] if self.index < NUM_STAGES else 'rest'}"
+
+
+def plan_stages(
+    sites: Sequence[ActivationSite], weights: Sequence[WeightSite], num_blocks: int
+) -> list[Stage]:
+    """Every block's stages in forward order; sites of unknown roles are calibrated at the block's end."""
+    stages = [Stage(block, index) for block in range(num_blocks) for index in range(NUM_STAGES + 1)]
+    for site in sites:
+        if site.block is not None:
+            stages[site.block * (NUM_STAGES + 1) + SITE_STAGES.get(site.role, NUM_STAGES)].sites.append(site)
+    for weight in weights:
+        if weight.block is not None:
+            stages[weight.block * (NUM_STAGES + 1) + linear_stage(weight.role)].weights.append(weight)
+    return [stage for stage in stages if stage.sites or stage.weights]
+
+
+def reconstruction_report(model: nn.Module) -> Table:
+    """Per encoder linear, what a reconstruction pipeline did: α, the α tried, and the errors.
+
+    Columns: ``module``, ``block``, ``role``, ``method``, ``alpha`` (kept; ``None`` for GPTQ),
+    ``error`` (relative reconstruction error on the calibration data at that α), ``error_alpha_0``
+    (GPTQ's solution on the same inputs, where a float reference exists), ``float_target`` (whether
+    the error compares with the float layer on float inputs, or, for GPTQ, with ``W X_q``),
+    ``alphas`` / ``errors`` (every α evaluated, in order) and ``tokens``.
+    """
+    table = getattr(unwrap_model(model), RECONSTRUCTION_ATTRIBUTE, None)
+    if table is None:
+        raise ValueError(
+            "This model was not made by a reconstruction pipeline (gptq, gptaq, marr, marr_grid)."
+        )
+    return table
+
+
+@torch.no_grad()
+def measure_reconstruction_errors(
+    float_model: nn.Module, quantized_model: nn.Module, images: torch.Tensor, batch_size: int = 32
+) -> Table:
+    """``‖Y_q − Y_fp‖_F / ‖Y_fp − b‖_F`` of every encoder linear, summed over ``images``, for any pipeline.
+
+    ``Y_fp`` is the linear's output in ``float_model`` and ``Y_q`` in the quantized copy (both on
+    their own inputs), so this is the error MARR controls (``‖W_q X_q − W X_fp‖ / ‖W X_fp‖``)
+    measured on held-out images; a reparameterized copy (RepQ) compares the same way, its outputs
+    being the float model's in float.
+    """
+    state = quantization_state(quantized_model)
+    float_model = unwrap_model(float_model)
+    float_modules = dict(float_model.named_modules())
+    quantized_modules = dict(unwrap_model(quantized_model).named_modules())
+    sites = [site for site in state.weights if site.block is not None]
+    error = {site.name: 0.0 for site in sites}
+    norm = {site.name: 0.0 for site in sites}
+    reference: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(module, args, output):
+            bias = module.bias if module.bias is not None else 0.0
+            reference[name] = output.detach()
+            norm[name] += float((output.detach().double() - bias).square().sum())
+
+        return hook
+
+    def compare(name: str):
+        def hook(module, args, output):
+            error[name] += float((output.detach().double() - reference.pop(name).double()).square().sum())
+
+        return hook
+
+    modes = {m: m.training for model in (float_model, quantized_model) for m in model.modules()}
+    handles = []
+    try:
+        float_model.eval()
+        quantized_model.eval()
+        for site in sites:
+            handles.append(float_modules[site.name].register_forward_hook(keep(site.name)))
+            handles.append(quantized_modules[site.name].register_forward_hook(compare(site.name)))
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start : start + batch_size]
+            forward_images(float_model, batch)
+            forward_images(quantized_model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    rows = [
+        {
+            "module": site.name,
+            "block": site.block,
+            "role": site.role,
+            "error": (error[site.name] ** 0.5) / max(norm[site.name] ** 0.5, 1e-30),
+        }
+        for site in sites
+    ]
+    return Table(rows)
+
+
+def progress_bar(total: int, description: str, enabled: bool):
+    return tqdm(total=total, desc=description, unit="stage", disable=not enabled, leave=False)
+
+
+def calibrate_sites(
+    model: nn.Module,
+    sites: Sequence[ActivationSite],
+    activation_pipeline: Any,
+    config: QuantConfig,
+    images: torch.Tensor | None,
+    description: str,
+) -> None:
+    """Calibrate ``sites`` (in one sequential pass set) with the activation pipeline's observers."""
+    state = quantization_state(model)
+    observers = {
+        site.name: activation_pipeline.observer(site, config)
+        for site in sites
+        if not is_float_bits(site.bits)
+    }
+    if not observers:
+        return
+    if images is None:
+        raise ValueError(f"{description} needs calibration images to quantize activations.")
+    calibrate(
+        model,
+        images,
+        observers,
+        state,
+        batch_size=config.batch_size,
+        sequential=True,
+        progress=False,
+        description=description,
+    )
