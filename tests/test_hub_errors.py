@@ -25,6 +25,7 @@ from transformers import ViTForImageClassification, ViTImageProcessorPil
 from conftest import tiny_vit_config
 from hf_cd import CDConfig, CDTrainer
 from hf_cd.hub import (
+    CARD_TAGS,
     HubAccessError,
     IncompleteResultsWarning,
     ModelCardError,
@@ -300,3 +301,22 @@ def test_a_trainer_card_has_the_cd_settings_and_never_the_hub_token(tmp_path):
     assert metadata["datasets"] == ["zalando-datasets/fashion_mnist"] and "model-index" not in metadata
     upload = push_cd_model(folder, "someone/trained", dry_run=True, token=FAKE_TOKEN)
     assert upload.files == ("model.safetensors", "config.json", "README.md") and upload.card == text
+    # Trainer.push_to_hub passes license, language and tags to create_model_card: they reach the card.
+    trainer.create_model_card(
+        dataset="fashion_mnist", license="apache-2.0", language="en", tags="my-experiment"
+    )
+    metadata = yaml.safe_load((folder / "README.md").read_text().split("---\n")[1])
+    assert metadata["license"] == "apache-2.0" and metadata["language"] == "en"
+    assert metadata["tags"][-1] == "my-experiment" and metadata["tags"].count("vit") == 1
+
+
+def test_the_upload_card_keeps_the_license_language_and_tags_the_user_set(checkpoint):
+    write_model_card(
+        checkpoint, _results(ACCURACIES), license="mit", language=["en", "fr"], tags=["vit", "ablation"]
+    )
+    card = yaml.safe_load(push_cd_model(checkpoint, "someone/vit-cd", dry_run=True).card.split("---\n")[1])
+    assert card["license"] == "mit" and card["language"] == ["en", "fr"]
+    assert card["tags"] == [*CARD_TAGS, "vit", "ablation"]
+    write_model_card(checkpoint, _results(ACCURACIES))  # a card without them: the upload has none either
+    card = yaml.safe_load(push_cd_model(checkpoint, "someone/vit-cd", dry_run=True).card.split("---\n")[1])
+    assert "license" not in card and "language" not in card and "ablation" not in card["tags"]

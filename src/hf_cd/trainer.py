@@ -147,8 +147,8 @@ class CDTrainer(Trainer):
         """Write the hf-cd card (`hf_cd.hub`), not the generic one, so `push_to_hub` uploads it.
 
         The card holds the CD settings. It also holds the quantized accuracy when ``output_dir``
-        holds this run's ``results.json``. The other `Trainer.create_model_card` arguments
-        (language, license, tags, ...) are ignored.
+        holds this run's ``results.json``. ``license``, ``language`` and ``tags`` go into its
+        metadata; the other `Trainer.create_model_card` arguments describe the generic card and are ignored.
         """
         if not self.is_world_process_zero():
             return
@@ -157,7 +157,15 @@ class CDTrainer(Trainer):
         dataset_name = dataset[0] if isinstance(dataset, (list, tuple)) and dataset else dataset
         results = hub.trainer_results(self, dataset=dataset_name or None, finetuned_from=finetuned_from)
         repo_id = self.hub_model_id or self.args.hub_model_id or model_name
-        hub.write_model_card(self.args.output_dir, results, repo_id=repo_id)
+        tags = kwargs.get("tags") or ()
+        hub.write_model_card(
+            self.args.output_dir,
+            results,
+            repo_id=repo_id,
+            license=kwargs.get("license"),
+            language=kwargs.get("language"),
+            tags=[tags] if isinstance(tags, str) else list(tags),
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" not in logs:  # evaluation and end-of-training logs: the window stays for the next one

@@ -17,7 +17,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from hf_cd import __version__
-from hf_cd.quant.results import FULL_PRECISION
+from hf_cd.quant.results import FULL_PRECISION, RESULT_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -31,19 +31,7 @@ CARD_TAGS: tuple[str, ...] = (
     "vision-transformer",
     "image-classification",
 )
-CARD_COLUMNS: tuple[str, ...] = (
-    "pipeline",
-    "runtime",
-    "w_bits",
-    "a_bits",
-    "embedding_bits",
-    "classifier_bits",
-    "accuracy",
-    "accuracy_drop",
-    "num_eval",
-    "num_calibration",
-    "seed",
-)
+CARD_COLUMNS: tuple[str, ...] = tuple(c for c in RESULT_COLUMNS if not c.endswith("_seconds"))
 """The `hf_cd.quant.results` columns a card records. Timings are left out because they describe the
 machine, not the model."""
 
@@ -56,11 +44,19 @@ def card_template() -> str:
     return resources.files("hf_cd").joinpath(TEMPLATE_RESOURCE).read_text(encoding="utf-8")
 
 
-def build_model_card(results: Mapping[str, Any], model_id: str) -> ModelCard:
+def build_model_card(
+    results: Mapping[str, Any],
+    model_id: str,
+    *,
+    license: str | None = None,
+    language: str | list[str] | None = None,
+    tags: Sequence[str] = (),
+) -> ModelCard:
     """The card of a run, as a `huggingface_hub.ModelCard` rendered from `card_template`.
 
     ``results`` has the shape of the recipe's ``results.json``; every section except ``cd_settings``
     is optional. ``model_id`` is the Hub repo id (or the folder name) that the loading snippets name.
+    ``license``, ``language`` and ``tags`` (added to the card's own tags) go into the metadata as given.
     """
     results = _plain(results)
     dataset = _dataset_facts(results.get("dataset"))
@@ -69,7 +65,9 @@ def build_model_card(results: Mapping[str, Any], model_id: str) -> ModelCard:
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-classification",
-        tags=[*CARD_TAGS, *([model["model_type"]] if model.get("model_type") else [])],
+        tags=_unique([*CARD_TAGS, *([model["model_type"]] if model.get("model_type") else []), *tags]),
+        license=license,
+        language=language,
         datasets=[dataset["hub_id"]] if dataset and dataset["hub_id"] else None,
         base_model=model.get("base_model"),
         metrics=["accuracy"],
@@ -88,21 +86,45 @@ def build_model_card(results: Mapping[str, Any], model_id: str) -> ModelCard:
 
 
 def write_model_card(
-    output_dir: str | os.PathLike, results: Mapping[str, Any], *, repo_id: str | None = None
+    output_dir: str | os.PathLike,
+    results: Mapping[str, Any],
+    *,
+    repo_id: str | None = None,
+    license: str | None = None,
+    language: str | list[str] | None = None,
+    tags: Sequence[str] = (),
 ) -> Path:
     """Write ``README.md`` beside the weights in ``output_dir`` and return its path.
 
     Without ``repo_id`` the loading snippets name the folder. `push_cd_model` rewrites the card with
-    the repo id.
+    the repo id and keeps the ``license``, ``language`` and extra ``tags`` written here.
     """
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    card = build_model_card(results, repo_id or folder.resolve().name)
+    card = build_model_card(
+        results, repo_id or folder.resolve().name, license=license, language=language, tags=tags
+    )
     path = folder / CARD_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(str(card), encoding="utf-8")
     os.replace(tmp, path)  # an interrupted write never leaves half a card
     return path
+
+
+def _unique(items: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def user_card_metadata(card_path: Path) -> dict[str, Any]:
+    """The ``license``, ``language`` and extra ``tags`` a user put on an existing card, to keep on rewrite."""
+    if not card_path.is_file():
+        return {}
+    try:
+        data = ModelCard.load(card_path).data
+    except Exception:  # an unreadable card has nothing to keep; the caller reports invalid cards
+        return {}
+    tags = [t for t in (data.tags or []) if t not in CARD_TAGS]  # the model type tag comes back deduplicated
+    return {"license": data.license, "language": data.language, "tags": tags}
 
 
 def trainer_results(trainer, dataset: str | None = None, finetuned_from: str | None = None) -> dict[str, Any]:

@@ -24,7 +24,14 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
-from hf_cd.hub.card import CARD_COLUMNS, CARD_FILE, RESULTS_FILE, build_model_card, fresh_results
+from hf_cd.hub.card import (
+    CARD_COLUMNS,
+    CARD_FILE,
+    RESULTS_FILE,
+    build_model_card,
+    fresh_results,
+    user_card_metadata,
+)
 from hf_cd.hub.errors import (
     LOAD_HINT,
     IncompleteResultsWarning,
@@ -199,9 +206,9 @@ def _card_for_upload(folder: Path, repo_id: str, results: dict | None) -> str:
     Without results (results.json missing, unreadable or an earlier run's), the README.md that is
     already there is used as is.
     """
-    if results is not None:
-        return str(build_model_card(results, repo_id))
     card_path = folder / CARD_FILE
+    if results is not None:
+        return str(build_model_card(results, repo_id, **user_card_metadata(card_path)))
     if not card_path.is_file():
         raise FileNotFoundError(
             f"{folder} has neither {RESULTS_FILE} nor {CARD_FILE}; write a card first with "
