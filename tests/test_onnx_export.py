@@ -233,6 +233,25 @@ def test_int8_runtimes_refuse_other_bit_widths():
         quantize(model, QuantConfig(pipeline="onnxruntime-int8", classifier_bits=6), images(8))
 
 
+def test_evaluate_quantized_refuses_a_bad_row_before_running_any(monkeypatch):
+    """A W4A4 row for the int8 runtime, or a bad reconstruction option, fails before the first row runs."""
+    model, x = make_model("vit"), images(8)
+    evaluated = []
+    monkeypatch.setattr(
+        "hf_cd.quant.evaluate.evaluate_accuracy", lambda *args, **kwargs: evaluated.append(1) or (0.0, 1)
+    )
+    eval_data = (x, torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="W8A8 only; got W4A4"):
+        evaluate_quantized(
+            model, eval_data, x, pipelines=("minmax", "onnxruntime-int8"), bits=((8, 8), (4, 4))
+        )
+    with pytest.raises(ValueError, match="gptaq_alpha"):
+        evaluate_quantized(
+            model, eval_data, x, pipelines=("minmax", "gptaq"), config=QuantConfig(extra={"gptaq_alpha": 2.0})
+        )
+    assert evaluated == []  # not even the full-precision row ran
+
+
 def test_missing_onnxruntime_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
     model = make_model("vit")

@@ -82,8 +82,10 @@ def evaluate_quantized(
     check_reiterable(eval_data, "eval_data")
     check_quantizable(model)
     configs = [base.replace(pipeline=name, w_bits=w, a_bits=a) for name in pipelines for w, a in bits]
-    for name in pipelines:
-        get_pipeline(name)
+    for row_config in configs:  # every row's problem is reported before any row runs
+        check = getattr(get_pipeline(row_config.pipeline), "check", None)
+        if callable(check):
+            check(row_config)
     calibrated = [c for c in configs if c.quantizes_activations]
     images = (
         calibration_images_for(calibrated[0], calib_data) if calibrated else None

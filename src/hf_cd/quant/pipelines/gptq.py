@@ -96,6 +96,10 @@ class ReconstructionPipeline(FakeQuantPipeline):
         object.__setattr__(quantized, RECONSTRUCTION_ATTRIBUTE, Table(rows))
         return quantized
 
+    def check(self, config: QuantConfig) -> None:
+        """Reject bad ``gptq_``/``gptaq_``/``marr_`` options before `evaluate_quantized` runs any row."""
+        self.activation_pipeline(ReconstructionOptions.from_extra(config.extra))
+
     @staticmethod
     def activation_pipeline(options: ReconstructionOptions) -> FakeQuantPipeline:
         pipeline = get_pipeline(options.gptq_activations)

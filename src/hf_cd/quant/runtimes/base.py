@@ -36,6 +36,18 @@ class RuntimePipeline:
     ) -> nn.Module:
         raise NotImplementedError
 
+    def check(self, config: QuantConfig) -> None:
+        """Refuse a config this runtime cannot run, and say why, before any work is done.
+
+        `evaluate_quantized` checks every row first, so a W4A4 row for an 8-bit runtime fails
+        at once instead of after the rows before it. The default: 8-bit kernels and the runtime present.
+        """
+        check_int8_bits(self.name, config)
+        self.require(config)
+
+    def require(self, config: QuantConfig) -> None:
+        """Raise `RuntimeUnavailableError` (with the fix) when the runtime cannot run here."""
+
     def evaluate(
         self,
         model: nn.Module,

@@ -50,7 +50,6 @@ from hf_cd.quant.quantizers import is_float_bits
 from hf_cd.quant.runtimes.base import (
     RuntimePipeline,
     RuntimeUnavailableError,
-    check_int8_bits,
     example_images,
     interleaved_median_ms,
     latency_columns,
@@ -516,14 +515,16 @@ class OnnxRuntimeInt8Pipeline(RuntimePipeline):
     def settings(self, config: QuantConfig) -> OnnxRuntimeInt8Config:
         return settings_from_extra(config, ONNX_EXTRA_KEY, OnnxRuntimeInt8Config, self.default_settings)
 
+    def require(self, config: QuantConfig) -> None:
+        require_onnxruntime()
+
     def __call__(
         self, model: nn.Module, config: QuantConfig, calibration_images: torch.Tensor | None
     ) -> OnnxRuntimeClassifier:
         settings = self.settings(config)
-        check_int8_bits(self.name, config)
+        self.check(config)
         if calibration_images is None:
             raise ValueError(f"Pipeline {self.name!r} calibrates activations: pass calibration images.")
-        require_onnxruntime()
         workdir = tempfile.TemporaryDirectory(prefix="hf_cd_onnx_")
         float_path = export_onnx(
             model,

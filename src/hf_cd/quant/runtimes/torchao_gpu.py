@@ -109,6 +109,10 @@ class TorchaoPipeline(RuntimePipeline):
     def settings(self, config: QuantConfig) -> TorchaoRuntimeConfig:
         return settings_from_extra(config, TORCHAO_EXTRA_KEY, TorchaoRuntimeConfig, self.default_settings)
 
+    def require(self, config: QuantConfig):
+        """``torchao.quantization``, once torchao, the device and (for float8) its compute capability check out."""
+        return require_torchao(self.name, self.settings(config).device, self.float8)
+
     def torchao_config(self, torchao_quantization) -> Any:
         raise NotImplementedError
 
@@ -123,7 +127,7 @@ class TorchaoPipeline(RuntimePipeline):
         """The quantized, compiled copy and the classifier bits that really ran (8, or 16 if left bf16)."""
         settings = self.settings(config)
         check_int8_bits(self.name, config)
-        torchao_quantization = require_torchao(self.name, settings.device, self.float8)
+        torchao_quantization = self.require(config)
         quantized = self._bf16_copy(model, settings)
         heads = {id(head) for head in classifiers(quantized).values()}
         quantized_heads: list[str] = []
@@ -213,6 +217,10 @@ class TorchaoInt8Pipeline(TorchaoPipeline):
     name = "torchao-int8"
     description = "torchao Int8DynamicActivationInt8WeightConfig + torch.compile, CUDA"
 
+    def require(self, config: QuantConfig):
+        """``torchao.quantization``, once torchao, the device and (for float8) its compute capability check out."""
+        return require_torchao(self.name, self.settings(config).device, self.float8)
+
     def torchao_config(self, torchao_quantization) -> Any:
         return torchao_quantization.Int8DynamicActivationInt8WeightConfig()
 
@@ -223,6 +231,10 @@ class TorchaoFloat8Pipeline(TorchaoPipeline):
     name = "torchao-fp8"
     description = "torchao Float8DynamicActivationFloat8WeightConfig(PerRow) + torch.compile, CUDA sm_89+"
     float8 = True
+
+    def require(self, config: QuantConfig):
+        """``torchao.quantization``, once torchao, the device and (for float8) its compute capability check out."""
+        return require_torchao(self.name, self.settings(config).device, self.float8)
 
     def torchao_config(self, torchao_quantization) -> Any:
         return torchao_quantization.Float8DynamicActivationFloat8WeightConfig(
