@@ -55,6 +55,15 @@ requires_fashion_mnist = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Small tensors and graphs: one thread avoids OpenMP barrier stalls when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist_tensors():
     """Real Fashion-MNIST as normalized float tensors: {split: (N×1×28×28, N)}."""

@@ -31,6 +31,8 @@ from hf_cd.quant.runtimes import (
 )
 from hf_cd.quant.runtimes import onnxruntime_int8 as ort_module
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
 PARITY_ATOL = 1e-4
 
 
@@ -47,15 +49,6 @@ def make_model(kind: str) -> torch.nn.Module:
     if kind == "deit":
         return DeiTForImageClassification(tiny_deit_config()).eval()
     return Dinov2ForImageClassification(tiny_dinov2_config()).eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Small graphs: one thread avoids OpenMP stalls on a shared CPU, for torch and ORT alike."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def images(count: int, seed: int = 0) -> torch.Tensor:

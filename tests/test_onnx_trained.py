@@ -17,14 +17,6 @@ MAX_INT8_DROP = 1.5
 
 
 @pytest.fixture(scope="module")
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def ort_table(trained_tiny_vit, fashion_mnist_tensors, one_cpu_thread):
     x, y = fashion_mnist_tensors["test"]
     settings = OnnxRuntimeInt8Config(num_threads=1, latency_runs=15, latency_warmup=3)

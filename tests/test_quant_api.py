@@ -36,15 +36,7 @@ from hf_cd.quant import (
 )
 from hf_cd.quant.pipelines import MinMaxPipeline
 
-
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """These tensors are tiny: one thread avoids OpenMP barrier stalls when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 FLOAT = dict(w_bits=16, a_bits=16, embedding_bits=16, classifier_bits=16)
 

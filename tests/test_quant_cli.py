@@ -14,14 +14,7 @@ from conftest import tiny_vit_config
 from hf_cd.quant import RESULT_COLUMNS
 from hf_cd.quant.cli import _bits_pair, main
 
-
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """These tensors are tiny: one thread avoids OpenMP barrier stalls when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def test_cli_quantizes_and_evaluates_a_saved_model(tmp_path, capsys):

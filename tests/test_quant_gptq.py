@@ -25,16 +25,9 @@ from hf_cd.quant.marr import PIDController, PIDGains, grid_search, marr_search
 from hf_cd.quant.quantizers import quantize_weight_symmetric, symmetric_range
 from hf_cd.quant.reconstruction import measure_reconstruction_errors, reconstruction_report
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
 RECONSTRUCTION_PIPELINES = ("gptq", "gptaq", "marr", "marr_grid")
-
-
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """Small tensors: one thread avoids OpenMP barrier stalls when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def correlated_inputs(tokens: int, features: int, seed: int) -> torch.Tensor:

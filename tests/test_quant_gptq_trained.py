@@ -15,15 +15,6 @@ pytestmark = pytest.mark.slow
 NUM_EVAL = 2000
 
 
-@pytest.fixture(scope="module")
-def one_cpu_thread():
-    """Small tensors: one thread avoids OpenMP barrier stalls when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_w4a4_reconstruction_pipelines_run_end_to_end(
     trained_tiny_vit, fashion_mnist_tensors, one_cpu_thread
 ):

@@ -14,15 +14,6 @@ NUM_EVAL = 5000
 
 
 @pytest.fixture(scope="module")
-def one_cpu_thread():
-    """Small tensors: one thread avoids OpenMP barrier stalls when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def ptq_table(trained_tiny_vit, fashion_mnist_tensors, one_cpu_thread):
     x, y = fashion_mnist_tensors["test"]
     return evaluate_quantized(
