@@ -10,4 +10,9 @@ python3 - <<'PY'
 import torch, transformers, accelerate, peft, datasets
 print(f"torch {torch.__version__} cuda {torch.version.cuda} {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no gpu'}")
 print(f"transformers {transformers.__version__} accelerate {accelerate.__version__} peft {peft.__version__} datasets {datasets.__version__}")
+try:
+    import torchao
+    print(f"torchao {torchao.__version__}")
+except Exception as error:  # only the torchao pipelines need it; they say so themselves
+    print(f"torchao unavailable: {type(error).__name__}: {error}")
 PY
