@@ -27,26 +27,13 @@ from transformers import ViTConfig, ViTForImageClassification
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result
-from hf_cd import ColinearityDecay, find_pairs
-from hf_cd.data import fashion_mnist_available, load_fashion_mnist_arrays
+from fashion_vit import SHAPES, fashion_mnist_tensors, train_fashion_vit
 from hf_cd.quant import QuantConfig, evaluate_quantized
 from hf_cd.quant.runtimes import OnnxRuntimeInt8Config, OnnxRuntimeInt8Pipeline
 from hf_cd.quant.runtimes.base import interleaved_median_ms
 from hf_cd.quant.runtimes.onnxruntime_int8 import INPUT_NAME, OUTPUT_NAME, ort_session
 from hf_cd.table import Table
 
-TINY = dict(
-    hidden_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    intermediate_size=128,
-    image_size=28,
-    patch_size=7,
-    num_channels=1,
-    num_labels=10,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-)
 VIT_SMALL = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)
 COLUMNS = (
     "model",
@@ -65,43 +52,6 @@ COLUMNS = (
     "float_latency_ms_batch256",
     "speedup_vs_float_batch256",
 )
-
-
-def fashion_mnist() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    if not fashion_mnist_available():
-        raise SystemExit("Fashion-MNIST is not installed: `make data` (Debian's dataset-fashion-mnist).")
-    out = {}
-    for split, (images, labels) in load_fashion_mnist_arrays().items():
-        x = torch.from_numpy(images.copy()).float().div_(255.0).sub_(0.5).div_(0.5).unsqueeze(1)
-        out[split] = (x, torch.from_numpy(labels.copy()))
-    return out
-
-
-def train(
-    train_split, args, cd_strength: float, device: torch.device
-) -> tuple[ViTForImageClassification, float]:
-    """The conftest loop (AdamW, one-cycle, fixed seed), plus a CD step when ``cd_strength`` > 0."""
-    torch.manual_seed(args.seed)
-    model = ViTForImageClassification(ViTConfig(**TINY)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1
-    )
-    decay = ColinearityDecay(model, find_pairs(model, args.cd_kinds)) if cd_strength > 0 else None
-    x, y = train_split
-    generator = torch.Generator().manual_seed(args.seed)
-    model.train()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        index = torch.randint(0, x.shape[0], (args.batch_size,), generator=generator)
-        loss = model(pixel_values=x[index].to(device), labels=y[index].to(device)).loss
-        loss.backward()
-        optimizer.step()
-        if decay is not None:
-            decay.step(optimizer.param_groups[0]["lr"], cd_strength)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return model.eval(), time.perf_counter() - start
 
 
 def runtime_pipelines(device: torch.device) -> tuple[list[str], list[str]]:
@@ -183,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    data = fashion_mnist()
+    data = fashion_mnist_tensors()
     x_test, y_test = (t[: args.num_eval] for t in data["test"])
     pipelines, skipped = runtime_pipelines(device)
     settings = OnnxRuntimeInt8Config(
@@ -193,7 +143,17 @@ def main(argv: list[str] | None = None) -> None:
 
     rows, training = [], {}
     for name, strength in (("baseline", 0.0), ("cd", args.cd_strength)):
-        model, seconds = train(data["train"], args, strength, device)
+        model, seconds = train_fashion_vit(
+            data["train"],
+            "tiny",
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            cd_strength=strength,
+            cd_kinds=args.cd_kinds,
+            device=device,
+        )
         training[name] = {"cd_strength": strength, "train_seconds": round(seconds, 1)}
         print(f"{name}: trained in {seconds:.0f} s", flush=True)
         table = evaluate_quantized(
@@ -210,8 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     reference = speed_reference(args) if args.speed_reference == "vit_small" else []
     summary = Table(rows, [c for c in COLUMNS if any(c in row for row in rows)])
     notes = "\n".join(f"- not measured: {note}" for note in skipped)
+    tiny = SHAPES["tiny"]
     settings_text = (
-        f"Tiny ViT (64 wide, 4 blocks, patch 7) trained {args.steps} steps × batch {args.batch_size} on "
+        f"Tiny ViT ({tiny['hidden_size']} wide, {tiny['num_hidden_layers']} blocks, patch {tiny['patch_size']}) trained {args.steps} steps × batch {args.batch_size} on "
         f"Fashion-MNIST, seed {args.seed}; CD strength {args.cd_strength} on {args.cd_kinds}. Evaluated on "
         f"{x_test.shape[0]} test images; 32 calibration images (seed 0) from train; ORT {settings.calibration_method} "
         f"calibration, U8S8 QDQ, per-channel weights; latency: median of {args.latency_runs} interleaved runs, "

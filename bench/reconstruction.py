@@ -30,23 +30,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import ViTConfig, ViTForImageClassification
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS_DIR, environment, write_result
-from hf_cd import CDCallback
-from hf_cd.data.fashion_mnist import load_fashion_mnist_arrays
+from fashion_vit import SHAPES, fashion_mnist_tensors, train_fashion_vit
 from hf_cd.quant import QuantConfig, evaluate_accuracy, quantize
 from hf_cd.quant.reconstruction import measure_reconstruction_errors, reconstruction_report
 
-MODELS = {
-    "tiny": dict(
-        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, patch_size=7
-    ),
-    "small": dict(
-        hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768, patch_size=4
-    ),
-}
 METHODS: dict[str, tuple[str, str, dict]] = {
     "rtn": ("RTN", "percentile", {}),
     "gptq": ("GPTQ", "gptq", {}),
@@ -58,54 +48,6 @@ METHODS: dict[str, tuple[str, str, dict]] = {
 """Method key → (label, registered pipeline, extra options)."""
 TRAJECTORY_ROLES = (("query", 0), ("output", -1), ("ffn_input_0", -1), ("ffn_output", -1))
 """Modules whose α trajectories are plotted: (role, block index; −1 is the last block)."""
-
-
-def fashion_mnist() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    arrays = load_fashion_mnist_arrays()
-    out = {}
-    for split, (images, labels) in arrays.items():
-        x = torch.from_numpy(images.copy()).float().div_(255.0).sub_(0.5).div_(0.5).unsqueeze(1)
-        out[split] = (x, torch.from_numpy(labels.copy()).long())
-    return out
-
-
-def train(
-    data: tuple[torch.Tensor, torch.Tensor],
-    args: argparse.Namespace,
-    cd_strength: float,
-    device: torch.device,
-) -> ViTForImageClassification:
-    """AdamW + one-cycle, as the test fixture trains; CD is applied after each optimizer step when λ > 0."""
-    torch.manual_seed(args.seed)
-    config = ViTConfig(
-        image_size=28,
-        num_channels=1,
-        num_labels=10,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        **MODELS[args.model_size],
-    )
-    model = ViTForImageClassification(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=args.train_steps, pct_start=0.1
-    )
-    callback = CDCallback(strength=cd_strength) if cd_strength > 0 else None
-    if callback is not None:
-        callback.setup(model)
-    x, y = data
-    generator = torch.Generator().manual_seed(args.seed)
-    model.train()
-    for _ in range(args.train_steps):
-        index = torch.randint(0, x.shape[0], (args.train_batch_size,), generator=generator)
-        loss = model(pixel_values=x[index].to(device), labels=y[index].to(device)).loss
-        loss.backward()
-        optimizer.step()
-        if callback is not None:
-            callback.on_optimizer_step(None, None, None, model=model, optimizer=optimizer)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return model.eval()
 
 
 def run_method(model, method: str, bits, args, data) -> tuple[dict, object]:
@@ -208,7 +150,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model-size", default="tiny", choices=sorted(MODELS))
+    parser.add_argument("--model-size", default="tiny", choices=sorted(SHAPES))
     parser.add_argument("--train-steps", type=int, default=600)
     parser.add_argument("--train-batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -234,12 +176,21 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     bits = [tuple(int(b) for b in pair.split(",")) for pair in args.bits]
-    data = fashion_mnist()
+    data = fashion_mnist_tensors()
     started = time.perf_counter()
     rows, reports, models = [], {}, {}
     for name, strength in (("baseline", 0.0), (f"cd λ={args.cd_strength:g}", args.cd_strength)):
         start = time.perf_counter()
-        model = train(data["train"], args, strength, device)
+        model, _ = train_fashion_vit(
+            data["train"],
+            args.model_size,
+            steps=args.train_steps,
+            batch_size=args.train_batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            cd_strength=strength,
+            device=device,
+        )
         train_seconds = time.perf_counter() - start
         x_test, y_test = data["test"]
         accuracy, count = evaluate_accuracy(
@@ -291,7 +242,7 @@ def main(argv=None) -> None:
         for name, m in models.items()
     )
     markdown = (
-        f"Model `{args.model_size}` ({MODELS[args.model_size]}), {args.train_steps} training steps, "
+        f"Model `{args.model_size}` ({SHAPES[args.model_size]}), {args.train_steps} training steps, "
         f"{args.num_calibration} calibration images, accuracy on {args.eval_subset} test images, "
         f"reconstruction error on the last {args.recon_images} test images; activations: percentile "
         f"observers; GPTAQ α = {args.alpha}. Total wall time {total_seconds:.0f} s.{scale}\n\n{model_lines}\n\n"
