@@ -68,30 +68,41 @@ def test_symmetric_quantizer_levels_clamping_sign_symmetry_and_error(bits):
 
 
 def test_log_sqrt2_quantizer_hand_computed_values():
-    # 3 bits: levels 2^(-k/2) for k = 0..6 and an exact zero (8 codes).
-    x = torch.tensor([1.0, 1.7, 2**-0.5, 0.6, 0.5, 0.3, 2**-3, 2**-3.5, 1e-6, 0.0])
-    expected = torch.tensor([1.0, 1.0, 2**-0.5, 2**-0.5, 0.5, 2**-1.5, 2**-3, 0.0, 0.0, 0.0])
+    # 3 bits, RepQ-ViT's: levels 2^(-k/2) for k = 0..7 and an exact zero below them (9 values).
+    x = torch.tensor([1.0, 1.7, 2**-0.5, 0.6, 0.5, 0.3, 2**-3, 2**-3.5, 2**-3.8, 1e-6, 0.0])
+    expected = torch.tensor([1.0, 1.0, 2**-0.5, 2**-0.5, 0.5, 2**-1.5, 2**-3, 2**-3.5, 0.0, 0.0, 0.0])
     assert torch.allclose(fake_quantize_log_sqrt2(x, torch.tensor(1.0), bits=3), expected)
     # delta scales every level: the same points relative to delta = 0.25.
     assert torch.allclose(fake_quantize_log_sqrt2(x * 0.25, torch.tensor(0.25), bits=3), expected * 0.25)
+    # The b-bit variant gives the last of its 8 codes to zero: 2^-3.5 is no longer a level.
+    expected[7] = 0.0
+    assert torch.allclose(
+        fake_quantize_log_sqrt2(x, torch.tensor(1.0), bits=3, reserve_zero_code=True), expected
+    )
 
 
+@pytest.mark.parametrize("reserve_zero_code", [False, True])
 @pytest.mark.parametrize("bits", BITS)
-def test_log_sqrt2_quantizer_is_monotonic_has_2_to_the_bits_codes_and_keeps_zero(bits):
-    smallest_level = 2.0 ** (-(2**bits - 2) / 2)
+def test_log_sqrt2_quantizer_is_monotonic_and_has_its_levels_and_zero(bits, reserve_zero_code):
+    levels = 2**bits - 1 if reserve_zero_code else 2**bits
+    smallest_level = 2.0 ** (-(levels - 1) / 2)
     x = torch.cat(
         [
             torch.zeros(1, dtype=torch.float64),
             torch.logspace(math.log2(smallest_level) - 2, 0.3, 200_000, base=2.0, dtype=torch.float64),
         ]
     )
-    quantized = fake_quantize_log_sqrt2(x, torch.tensor(1.0, dtype=torch.float64), bits)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    quantized = fake_quantize_log_sqrt2(x, one, bits, reserve_zero_code)
     assert (quantized[1:] >= quantized[:-1]).all()
     assert quantized[0] == 0 and quantized[1] == 0  # below the last level: exact zero
-    assert quantized.unique().numel() == 2**bits  # 2^b − 1 levels and zero
+    assert quantized.unique().numel() == levels + 1  # the levels and zero
     assert quantized.max() == 1.0
     assert math.isclose(quantized[quantized > 0].min().item(), smallest_level, rel_tol=1e-12)
-    assert fake_quantize_log_sqrt2(torch.tensor([-0.5]), torch.tensor(1.0), bits).item() == 0.0
+    assert (
+        fake_quantize_log_sqrt2(torch.tensor([-0.5]), torch.tensor(1.0), bits, reserve_zero_code).item()
+        == 0.0
+    )
 
 
 @pytest.mark.parametrize("per_channel", [True, False])

@@ -17,6 +17,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from hf_cd import __version__
+from hf_cd.quant.config import DEFAULT_PROTOCOL
 from hf_cd.quant.results import FULL_PRECISION, RESULT_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -318,8 +319,23 @@ def _measured_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: not is_full_precision(row))  # stable: keeps the pipelines' order
 
 
+def row_protocol(row: Mapping[str, Any]) -> str | None:
+    """The bit protocol of a quantized row (``None`` for full precision).
+
+    Rows written before the ``protocol`` key existed were all measured under ``deploy``, the only
+    protocol there was.
+    """
+    if is_full_precision(row):
+        return None
+    return row.get("protocol") or DEFAULT_PROTOCOL
+
+
 def _row_label(row: Mapping[str, Any]) -> tuple[str, str]:
-    """``("W4A4, repq", "w4a4-repq")``: the metric's name and config. A non-default runtime is appended."""
+    """``("W4A4, repq", "w4a4-repq")``: the metric's name and config.
+
+    A non-default runtime is appended, and so is a protocol other than ``deploy`` (``"W4A4, repq,
+    repq_vit protocol"``), so that rows of two protocols never share a label or a table row.
+    """
     if is_full_precision(row):
         name, config = "full precision", "full-precision"
     else:
@@ -328,6 +344,9 @@ def _row_label(row: Mapping[str, Any]) -> tuple[str, str]:
     runtime = row.get("runtime")
     if runtime not in (None, "float", "fake_quant"):
         name, config = f"{name}, {runtime}", f"{config}-{runtime}"
+    protocol = row_protocol(row)
+    if protocol not in (None, DEFAULT_PROTOCOL):
+        name, config = f"{name}, {protocol} protocol", f"{config}-{protocol}"
     return name, config
 
 
@@ -348,6 +367,7 @@ def _eval_result(row: Mapping[str, Any], dataset: Mapping[str, Any] | None) -> E
         "seed": row.get("seed"),
         "embedding_bits": row.get("embedding_bits"),
         "classifier_bits": row.get("classifier_bits"),
+        "protocol": row_protocol(row),
         "num_eval": row.get("num_eval"),
         "runtime": row.get("runtime"),
     }
@@ -447,6 +467,7 @@ def _accuracy_values(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
         cells[(pipeline, f"W{row['w_bits']}A{row['a_bits']}")] = cell
     pipelines = list(dict.fromkeys(pipeline for pipeline, _ in cells))
     reference = full_precision or rows[0]
+    deploy = [row for row in quantized if row_protocol(row) == DEFAULT_PROTOCOL]
     return {
         "bit_labels": bit_labels,
         "table": [(p, [cells.get((p, label), "—") for label in bit_labels]) for p in pipelines],
@@ -454,8 +475,9 @@ def _accuracy_values(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
         "num_eval": reference.get("num_eval"),
         "num_calibration": _distinct([row.get("num_calibration") for row in quantized]),
         "seed": _distinct([row.get("seed") for row in rows]),
-        "embedding_bits": _distinct([row.get("embedding_bits") for row in quantized]),
-        "classifier_bits": _distinct([row.get("classifier_bits") for row in quantized]) or "unrecorded",
+        "embedding_bits": _distinct([row.get("embedding_bits") for row in deploy]),
+        "classifier_bits": _distinct([row.get("classifier_bits") for row in deploy]) or "unrecorded",
+        "protocols": list(dict.fromkeys(row_protocol(row) for row in quantized)),
         "real_runtimes": list(
             dict.fromkeys(
                 row["runtime"] for row in quantized if row.get("runtime") not in (None, "fake_quant")
@@ -543,11 +565,13 @@ def _reproduce_command(
         command.append(
             "--bits " + " ".join(dict.fromkeys(f"{row['w_bits']},{row['a_bits']}" for row in quantized))
         )
-        for flag, key in (
-            ("--num-calibration", "num_calibration"),
-            ("--embedding-bits", "embedding_bits"),
-            ("--classifier-bits", "classifier_bits"),
-        ):
+        protocol = row_protocol(quantized[0])
+        flags = [("--num-calibration", "num_calibration")]
+        if protocol == DEFAULT_PROTOCOL:  # other protocols set the embedding and classifier bits themselves
+            flags += [("--embedding-bits", "embedding_bits"), ("--classifier-bits", "classifier_bits")]
+        else:
+            command.append(f"--protocol {protocol}")
+        for flag, key in flags:
             if quantized[0].get(key) is not None:
                 command.append(f"{flag} {quantized[0][key]}")
     seed = rows[0].get("seed") if rows else (results.get("training") or {}).get("seed")

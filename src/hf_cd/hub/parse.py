@@ -93,7 +93,7 @@ def parse_card(text: str, label: str) -> QuantResults:
                 row = _row_from_metric(_as_mapping(metric, metric_where, label), metric_where, label)
                 if row is None:
                     continue
-                key = (row["pipeline"], row["w_bits"], row["a_bits"], row["runtime"])
+                key = (row["pipeline"], row["w_bits"], row["a_bits"], row["runtime"], row["protocol"])
                 if key in seen:
                     raise ModelCardError(
                         f"{label}: `{metric_where}` repeats the row of `{seen[key]}` "
@@ -155,9 +155,11 @@ def _row_from_metric(metric: Mapping[str, Any], where: str, label: str) -> dict[
         )
     args_where = f"{where}.args"
     pipeline = _required(args, "pipeline", args_where, label)
-    runtime = args.get("runtime")
-    if not isinstance(pipeline, str) or (runtime is not None and not isinstance(runtime, str)):
-        raise ModelCardError(f"{label}: `{args_where}.pipeline` and `.runtime` must be strings.")
+    runtime, protocol = args.get("runtime"), args.get("protocol")
+    if not isinstance(pipeline, str) or any(
+        v is not None and not isinstance(v, str) for v in (runtime, protocol)
+    ):
+        raise ModelCardError(f"{label}: `{args_where}.pipeline`, `.runtime` and `.protocol` must be strings.")
     return {
         "pipeline": pipeline,
         "runtime": runtime,
@@ -165,6 +167,7 @@ def _row_from_metric(metric: Mapping[str, Any], where: str, label: str) -> dict[
         "a_bits": _int_field(args, "a_bits", args_where, label),
         "embedding_bits": _int_field(args, "embedding_bits", args_where, label, required=False),
         "classifier_bits": _int_field(args, "classifier_bits", args_where, label, required=False),
+        "protocol": protocol,
         "accuracy": float(value),
         "accuracy_drop": None,
         "num_eval": _int_field(args, "num_eval", args_where, label, required=False),

@@ -11,7 +11,8 @@ changed::
 
 Pipelines: ``minmax``, ``percentile``, ``repq`` (RepQ-ViT) and ``per_tensor``; add more with
 `register_pipeline`. The "fully quantized ViT" setting: every encoder linear (weights and inputs),
-both attention matmuls' inputs, and the patch embedding and classifier at 8 bits by default.
+both attention matmuls' inputs, and the patch embedding and classifier at 8 bits by default
+(``protocol="deploy"``; ``protocol="repq_vit"`` is RepQ-ViT's published bit assignment).
 Reconstruction pipelines ``gptq``, ``gptaq``, ``marr`` and ``marr_grid`` solve the encoder weights
 layer by layer (options in ``QuantConfig.extra``: `hf_cd.quant.reconstruction`).
 """
@@ -19,7 +20,13 @@ layer by layer (options in ``QuantConfig.extra``: `hf_cd.quant.reconstruction`).
 from hf_cd.quant import pipelines as _builtin_pipelines  # noqa: F401  (registers the built-ins)
 from hf_cd.quant.api import quantize
 from hf_cd.quant.attention import ATTENTION_IMPLEMENTATION
-from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, DEFAULT_WEIGHT_CLIP_RATIOS, QuantConfig
+from hf_cd.quant.config import (
+    DEFAULT_ACTIVATION_PERCENTILES,
+    DEFAULT_PROTOCOL,
+    DEFAULT_WEIGHT_CLIP_RATIOS,
+    PROTOCOLS,
+    QuantConfig,
+)
 from hf_cd.quant.evaluate import DEFAULT_BITS, DEFAULT_PIPELINES, evaluate_accuracy, evaluate_quantized
 from hf_cd.quant.inputs import CalibrationDataError
 from hf_cd.quant.observers import NoCalibrationDataError
@@ -49,9 +56,11 @@ __all__ = [
     "DEFAULT_ACTIVATION_PERCENTILES",
     "DEFAULT_BITS",
     "DEFAULT_PIPELINES",
+    "DEFAULT_PROTOCOL",
     "DEFAULT_WEIGHT_CLIP_RATIOS",
     "FULL_PRECISION",
     "PIPELINES",
+    "PROTOCOLS",
     "RESULT_COLUMNS",
     "SITE_GROUPS",
     "CalibrationDataError",

@@ -43,7 +43,8 @@ def calibration_images_for(config: QuantConfig, calib_data: Any) -> torch.Tensor
         return None
     if calib_data is None:
         raise ValueError(
-            f"Quantizing activations ({config.label}, embedding {config.embedding_bits} bits, classifier "
-            f"{config.classifier_bits} bits) needs calibration data: pass calib_data=... (e.g. 32 training images)."
+            f"Quantizing activations ({config.label}, embedding input {config.embedding_input_bits} bits, "
+            f"classifier input {config.classifier_input_bits} bits) needs calibration data: pass "
+            "calib_data=... (e.g. 32 training images)."
         )
     return select_calibration_images(calib_data, config.num_calibration, config.seed, config.batch_size)

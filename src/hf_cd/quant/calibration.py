@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from hf_cd.quant.observers import Observer
 from hf_cd.quant.params import QuantParams
 from hf_cd.quant.prepare import ActivationSite, QuantizationState
+from hf_cd.quant.quantizers import is_float_bits
 
 
 class _GroupDone(Exception):
@@ -42,6 +43,18 @@ def forward_images(model: nn.Module, images: torch.Tensor):
     device, dtype = model_device_and_dtype(model)
     pixel_values = images.to(device=device, dtype=dtype if images.is_floating_point() else None)
     return model(pixel_values=pixel_values)
+
+
+def load_presets(state: QuantizationState, sites: list[ActivationSite]) -> list[ActivationSite]:
+    """Load ``state.preset`` parameters into those of ``sites`` that have them; return the others."""
+    remaining = []
+    for site in sites:
+        params = state.preset.get(site.name)
+        if params is not None and not is_float_bits(site.bits):
+            site.quantizer.load(params)
+        else:
+            remaining.append(site)
+    return remaining
 
 
 def calibration_groups(

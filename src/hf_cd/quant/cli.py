@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.config import PROTOCOLS, QuantConfig
 from hf_cd.quant.evaluate import DEFAULT_BITS, DEFAULT_PIPELINES, evaluate_quantized
 from hf_cd.quant.registry import available_pipelines
 
@@ -57,8 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--bits", nargs="+", type=_bits_pair, default=list(DEFAULT_BITS), help="W,A pairs, e.g. 8,8 4,4"
     )
-    parser.add_argument("--embedding-bits", type=int, default=8)
-    parser.add_argument("--classifier-bits", type=int, default=8)
+    parser.add_argument(
+        "--protocol",
+        choices=list(PROTOCOLS),
+        default="deploy",
+        help="bits of the patch embedding and classifier: "
+        + "; ".join(f"{name}: {what}" for name, what in PROTOCOLS.items()),
+    )
+    parser.add_argument(
+        "--embedding-bits", type=int, default=8, help="patch-embedding bits (deploy protocol)"
+    )
+    parser.add_argument("--classifier-bits", type=int, default=8, help="classifier bits (deploy protocol)")
     parser.add_argument("--num-calibration", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -186,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = AutoModelForImageClassification.from_pretrained(args.model).to(device).eval()
     config = QuantConfig(
+        protocol=args.protocol,
         embedding_bits=args.embedding_bits,
         classifier_bits=args.classifier_bits,
         num_calibration=args.num_calibration,

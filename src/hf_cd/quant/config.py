@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from hf_cd.quant.quantizers import check_bits, is_float_bits
 
 DEFAULT_ACTIVATION_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
-"""RepQ-ViT's candidates for activation ranges (and for the log√2 quantizer's top level)."""
+"""RepQ-ViT's candidates for activation ranges and for the log√2 quantizer's top level (its weight rows
+use the same ones: ``repq_weight_percentiles``)."""
 
 DEFAULT_WEIGHT_CLIP_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.01 * i, 2) for i in range(81))
-"""Clipping ratios of a channel's absmax searched for weights: 1.00, 0.99, …, 0.20."""
+"""Clipping ratios of a channel's absmax searched for symmetric weights: 1.00, 0.99, …, 0.20 (ours;
+RepQ-ViT searches asymmetric per-row percentiles instead, see ``repq``)."""
+
+DEFAULT_PROTOCOL = "deploy"
+PROTOCOLS: dict[str, str] = {
+    "deploy": "patch embedding and classifier weights and inputs at embedding_bits / classifier_bits "
+    "(8 by default), what an integer runtime deploys",
+    "repq_vit": "RepQ-ViT's published bit assignment: patch-embedding weight at w_bits and its input at "
+    "8 bits, classifier weight at w_bits and its input at a_bits",
+}
+"""Bit protocols: which bits the patch embedding and the classifier get. Every result row names its
+protocol, so no number is compared with a paper's measured under another assignment."""
+
+REPQ_VIT_EMBEDDING_INPUT_BITS = 8
+"""RepQ-ViT's ``QuantConv2d`` keeps the patch embedding's input (the pixels) at 8 bits whatever a_bits is."""
 
 
 @dataclass(frozen=True)
@@ -20,8 +36,10 @@ class QuantConfig:
 
     Bits are ints in 2..8, or ≥ 16 to leave that part in floating point. ``w_bits`` / ``a_bits``
     cover the encoder (every block's linear weights and inputs, and the inputs of both attention
-    matmuls); the patch embedding and the classifier(s) keep their own bits (weights and inputs),
-    8 by default as in RepQ-ViT and PTQ4ViT.
+    matmuls). The patch embedding and the classifier(s) follow ``protocol``: under ``deploy`` they
+    keep ``embedding_bits`` / ``classifier_bits`` (weights and inputs, 8 by default); under
+    ``repq_vit`` they follow RepQ-ViT's published protocol (weights at ``w_bits``, the embedding's
+    input at 8 and the classifier's at ``a_bits``), and those two fields must stay at 8.
     """
 
     w_bits: int = 8
@@ -41,12 +59,35 @@ class QuantConfig:
     quantized calibration pass does); ``False`` calibrates every site at once on float activations."""
     progress: bool = True
     """Show tqdm progress bars over calibration and evaluation batches."""
+    protocol: str = DEFAULT_PROTOCOL
+    """Bit protocol of the patch embedding and classifier, one of `PROTOCOLS`; recorded in every result row."""
+    activation_include_zero: bool = True
+    """Per-tensor asymmetric activation ranges (every pipeline) are widened to contain 0, so the
+    zero-point is an integer code in range and 0 is exact (what integer kernels need). ``False``
+    fits the range as RepQ-ViT does; that differs only where the range excludes 0, and there the
+    zero-point falls outside the codes. ``minmax``/``percentile``/``repq``/reconstruction alike."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Options for pipelines registered later (e.g. GPTQ's damping); ignored by the built-in ones."""
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "embedding_bits", "classifier_bits"):
             check_bits(name, getattr(self, name))
+        if self.protocol not in PROTOCOLS:
+            close = difflib.get_close_matches(str(self.protocol), list(PROTOCOLS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"Unknown protocol {self.protocol!r}.{hint} Known: "
+                + "; ".join(f"{name!r} ({what})" for name, what in PROTOCOLS.items())
+                + "."
+            )
+        if self.protocol == "repq_vit" and (self.embedding_bits, self.classifier_bits) != (8, 8):
+            raise ValueError(
+                "protocol='repq_vit' sets the patch embedding and classifier bits itself (weights at w_bits, "
+                "inputs at 8 and a_bits); leave embedding_bits and classifier_bits at 8, or use "
+                f"protocol='deploy' to choose them (got {self.embedding_bits} and {self.classifier_bits})."
+            )
+        if not isinstance(self.activation_include_zero, bool):
+            raise TypeError(f"activation_include_zero must be a bool, got {self.activation_include_zero!r}.")
         from hf_cd.quant.registry import get_pipeline
 
         get_pipeline(self.pipeline)  # raises, listing the known pipelines
@@ -69,9 +110,30 @@ class QuantConfig:
         object.__setattr__(self, "weight_clip_ratios", tuple(float(r) for r in self.weight_clip_ratios))
 
     @property
+    def embedding_weight_bits(self) -> int:
+        """Bits of the patch-embedding weight under `protocol`."""
+        return self.w_bits if self.protocol == "repq_vit" else self.embedding_bits
+
+    @property
+    def embedding_input_bits(self) -> int:
+        """Bits of the patch-embedding input (the pixels) under `protocol`."""
+        return REPQ_VIT_EMBEDDING_INPUT_BITS if self.protocol == "repq_vit" else self.embedding_bits
+
+    @property
+    def classifier_weight_bits(self) -> int:
+        """Bits of the classifier weight(s) under `protocol`."""
+        return self.w_bits if self.protocol == "repq_vit" else self.classifier_bits
+
+    @property
+    def classifier_input_bits(self) -> int:
+        """Bits of the classifier input(s) under `protocol`."""
+        return self.a_bits if self.protocol == "repq_vit" else self.classifier_bits
+
+    @property
     def quantizes_activations(self) -> bool:
         """Whether any activation is quantized (and so calibration data is needed)."""
-        return not all(is_float_bits(b) for b in (self.a_bits, self.embedding_bits, self.classifier_bits))
+        bits = (self.a_bits, self.embedding_input_bits, self.classifier_input_bits)
+        return not all(is_float_bits(b) for b in bits)
 
     @property
     def label(self) -> str:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_cd.architectures import classifiers
 from hf_cd.quant.api import calibration_images_for
 from hf_cd.quant.calibration import forward_images
 from hf_cd.quant.config import QuantConfig
@@ -30,9 +31,36 @@ def evaluate_accuracy(
 
     The model is run in eval mode and its train/eval flags are restored afterwards.
     """
+    accuracy, total, _ = _evaluate(
+        model, eval_data, batch_size, progress, description, capture_features=False
+    )
+    return accuracy, total
+
+
+def _classifier_input_hook(model: nn.Module, features: list[torch.Tensor]):
+    """Keep the input of the model's first classifier, as the float model computes it (before any quantizer)."""
+    heads = list(classifiers(model).values())
+    if not heads:
+        raise ValueError(f"{type(model).__name__} has no classifier whose input could be compared.")
+    return heads[0].register_forward_pre_hook(
+        lambda module, args: features.append(args[0].detach().float().cpu()), prepend=True
+    )
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module,
+    eval_data: Any,
+    batch_size: int,
+    progress: bool,
+    description: str,
+    capture_features: bool,
+) -> tuple[float, int, torch.Tensor | None]:
     modes = {module: module.training for module in model.modules()}
     model.eval()
     correct = total = 0
+    features: list[torch.Tensor] = []
+    handle = _classifier_input_hook(model, features) if capture_features else None
     try:
         batches = iterate_batches(eval_data, batch_size, need_labels=True)
         for pixel_values, labels in tqdm(
@@ -47,11 +75,20 @@ def evaluate_accuracy(
             correct += (logits.argmax(-1).cpu() == labels.cpu()).sum().item()
             total += labels.shape[0]
     finally:
+        if handle is not None:
+            handle.remove()
         for module, training in modes.items():
             module.training = training
     if total == 0:
         raise ValueError("The evaluation data is empty: no labelled images to measure accuracy on.")
-    return 100.0 * correct / total, total
+    return 100.0 * correct / total, total, torch.cat(features) if capture_features else None
+
+
+def mean_feature_cosine(reference: torch.Tensor, quantized: torch.Tensor) -> float:
+    """Mean over images of the cosine between the float and the quantized model's classifier input."""
+    if reference.shape != quantized.shape:
+        raise ValueError(f"Feature shapes differ: {tuple(reference.shape)} vs {tuple(quantized.shape)}.")
+    return float(torch.nn.functional.cosine_similarity(reference, quantized, dim=-1).mean())
 
 
 def evaluate_quantized(
@@ -61,6 +98,7 @@ def evaluate_quantized(
     pipelines: Sequence[str] = DEFAULT_PIPELINES,
     bits: Iterable[tuple[int, int]] = DEFAULT_BITS,
     config: QuantConfig | None = None,
+    feature_cosine: bool = False,
 ) -> QuantResults:
     """Quantize ``model`` with every pipeline at every ``(w_bits, a_bits)`` and measure top-1 accuracy.
 
@@ -71,12 +109,15 @@ def evaluate_quantized(
         calib_data: calibration images (see `quantize`); the same draw serves every row.
         pipelines: registered pipeline names.
         bits: ``(w_bits, a_bits)`` pairs for the encoder.
-        config: the other settings (embedding / classifier bits, calibration count, seed, batch
-            size, …); its ``w_bits``, ``a_bits`` and ``pipeline`` are replaced per row.
+        config: the other settings (bit protocol, embedding / classifier bits, calibration count,
+            seed, batch size, …); its ``w_bits``, ``a_bits`` and ``pipeline`` are replaced per row.
+        feature_cosine: also report, per fake-quant row, ``feature_cosine``: the mean cosine between
+            the float and the quantized model's classifier input (the backbone feature a linear
+            probe reads). It shows damage that top-1 accuracy hides until it flips predictions.
 
     Returns:
         `QuantResults`: the full-precision row, then one row per (pipeline, bits) in the order given;
-        the keys are documented in `hf_cd.quant.results`.
+        the keys are documented in `hf_cd.quant.results`. Every quantized row names its ``protocol``.
     """
     base = config or QuantConfig()
     check_reiterable(eval_data, "eval_data")
@@ -92,8 +133,8 @@ def evaluate_quantized(
     )  # one draw for all rows
 
     start = time.perf_counter()
-    reference, num_eval = evaluate_accuracy(
-        model, eval_data, base.batch_size, base.progress, "full precision eval"
+    reference, num_eval, reference_features = _evaluate(
+        model, eval_data, base.batch_size, base.progress, "full precision eval", feature_cosine
     )
     dtype_bits = torch.finfo(next(model.parameters()).dtype).bits
     rows = [
@@ -111,6 +152,7 @@ def evaluate_quantized(
             quantize_seconds=0.0,
             eval_seconds=time.perf_counter() - start,
             reference_accuracy=reference,
+            **({"feature_cosine": 1.0} if feature_cosine else {}),
         )
     ]
     for row_config in configs:
@@ -125,6 +167,7 @@ def evaluate_quantized(
                     runtime=pipeline.runtime,
                     seed=row_config.seed,
                     reference_accuracy=reference,
+                    protocol=row_config.protocol,
                     **measured,
                 )
             )
@@ -133,12 +176,16 @@ def evaluate_quantized(
         quantized = pipeline(model, row_config, images if row_config.quantizes_activations else None)
         quantize_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        accuracy, count = evaluate_accuracy(
+        accuracy, count, features = _evaluate(
             quantized,
             eval_data,
             base.batch_size,
             base.progress,
             f"{row_config.pipeline} {row_config.label} eval",
+            feature_cosine,
+        )
+        cosine = (
+            {} if features is None else {"feature_cosine": mean_feature_cosine(reference_features, features)}
         )
         eval_seconds = time.perf_counter() - start
         state = getattr(quantized, "hf_cd_quant", None)
@@ -149,8 +196,9 @@ def evaluate_quantized(
                 runtime=pipeline.runtime,
                 w_bits=row_config.w_bits,
                 a_bits=row_config.a_bits,
-                embedding_bits=row_config.embedding_bits,
-                classifier_bits=row_config.classifier_bits,
+                embedding_bits=row_config.embedding_weight_bits,
+                classifier_bits=row_config.classifier_weight_bits,
+                protocol=row_config.protocol,
                 accuracy=accuracy,
                 num_eval=count,
                 num_calibration=state.num_calibration
@@ -160,6 +208,7 @@ def evaluate_quantized(
                 quantize_seconds=quantize_seconds,
                 eval_seconds=eval_seconds,
                 reference_accuracy=reference,
+                **cosine,
             )
         )
     return QuantResults(rows)

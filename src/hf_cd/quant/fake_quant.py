@@ -53,7 +53,7 @@ class ActivationQuantizer(nn.Module):
         return QuantParams(self.scheme, self.bits, self.scale, self.zero_point)
 
     def reset(self) -> None:
-        """Back to float pass-through, forgetting any calibration (RepQ recalibrates after folding)."""
+        """Back to float pass-through, forgetting any calibration (RepQ's per-channel statistics pass)."""
         self.mode, self.observer, self.scheme = "float", None, None
         self.scale = self.zero_point = None
 

@@ -71,10 +71,14 @@ class Observer:
 
 
 class MinMaxObserver(Observer):
-    """Running minimum and maximum → asymmetric per-tensor range (the plain textbook calibration)."""
+    """Running minimum and maximum → asymmetric per-tensor range (the plain textbook calibration).
 
-    def __init__(self, bits: int, name: str = "") -> None:
+    ``include_zero`` (`QuantConfig.activation_include_zero`) widens the range to contain 0.
+    """
+
+    def __init__(self, bits: int, name: str = "", include_zero: bool = True) -> None:
         super().__init__(bits, name)
+        self.include_zero = include_zero
         self.minimum: torch.Tensor | None = None
         self.maximum: torch.Tensor | None = None
 
@@ -84,7 +88,7 @@ class MinMaxObserver(Observer):
         self.maximum = high if self.maximum is None else torch.maximum(self.maximum, high)
 
     def params(self) -> QuantParams:
-        scale, zero_point = asymmetric_params(self.minimum, self.maximum, self.bits)
+        scale, zero_point = asymmetric_params(self.minimum, self.maximum, self.bits, self.include_zero)
         return QuantParams("asymmetric", self.bits, scale, zero_point)
 
 
@@ -196,16 +200,27 @@ class _TailObserver(Observer):
 class PercentileObserver(_TailObserver):
     """Asymmetric range ``[quantile(1 − p), quantile(p)]``, ``p`` of least squared error (RepQ-ViT's search).
 
-    Per-channel ranges (RepQ-ViT's post-LayerNorm calibration before reparameterization) do not
-    force 0 into the range; per-tensor ranges do, so the zero-point is a valid code.
+    Per-channel ranges (RepQ-ViT's post-LayerNorm calibration before reparameterization) never
+    force 0 into the range. Per-tensor ranges do when ``include_zero``
+    (`QuantConfig.activation_include_zero`, on by default), so the zero-point is a valid code;
+    RepQ-ViT's per-tensor ranges don't.
     """
+
+    def __init__(
+        self,
+        bits: int,
+        percentiles: Sequence[float],
+        per_channel: bool = False,
+        name: str = "",
+        include_zero: bool = True,
+    ) -> None:
+        super().__init__(bits, percentiles, per_channel=per_channel, name=name)
+        self.include_zero = include_zero and not per_channel
 
     def _candidate(self, p: float) -> tuple[torch.Tensor, ...]:
         low, high = self._quantile_pair(p)
         squeeze = (lambda t: t.reshape(-1)) if self.per_channel else (lambda t: t.reshape(()))
-        scale, zero_point = asymmetric_params(
-            squeeze(low), squeeze(high), self.bits, include_zero=not self.per_channel
-        )
+        scale, zero_point = asymmetric_params(squeeze(low), squeeze(high), self.bits, self.include_zero)
         return scale, zero_point
 
     def _quantize(self, x: torch.Tensor, candidate: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -218,18 +233,25 @@ class PercentileObserver(_TailObserver):
 
 
 class LogSqrt2Observer(_TailObserver):
-    """log√2 quantizer for softmax probabilities: ``delta = quantile(p)``, ``p`` of least squared error."""
+    """log√2 quantizer for softmax probabilities: ``delta = quantile(p)``, ``p`` of least squared error.
 
-    def __init__(self, bits: int, percentiles: Sequence[float], name: str = "") -> None:
+    ``reserve_zero_code`` picks the b-bit variant of `fake_quantize_log_sqrt2` (scheme
+    ``log_sqrt2_zero_code``) instead of RepQ-ViT's 2^b levels plus zero (scheme ``log_sqrt2``).
+    """
+
+    def __init__(
+        self, bits: int, percentiles: Sequence[float], name: str = "", reserve_zero_code: bool = False
+    ) -> None:
         super().__init__(bits, percentiles, per_channel=False, lower_tail=False, name=name)
+        self.reserve_zero_code = reserve_zero_code
 
     def _candidate(self, p: float) -> tuple[torch.Tensor, ...]:
         _, high = self._quantile_pair(p)
         return (high.reshape(()).clamp(min=1e-8),)
 
     def _quantize(self, x: torch.Tensor, candidate: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return fake_quantize_log_sqrt2(x, candidate[0], self.bits)
+        return fake_quantize_log_sqrt2(x, candidate[0], self.bits, self.reserve_zero_code)
 
     def params(self) -> QuantParams:
         (delta,) = self._best()
-        return QuantParams("log_sqrt2", self.bits, delta)
+        return QuantParams("log_sqrt2_zero_code" if self.reserve_zero_code else "log_sqrt2", self.bits, delta)

@@ -9,8 +9,10 @@ import torch
 
 from hf_cd.quant.quantizers import fake_quantize_asymmetric, fake_quantize_log_sqrt2, fake_quantize_symmetric
 
-Scheme = Literal["asymmetric", "symmetric", "log_sqrt2"]
-SCHEMES: tuple[str, ...] = ("asymmetric", "symmetric", "log_sqrt2")
+Scheme = Literal["asymmetric", "symmetric", "log_sqrt2", "log_sqrt2_zero_code"]
+SCHEMES: tuple[str, ...] = ("asymmetric", "symmetric", "log_sqrt2", "log_sqrt2_zero_code")
+"""``log_sqrt2`` is RepQ-ViT's (2^b levels and a zero outside them); ``log_sqrt2_zero_code`` gives
+zero one of the 2^b codes (`hf_cd.quant.quantizers.fake_quantize_log_sqrt2`)."""
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,8 @@ class QuantParams:
     """Scheme, bits and the tensors of one quantizer.
 
     ``scale`` is a scalar (per tensor) or ``(C,)`` (per channel of the last dimension); for
-    ``log_sqrt2`` it is the largest level ``delta``. ``zero_point`` is set for ``asymmetric`` only.
+    the log√2 schemes it is the largest level ``delta``. ``zero_point`` is set for ``asymmetric`` only,
+    and may be fractional (RepQ-ViT's post-LayerNorm target is a mean of zero-points).
     """
 
     scheme: Scheme
@@ -48,6 +51,6 @@ def fake_quantize(
         return fake_quantize_asymmetric(x, scale, zero_point, bits)
     if scheme == "symmetric":
         return fake_quantize_symmetric(x, scale, bits)
-    if scheme == "log_sqrt2":
-        return fake_quantize_log_sqrt2(x, scale, bits)
+    if scheme in ("log_sqrt2", "log_sqrt2_zero_code"):
+        return fake_quantize_log_sqrt2(x, scale, bits, reserve_zero_code=scheme == "log_sqrt2_zero_code")
     raise ValueError(f"Unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}.")

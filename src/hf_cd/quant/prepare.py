@@ -2,12 +2,14 @@
 
 Sites come from `hf_cd.architectures` (never from module paths written here):
 
-* patch embedding: its input (pixel values) and weight, at ``embedding_bits``;
+* patch embedding: its input (pixel values) and weight, at ``embedding_bits`` (``protocol="repq_vit"``:
+  weight at ``w_bits``, input at 8, as RepQ-ViT's ``QuantConv2d``);
 * per block: the LayerNorm outputs that feed q/k/v and the FFN input projection(s) (quantized once
   each, as the fused qkv input of timm ViTs is), the inputs of the two attention matmuls (in the
   registered attention function), the inputs of the attention output projection and of the FFN
   output projection, and every linear weight, at ``a_bits`` / ``w_bits``;
-* classifier(s): input and weight, at ``classifier_bits``.
+* classifier(s): input and weight, at ``classifier_bits`` (``protocol="repq_vit"``: ``a_bits`` /
+  ``w_bits``, as RepQ-ViT's ``QuantLinear`` head).
 
 LayerNorm, softmax, GELU / SiLU and the residual adds stay float. Everything starts in ``float``
 mode; a pipeline then quantizes weights and calibrates activations.
@@ -36,6 +38,7 @@ from hf_cd.quant.attention import (
 )
 from hf_cd.quant.config import QuantConfig
 from hf_cd.quant.fake_quant import ActivationQuantizer, AttentionQuantizers
+from hf_cd.quant.params import QuantParams
 
 STATE_ATTRIBUTE = "hf_cd_quant"
 """Attribute of a quantized copy holding its `QuantizationState`."""
@@ -84,6 +87,9 @@ class QuantizationState:
     original_attention: str | None
     hooks: list[RemovableHandle] = field(default_factory=list)
     num_calibration: int = 0
+    preset: dict[str, QuantParams] = field(default_factory=dict)
+    """Activation parameters a pipeline fixed before calibration, by site name (RepQ-ViT's
+    post-LayerNorm target); these sites are loaded with them and never calibrated."""
 
     def activation(self, name: str) -> ActivationSite:
         for site in self.activations:
@@ -159,8 +165,8 @@ def prepare_fake_quant_copy(model: nn.Module, config: QuantConfig) -> nn.Module:
         activations.append(ActivationSite(quantizer, group, block))
 
     embedding = patch_embedding(quantized)
-    on_input(embedding, "patch_embedding_input", config.embedding_bits, group=0)
-    weights.append(WeightSite(names[embedding], "patch_embedding", embedding, config.embedding_bits))
+    on_input(embedding, "patch_embedding_input", config.embedding_input_bits, group=0)
+    weights.append(WeightSite(names[embedding], "patch_embedding", embedding, config.embedding_weight_bits))
     group_ends.append(embedding)
 
     for block in blocks:
@@ -179,8 +185,8 @@ def prepare_fake_quant_copy(model: nn.Module, config: QuantConfig) -> nn.Module:
 
     heads = {name: head for name, head in classifiers(quantized).items() if isinstance(head, nn.Linear)}
     for name, head in heads.items():
-        on_input(head, "classifier_input", config.classifier_bits, group=len(blocks) + 1)
-        weights.append(WeightSite(name, "classifier", head, config.classifier_bits))
+        on_input(head, "classifier_input", config.classifier_input_bits, group=len(blocks) + 1)
+        weights.append(WeightSite(name, "classifier", head, config.classifier_weight_bits))
     group_ends.append(None)  # the classifier group runs the whole forward
 
     # Point every config of the copy (the model's and any an attention module keeps) at our attention.

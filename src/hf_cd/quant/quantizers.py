@@ -1,13 +1,20 @@
 """The quantizers as pure functions: every pipeline shares this arithmetic and nothing else here.
 
-Conventions (the ones RepQ-ViT and PTQ4ViT use, written once):
+Conventions (written once; where RepQ-ViT's reference code, ``zkkli/RepQ-ViT``
+``classification/quant/quantizer.py``, differs, the RepQ-ViT variant is named):
 
 * Uniform asymmetric, ``b`` bits: integer codes ``0 … 2^b − 1``; ``scale = (max − min) / (2^b − 1)``
-  and an integer ``zero_point = round(−min / scale)``; ``x̂ = (clamp(round(x / scale) + zp) − zp) · scale``.
+  and ``zero_point = round(−min / scale)``; ``x̂ = (clamp(round(x / scale) + zp) − zp) · scale``.
+  `asymmetric_params` widens ``[min, max]`` to contain 0 by default, so the zero-point is a valid
+  code; RepQ-ViT's ``UniformQuantizer`` does not (``include_zero=False``).
 * Uniform symmetric, ``b`` bits: the narrow signed range ``−(2^(b−1) − 1) … 2^(b−1) − 1`` (2^b − 1 codes),
-  so ``q(−x) = −q(x)``; ``scale = absmax / (2^(b−1) − 1)``.
-* log√2, ``b`` bits: ``2^b`` codes, ``2^b − 1`` of them the levels ``delta · 2^(−k/2)`` (k = 0 … 2^b − 2)
-  and one exact zero, for softmax probabilities that crowd near 0.
+  so ``q(−x) = −q(x)``; ``scale = absmax / (2^(b−1) − 1)``. Our weight quantizer of ``minmax`` /
+  ``percentile``; RepQ-ViT quantizes weights asymmetrically per output row instead
+  (`quantize_weight_asymmetric`).
+* log√2, ``b`` bits: levels ``delta · 2^(−k/2)`` for softmax probabilities that crowd near 0.
+  RepQ-ViT's ``LogSqrt2Quantizer`` has ``2^b`` levels (k = 0 … 2^b − 1) and maps what is below the
+  last one to an exact zero outside them (2^b + 1 values in all); ``reserve_zero_code`` keeps 2^b
+  codes (k = 0 … 2^b − 2 and zero), which is what a b-bit integer code can hold.
 
 Scales and zero-points broadcast against ``x``: a scalar is per-tensor, a ``(C,)`` tensor is per channel
 of the last dimension, a ``(C, 1)`` tensor per row (per output channel of a flattened weight).
@@ -100,19 +107,29 @@ def fake_quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int) -> 
     return torch.round(_compute_dtype(x) / scale).clamp_(low, high).mul_(scale).to(x.dtype)
 
 
-def fake_quantize_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+def log_sqrt2_num_levels(bits: int, reserve_zero_code: bool = False) -> int:
+    """Nonzero levels of the log√2 quantizer: RepQ-ViT's ``2^b``, or ``2^b − 1`` when one code is zero."""
+    return 2**bits - 1 if reserve_zero_code else 2**bits
+
+
+def fake_quantize_log_sqrt2(
+    x: torch.Tensor, delta: torch.Tensor, bits: int, reserve_zero_code: bool = False
+) -> torch.Tensor:
     """RepQ-ViT's log√2 quantizer: ``delta · 2^(−k/2)`` with ``k = round(−2·log2(x / delta))``.
 
-    Values at or above ``delta`` map to ``delta``; values too small for the last level
-    (``k ≥ 2^b − 1``) and values ≤ 0 map to exactly 0, so ``b`` bits hold ``2^b`` codes in all.
+    Values at or above ``delta`` map to ``delta``. By default (RepQ-ViT's) ``k`` runs over
+    ``0 … 2^b − 1`` and values whose ``k`` rounds past the last level become exactly 0, so the
+    lowest nonzero level is ``delta · 2^(−(2^b − 1)/2)`` (δ·2^−7.5 at 4 bits). ``reserve_zero_code``
+    gives the last code to zero instead (``k ≤ 2^b − 2``), so everything fits in ``b`` bits.
+    Values ≤ 0 map to 0 (RepQ-ViT's gives NaN for negatives; softmax has none).
     """
     x32 = _compute_dtype(x)
-    codes = 2**bits - 1  # the last code is zero
-    exponent = torch.round(-2.0 * torch.log2(x32 / delta)).nan_to_num_(nan=codes).clamp_(0, codes)
-    exponent = torch.where(x32 > 0, exponent, codes).long()
+    levels = log_sqrt2_num_levels(bits, reserve_zero_code)  # index `levels` of the table is zero
+    exponent = torch.round(-2.0 * torch.log2(x32 / delta)).nan_to_num_(nan=levels).clamp_(0, levels)
+    exponent = torch.where(x32 > 0, exponent, levels).long()
     # A table, not exp2: every element of one level gets the identical value (exp2's vectorized and
-    # scalar paths differ in the last bit), so the output has exactly 2^b values and is monotonic.
-    table = torch.tensor([2.0 ** (-k / 2) for k in range(codes)] + [0.0], dtype=x32.dtype, device=x.device)
+    # scalar paths differ in the last bit), so the output has exactly levels + 1 values and is monotonic.
+    table = torch.tensor([2.0 ** (-k / 2) for k in range(levels)] + [0.0], dtype=x32.dtype, device=x.device)
     return (table[exponent] * delta).to(x.dtype)
 
 
@@ -160,6 +177,55 @@ def quantize_weight_symmetric(
             best_error = torch.where(better, error, best_error)
             best_scale = torch.where(better.view(-1, 1), scale, best_scale)
     return fake_quantize_symmetric(rows, best_scale, bits).reshape(weight.shape).to(weight.dtype)
+
+
+def sorted_quantile(sorted_rows: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(rows, q, dim=1, keepdim=True)`` (linear interpolation) from rows sorted ascending.
+
+    Sorting once serves every candidate percentile, and works past `torch.quantile`'s size limit.
+    """
+    position = q * (sorted_rows.shape[1] - 1)
+    lower = int(position)
+    upper = min(lower + 1, sorted_rows.shape[1] - 1)
+    low, high = sorted_rows[:, lower : lower + 1], sorted_rows[:, upper : upper + 1]
+    return torch.lerp(low, high, position - lower)
+
+
+def asymmetric_weight_params(
+    weight: torch.Tensor, bits: int, percentiles: Sequence[float], include_zero: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RepQ-ViT's weight quantizer: per output row ``(scale, zero_point)``, each ``(C, 1)``.
+
+    Each row takes the range ``[quantile(1 − p), quantile(p)]`` of its own values with the ``p`` of
+    ``percentiles`` of least squared error (the first on ties), as ``UniformQuantizer`` with
+    ``channel_wise=True`` does; no zero is forced into the range, as there.
+    """
+    rows = _rows(weight)
+    ordered = rows.sort(dim=1).values
+    best_error = best_scale = best_zero_point = None
+    for p in percentiles:
+        scale, zero_point = asymmetric_params(
+            sorted_quantile(ordered, 1.0 - p), sorted_quantile(ordered, p), bits, include_zero=include_zero
+        )
+        error = quantization_mse(rows, fake_quantize_asymmetric(rows, scale, zero_point, bits), dim=1)
+        if best_error is None:
+            best_error, best_scale, best_zero_point = error, scale, zero_point
+        else:
+            better = (error < best_error).view(-1, 1)
+            best_error = torch.minimum(error, best_error)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero_point = torch.where(better, zero_point, best_zero_point)
+    return best_scale, best_zero_point
+
+
+def quantize_weight_asymmetric(
+    weight: torch.Tensor, bits: int, percentiles: Sequence[float], include_zero: bool = False
+) -> torch.Tensor:
+    """Fake-quantize a weight with `asymmetric_weight_params` (2^b levels per output row)."""
+    rows = _rows(weight)
+    scale, zero_point = asymmetric_weight_params(weight, bits, percentiles, include_zero)
+    quantized = fake_quantize_asymmetric(rows, scale, zero_point, bits)
+    return quantized.reshape(weight.shape).to(weight.dtype)
 
 
 # --- quantiles from the tails ----------------------------------------------------------------------

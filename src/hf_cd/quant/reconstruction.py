@@ -55,7 +55,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_cd.architectures import unwrap_model
-from hf_cd.quant.calibration import calibrate, forward_images, model_device_and_dtype
+from hf_cd.quant.calibration import calibrate, forward_images, load_presets, model_device_and_dtype
 from hf_cd.quant.config import QuantConfig
 from hf_cd.quant.gptq import InputStatistics, SolverSettings
 from hf_cd.quant.marr import DEFAULT_GRID
@@ -399,11 +399,14 @@ def calibrate_sites(
     images: torch.Tensor | None,
     description: str,
 ) -> None:
-    """Calibrate ``sites`` (in one sequential pass set) with the activation pipeline's observers."""
+    """Calibrate ``sites`` (in one sequential pass set) with the activation pipeline's observers.
+
+    Sites the activation pipeline fixed before calibration (``state.preset``) are loaded instead.
+    """
     state = quantization_state(model)
     observers = {
         site.name: activation_pipeline.observer(site, config)
-        for site in sites
+        for site in load_presets(state, list(sites))
         if not is_float_bits(site.bits)
     }
     if not observers:

@@ -5,7 +5,10 @@ scale wastes most codes on them. A per-channel quantizer fits them but is not de
 (Li et al., ICCV 2023, Eq. 6–8) fits per-channel ``(scale_c, zero_point_c)`` and then rewrites the
 model so one per-tensor pair fits: with ``r = scale / mean(scale)`` and
 ``b = min_c / r − mean-min``, LayerNorm gets ``γ / r`` and ``β / r − b`` and every consumer linear
-gets ``W · diag(r)`` and bias ``c + W · diag(r) · b``. The float function is unchanged.
+gets ``W · diag(r)`` and bias ``c + W · diag(r) · b``. The float function is unchanged. The one
+per-tensor pair is ``(mean(scale), mean(zero_point))`` (`post_layernorm_target`), which RepQ-ViT's
+``test_quant.py`` loads into the LayerNorm output's quantizer as it is: the mean zero-point is not
+rounded, so it may fall between codes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ import torch
 from torch import nn
 
 from hf_cd.quant.quantizers import SCALE_EPS
+
+
+@torch.no_grad()
+def post_layernorm_target(scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-tensor ``(scale, zero_point)`` every channel is mapped onto: the means of the per-channel ones."""
+    return scale.float().clamp(min=SCALE_EPS).mean(), zero_point.float().mean()
 
 
 @torch.no_grad()
@@ -30,8 +39,8 @@ def layernorm_reparameterization(
     scale = scale.float().clamp(min=SCALE_EPS)
     zero_point = zero_point.float()
     minimum = -zero_point * scale
-    target_scale = scale.mean()
-    target_minimum = -zero_point.mean() * target_scale
+    target_scale, target_zero_point = post_layernorm_target(scale, zero_point)
+    target_minimum = -target_zero_point * target_scale
     ratio = scale / target_scale
     shift = minimum / ratio - target_minimum
     return ratio, shift

@@ -8,8 +8,10 @@ these are never renamed):
 ``runtime``         what ran it: ``float``, ``fake_quant`` (built-ins), or a real runtime's name
 ``w_bits``          encoder weight bits (≥ 16 = float; the full-precision row has the dtype's bits)
 ``a_bits``          encoder activation bits, incl. the attention matmul inputs
-``embedding_bits``  patch-embedding weight and input bits
-``classifier_bits`` classifier weight and input bits
+``embedding_bits``  patch-embedding weight and input bits (``repq_vit``: the weight's; the input is at 8)
+``classifier_bits`` classifier weight and input bits (``repq_vit``: the weight's; the input is at ``a_bits``)
+``protocol``        the bit protocol of patch embedding and classifier (`hf_cd.quant.config.PROTOCOLS`):
+                    ``deploy`` or ``repq_vit`` (RepQ-ViT's published one); ``None`` for full precision
 ``accuracy``        top-1 accuracy in percent (0–100)
 ``accuracy_drop``   full-precision accuracy minus this one, in points (0 for full precision)
 ``num_eval``        images evaluated
@@ -47,6 +49,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "a_bits",
     "embedding_bits",
     "classifier_bits",
+    "protocol",
     "accuracy",
     "accuracy_drop",
     "num_eval",
@@ -73,9 +76,13 @@ def result_row(
     quantize_seconds: float,
     eval_seconds: float,
     reference_accuracy: float | None = None,
+    protocol: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """One row in `RESULT_COLUMNS` order; ``reference_accuracy`` (full precision) gives ``accuracy_drop``."""
+    """One row in `RESULT_COLUMNS` order; ``reference_accuracy`` (full precision) gives ``accuracy_drop``.
+
+    ``protocol`` is ``None`` only for the full-precision row (nothing is quantized there).
+    """
     row = {
         "pipeline": pipeline,
         "runtime": runtime,
@@ -83,6 +90,7 @@ def result_row(
         "a_bits": int(a_bits),
         "embedding_bits": int(embedding_bits),
         "classifier_bits": int(classifier_bits),
+        "protocol": protocol,
         "accuracy": float(accuracy),
         "accuracy_drop": None if reference_accuracy is None else float(reference_accuracy) - float(accuracy),
         "num_eval": int(num_eval),

@@ -3,7 +3,9 @@
 A pipeline says three things: how to quantize a weight, which observer calibrates an activation
 site, and (optionally) what to do to the float copy first (RepQ's reparameterization). The
 skeleton copies the model, does those in that order, and returns the copy. Calibrating after the
-weights are quantized means every activation range is fitted to the quantized model.
+weights are quantized means every activation range is fitted to the quantized model. Sites whose
+parameters the first step fixed (``state.preset``: RepQ-ViT's post-LayerNorm target) are loaded
+with them instead of being calibrated.
 """
 
 from __future__ import annotations
@@ -11,10 +13,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hf_cd.quant.calibration import calibrate
+from hf_cd.quant.calibration import calibrate, load_presets
 from hf_cd.quant.config import QuantConfig
 from hf_cd.quant.observers import Observer
-from hf_cd.quant.prepare import ActivationSite, QuantizationState, prepare_fake_quant_copy, quantization_state
+from hf_cd.quant.prepare import (
+    ActivationSite,
+    QuantizationState,
+    WeightSite,
+    prepare_fake_quant_copy,
+    quantization_state,
+)
 from hf_cd.quant.quantizers import is_float_bits
 
 
@@ -34,7 +42,7 @@ class FakeQuantPipeline:
         self.quantize_weights(state, config)
         observers = {
             site.name: self.observer(site, config)
-            for site in state.activations
+            for site in load_presets(state, list(state.activations))
             if not is_float_bits(site.bits)
         }
         if observers:
@@ -72,8 +80,15 @@ class FakeQuantPipeline:
     def quantize_weight(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
         raise NotImplementedError
 
+    def weight_scheme(self, site: WeightSite, config: QuantConfig) -> str:
+        """How `quantize_weight` quantizes ``site`` (``symmetric`` unless a pipeline says otherwise)."""
+        return "float" if is_float_bits(site.bits) else "symmetric"
+
     def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
         raise NotImplementedError
+
+    def check(self, config: QuantConfig) -> None:
+        """Reject bad pipeline options in ``config`` before `evaluate_quantized` runs any row (none here)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

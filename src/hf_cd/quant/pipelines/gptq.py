@@ -23,7 +23,7 @@ from hf_cd.quant.gptq import (
 from hf_cd.quant.marr import AlphaSearch
 from hf_cd.quant.observers import Observer
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
-from hf_cd.quant.prepare import ActivationSite, prepare_fake_quant_copy, quantization_state
+from hf_cd.quant.prepare import ActivationSite, WeightSite, prepare_fake_quant_copy, quantization_state
 from hf_cd.quant.quantizers import is_float_bits
 from hf_cd.quant.reconstruction import (
     RECONSTRUCTION_ATTRIBUTE,
@@ -97,8 +97,8 @@ class ReconstructionPipeline(FakeQuantPipeline):
         return quantized
 
     def check(self, config: QuantConfig) -> None:
-        """Reject bad ``gptq_``/``gptaq_``/``marr_`` options before `evaluate_quantized` runs any row."""
-        self.activation_pipeline(ReconstructionOptions.from_extra(config.extra))
+        """Reject bad ``gptq_``/``gptaq_``/``marr_`` options (and the activation pipeline's) before any row runs."""
+        self.activation_pipeline(ReconstructionOptions.from_extra(config.extra)).check(config)
 
     @staticmethod
     def activation_pipeline(options: ReconstructionOptions) -> FakeQuantPipeline:
@@ -194,6 +194,14 @@ class ReconstructionPipeline(FakeQuantPipeline):
         """Round-to-nearest as the activation pipeline does (what encoder weights get without a solve)."""
         options = ReconstructionOptions.from_extra(config.extra)
         return self.activation_pipeline(options).quantize_weight(weight, bits, config)
+
+    def weight_scheme(self, site: WeightSite, config: QuantConfig) -> str:
+        """Encoder linears are solved on the symmetric grid; the others are the activation pipeline's."""
+        if site.block is not None and not is_float_bits(site.bits):
+            return "symmetric"
+        return self.activation_pipeline(ReconstructionOptions.from_extra(config.extra)).weight_scheme(
+            site, config
+        )
 
     def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
         options = ReconstructionOptions.from_extra(config.extra)

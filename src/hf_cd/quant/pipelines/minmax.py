@@ -20,4 +20,4 @@ class MinMaxPipeline(FakeQuantPipeline):
         return quantize_weight_symmetric(weight, bits, per_channel=True)
 
     def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
-        return MinMaxObserver(site.bits, site.name)
+        return MinMaxObserver(site.bits, site.name, include_zero=config.activation_include_zero)

@@ -29,4 +29,9 @@ class PercentilePipeline(FakeQuantPipeline):
         )
 
     def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
-        return PercentileObserver(site.bits, config.activation_percentiles, name=site.name)
+        return PercentileObserver(
+            site.bits,
+            config.activation_percentiles,
+            name=site.name,
+            include_zero=config.activation_include_zero,
+        )

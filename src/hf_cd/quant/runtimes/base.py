@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.config import DEFAULT_PROTOCOL, QuantConfig
 from hf_cd.quant.quantizers import is_float_bits
 
 
@@ -74,6 +74,12 @@ def check_int8_bits(pipeline: str, config: QuantConfig, float_parts_allowed: boo
             f"Pipeline {pipeline!r} runs real 8-bit integer kernels, so it measures W8A8 only; got "
             f"{config.label}. Evaluate other bit widths with the fake-quant pipelines (e.g. "
             f"pipelines=('repq',)) and {pipeline!r} in a call with bits=((8, 8),)."
+        )
+    if config.protocol != DEFAULT_PROTOCOL:
+        raise ValueError(
+            f"Pipeline {pipeline!r} runs the patch embedding and classifier as a runtime deploys them "
+            f"(protocol='deploy'), not under protocol={config.protocol!r}; measure that protocol with the "
+            "fake-quant pipelines."
         )
     for name in ("embedding_bits", "classifier_bits"):
         bits = getattr(config, name)
