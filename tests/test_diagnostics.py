@@ -71,3 +71,28 @@ def test_plots_are_written(tmp_path):
         plot_activation_stats(stats, tmp_path / "b.png"),
     ):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_outlier_profile_finds_a_planted_residual_channel_and_reads_norms_and_layer_scale():
+    from transformers import Dinov2ForImageClassification
+
+    from conftest import tiny_dinov2_config
+    from hf_cd import outlier_profile
+
+    torch.manual_seed(0)
+    model = Dinov2ForImageClassification(tiny_dinov2_config()).eval()
+    layers = model.dinov2.encoder.layer
+    with torch.no_grad():
+        layers[0].mlp.fc2.bias[5] = 40.0  # a massive residual channel from block 0 on
+        layers[1].norm2.weight[3] = 8.0  # one LayerNorm γ far above the others (the rest are 1)
+        layers[1].layer_scale2.lambda1[0] = 3.0
+    profile = outlier_profile(model, torch.randn(4, 1, 28, 28))
+    assert profile["residual_top_channel"] == [5, 5]
+    assert min(profile["residual_max"]) > 30
+    assert profile["norm_before_ffn_gamma_max_over_median"] == [1.0, 8.0]
+    assert profile["norm_before_attention_gamma_max_over_median"] == [1.0, 1.0]
+    assert profile["layer_scale_max"] == [1.0, 3.0]
+    assert len(profile["fc2_input_max_over_median"]) == 2 and all(
+        v > 1 for v in profile["fc2_input_max_over_median"]
+    )
+    assert set(profile["alignment_mean"]) == {"ffn", "value_output", "query_key"}

@@ -411,3 +411,61 @@ def test_lora_fine_tuning_saves_the_adapter_and_a_merged_model_and_never_writes_
     assert checked == 2 * 6  # 2 blocks × q, k, v, o, fc1, fc2
     assert results["quantized"]["status"] == "done"
     assert results["cd_settings"]["strength"] == 5.0
+
+
+@pytest.mark.slow
+@requires_fashion_mnist
+def test_fine_tuning_a_checkpoint_at_another_resolution_resamples_its_position_embeddings(tmp_path):
+    source = _save_pretrained_tiny(
+        tmp_path / "pretrained",
+        Dinov2ForImageClassification,
+        tiny_dinov2_config(num_labels=3, num_channels=3),
+    )
+    out = tmp_path / "out"
+    run = load_finetune().main(
+        ["--model_name_or_path", str(source), "--image_size", "14", *QUICK, "--output_dir", str(out),
+         "--max_steps", "1", "--per_device_train_batch_size", "8", "--max_train_samples", "16",
+         "--max_eval_samples", "8", "--max_test_samples", "8", "--no_quant_eval", "--diagnostics_samples", "4"]
+    )  # fmt: skip
+    assert run.results["model"]["image_size"] == 14
+    reloaded = Dinov2ForImageClassification.from_pretrained(out)
+    assert reloaded.config.image_size == 14
+    assert reloaded.dinov2.embeddings.position_embeddings.shape[1] == 1 + 2 * 2  # CLS + 2×2 patches of 7 px
+    preprocessing = ImagePreprocessing.from_image_processor(AutoImageProcessor.from_pretrained(out), 3)
+    assert preprocessing.output_size == (14, 14) and not preprocessing.center_crop
+
+
+def test_image_size_that_is_not_a_multiple_of_the_patch_size_is_refused(tmp_path):
+    from hf_cd.recipe import build_model
+
+    source = _save_pretrained_tiny(
+        tmp_path / "pretrained",
+        Dinov2ForImageClassification,
+        tiny_dinov2_config(num_labels=3, num_channels=3),
+    )
+    args = parse_recipe_args(
+        ["--model_name_or_path", str(source), "--image_size", "20", "--output_dir", str(tmp_path)]
+    )
+    with pytest.raises(RecipeArgumentError, match=r"--image_size 20.*multiple of the patch size 7"):
+        build_model(args.model, {"num_labels": 10})
+
+
+@pytest.mark.slow
+@requires_fashion_mnist
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="onnx is not installed")
+def test_the_offline_pretrained_checkpoint_fine_tunes_through_the_recipe(tmp_path):
+    from hf_cd.pretrained import PretrainedSourceError, offline_dinov2_small
+
+    try:
+        checkpoint = offline_dinov2_small(tmp_path / "dinov2-small")
+    except PretrainedSourceError as error:
+        pytest.skip(str(error))
+    run = load_finetune().main(
+        ["--config", str(CONFIGS / "fashion_mnist_dinov2_small_cpu.yaml"), "--model_name_or_path", str(checkpoint),
+         "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--per_device_train_batch_size", "4",
+         "--max_train_samples", "8", "--max_eval_samples", "8", "--max_test_samples", "8", "--no_quant_eval",
+         "--diagnostics_samples", "4", "--disable_tqdm", "true", "--save_strategy", "no"]
+    )  # fmt: skip
+    model = run.trainer.model
+    assert type(model).__name__ == "Dinov2ForImageClassification" and model.classifier.out_features == 10
+    assert model.config.image_size == 56 and model.config.hidden_size == 384

@@ -39,6 +39,8 @@ class BlockLayout:
     layer_scale_ffn: str | None = None
     patch_embedding: str = "embeddings.patch_embeddings.projection"
     """Relative to the base model."""
+    position_embeddings: str = "embeddings.position_embeddings"
+    """Relative to the base model: the (1, prefix + grid², width) learned position embeddings."""
     final_norm: str = "layernorm"
     """Relative to the base model."""
     classifiers: tuple[str, ...] = ("classifier",)

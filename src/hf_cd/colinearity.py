@@ -1,7 +1,7 @@
 """The Colinearity Decay math, as pure functions on batches of matrices.
 
 For a pair ``A`` (r×n, in→hidden) and ``B`` (m×r, hidden→out) with ``M = B·A``, one decoupled
-step with rate ``η·λ`` is (spec: ``shared/design/colinearity-decay.md``)::
+step with rate ``η·λ`` is (the method: ``docs/method.md``)::
 
     A ← A − η·λ · (Bᵀ·M) / ‖B‖₂²
     B ← B − η·λ · (M·Aᵀ) / ‖A‖₂²

@@ -139,6 +139,63 @@ def outlier_summary(table: Table) -> dict[str, float]:
     }
 
 
+@torch.no_grad()
+def outlier_profile(
+    model: nn.Module, batch, kinds: Iterable[str] = ("ffn", "value_output", "query_key")
+) -> dict:
+    """Per block, the numbers that say where a model's outliers live and what carries them.
+
+    From one forward pass over ``batch``: the residual stream's max |x| and the channel holding it,
+    and the max/median of |x| at fc2's input (the post-GELU activation). From the weights: the
+    LayerNorm γ max/median (norm before attention, norm before the FFN), the largest layer-scale
+    |λ| (Dinov2), and the mean alignment per pair kind. Comparing it before and after training
+    shows whether a method removed the pretrained outliers, kept them, or moved them.
+    """
+    model = unwrap_model(model)
+    stats = activation_stats(model, batch, top_k=1)
+    residual = [row for row in stats if row["site"] == "residual" and row["block"] >= 0]
+    blocks = resolve_blocks(model)
+    pixel_values = batch["pixel_values"] if isinstance(batch, Mapping) else batch
+    captured: dict[int, torch.Tensor] = {}
+    handles = [
+        block.ffn_output.register_forward_pre_hook(
+            lambda module, args, index=block.index: captured.__setitem__(index, args[0].detach().float())
+        )
+        for block in blocks
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        model(pixel_values=pixel_values.to(next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    fc2 = []
+    for block in blocks:
+        x = captured[block.index].abs().reshape(-1, captured[block.index].shape[-1])
+        fc2.append(float(x.max() / x.median().clamp_min(1e-12)))
+
+    def spread(norm: nn.Module) -> float:
+        gamma = norm.weight.detach().float().abs()
+        return float(gamma.max() / gamma.median().clamp_min(1e-12))
+
+    alignment_by_kind = alignment_summary(measure_alignment(model, kinds))
+    return {
+        "residual_max": [row["max_abs"] for row in residual],
+        "residual_top_channel": [row["top_channels"][0] for row in residual],
+        "fc2_input_max_over_median": fc2,
+        "norm_before_attention_gamma_max_over_median": [spread(b.norm_before_attention) for b in blocks],
+        "norm_before_ffn_gamma_max_over_median": [spread(b.norm_before_ffn) for b in blocks],
+        "layer_scale_max": [
+            max(float(scale.detach().abs().max()) for scale in scales)
+            for b in blocks
+            if (scales := [s for s in (b.layer_scale_attention, b.layer_scale_ffn) if s is not None])
+        ],
+        "alignment_mean": {kind: values["mean"] for kind, values in alignment_by_kind.items()},
+    }
+
+
 def _labelled(tables: Table | Mapping[str, Table]) -> dict[str, Table]:
     return {"model": tables} if isinstance(tables, Table) else dict(tables)
 

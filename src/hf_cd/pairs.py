@@ -67,7 +67,7 @@ def _block_pairs(
     fold_layer_scale: bool,
     fold_norm: bool = False,
 ) -> list[MatrixPair]:
-    """The pairs of one block, following the table in the spec (`colinearity-decay.md`)."""
+    """The pairs of one block, following the pair table of ``docs/method.md``."""
     names = block.names
     ls_attention = names.get("layer_scale_attention") if fold_layer_scale else None
     ls_ffn = names.get("layer_scale_ffn") if fold_layer_scale else None

@@ -63,6 +63,7 @@ from hf_cd.diagnostics import (
     plot_activation_stats,
     plot_alignment,
 )
+from hf_cd.pretrained import adapt_to_resolution
 from hf_cd.table import Table
 from hf_cd.trainer import CDTrainer
 
@@ -144,7 +145,12 @@ class ModelArguments:
         },
     )
     image_size: int | None = field(
-        default=None, metadata={"help": "Preset only: input resolution in pixels (default 224)."}
+        default=None,
+        metadata={
+            "help": "Input resolution in pixels. Presets: default 224. Checkpoints: default the checkpoint's "
+            "own; given, the position embeddings are resampled once (bicubic) and images are resized to "
+            "exactly this size without a center crop."
+        },
     )
     patch_size: int | None = field(default=None, metadata={"help": "Preset only: patch size (default 16)."})
     num_channels: int | None = field(
@@ -223,7 +229,6 @@ class ModelArguments:
         preset_only = [
             name
             for name in (
-                "image_size",
                 "patch_size",
                 "num_channels",
                 "hidden_size",
@@ -538,6 +543,11 @@ def build_model(model_args: ModelArguments, labels: Mapping[str, Any]) -> tuple[
         **hub,
     )
     image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path, **hub)
+    if model_args.image_size is not None:
+        try:
+            adapt_to_resolution(model, image_processor, model_args.image_size)
+        except ValueError as error:
+            raise RecipeArgumentError(f"--image_size {model_args.image_size}: {error}") from error
     return model, image_processor
 
 
@@ -755,6 +765,7 @@ def run_quantized_evaluation(
         "bits": list(quant_args.quant_bits),
         "num_calibration": min(quant_args.quant_num_calibration, len(calibration_dataset)),
         "eval_samples": len(eval_dataset),
+        "protocol": quant.DEFAULT_PROTOCOL,  # the bit protocol of every row: what a runtime would deploy
         "rows": [],
     }
     if not quant_args.quant_eval:
@@ -1077,9 +1088,13 @@ def format_summary(results: Mapping[str, Any]) -> str:
     quantized = results.get("quantized", {})
     lines.append("")
     if quantized.get("status") == "done" and quantized.get("rows"):
+        protocols = " / ".join(
+            dict.fromkeys(str(r.get("protocol")) for r in quantized["rows"] if r.get("protocol"))
+        )
         lines.append(
             f"quantized accuracy ({quantized['eval_samples']:,} test images, "
-            f"{quantized['num_calibration']} calibration images from train):"
+            f"{quantized['num_calibration']} calibration images from train, "
+            f"{protocols or 'unrecorded'} bit protocol):"
         )
         lines.append(quantized_accuracy_table(quantized["rows"]))
     else:

