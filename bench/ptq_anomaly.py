@@ -5,9 +5,9 @@ measures, with weights left float so only activation ranges differ:
 
 1. activation-only accuracy per site group (one group at A8 or A6, every other activation float)
    for each pipeline asked for;
-2. for every linear-input site of every block, the range the pipeline calibrated against the float
-   activation on the calibration images: how far the top of the range sits below the maximum, how
-   many values it clips, and where those values are (the CLS token or patch tokens, which channels).
+2. for every linear-input site of every block, the range the pipeline calibrated against what that
+   quantizer receives on the calibration images: how far the top of the range sits below the
+   maximum, how many values it clips, and where those values are (CLS or patch tokens, channels).
 
     python bench/ptq_anomaly.py --threads 2 --image-size 56
     python bench/ptq_anomaly.py --variants percentile 'percentile+max' --bits 6
@@ -38,8 +38,12 @@ VARIANTS = {
 
 
 @torch.no_grad()
-def float_activations(model, images: torch.Tensor, names: set[str]) -> dict[str, torch.Tensor]:
-    """The float model's activation at each ``module:input`` / ``module:output`` site in ``names``."""
+def site_inputs(model, images: torch.Tensor, names: set[str]) -> dict[str, torch.Tensor]:
+    """What each quantizer in ``names`` receives, before it rounds: hooks run ahead of the quantizers.
+
+    Taken from the quantized copy itself, so RepQ's reparameterized LayerNorm outputs are compared
+    with the range fitted to them, and each site sees the quantized blocks before it.
+    """
     modules = dict(model.named_modules())
     captured: dict[str, list[torch.Tensor]] = {}
     handles = []
@@ -51,9 +55,9 @@ def float_activations(model, images: torch.Tensor, names: set[str]) -> dict[str,
             captured.setdefault(site, []).append(x.detach().float())
 
         if where == "input":
-            handles.append(module.register_forward_pre_hook(lambda m, a, keep=keep: keep(a[0])))
+            handles.append(module.register_forward_pre_hook(lambda m, a, keep=keep: keep(a[0]), prepend=True))
         else:
-            handles.append(module.register_forward_hook(lambda m, a, out, keep=keep: keep(out)))
+            handles.append(module.register_forward_hook(lambda m, a, out, keep=keep: keep(out), prepend=True))
     try:
         for start in range(0, images.shape[0], 32):
             model(pixel_values=images[start : start + 32])
@@ -95,6 +99,18 @@ def clipping_report(state, activations: dict[str, torch.Tensor]) -> list[dict]:
             "clipping_sq_error_share": float(error / x.square().sum()),
         })  # fmt: skip
     return rows
+
+
+def _grouped(rows: list[dict]) -> dict[tuple, list[dict]]:
+    grouped: dict[tuple, list[dict]] = {}
+    for row in rows:
+        grouped.setdefault((row["variant"], row["a_bits"], row["role"]), []).append(row)
+    return grouped
+
+
+def calibration_tokens(model, image_size: int) -> int:
+    """Tokens per image: the CLS token plus the patch grid."""
+    return 1 + (image_size // model.config.patch_size) ** 2
 
 
 def main() -> None:
@@ -145,7 +161,7 @@ def main() -> None:
             state = quantization_state(quantized)
             calibration = calibration_images_for(config, train_x)  # the images quantize calibrated on
             names = {s.name for s in state.activations if s.role in LINEAR_INPUT_ROLES}
-            for row in clipping_report(state, float_activations(model, calibration, names)):
+            for row in clipping_report(state, site_inputs(quantized, calibration, names)):
                 results["clipping"].append({"variant": variant, "a_bits": bits, **row})
     payload = {**environment("cpu"), "image_size": args.image_size, "threads": args.threads,
                "num_eval": args.num_eval, **results}  # fmt: skip
@@ -154,12 +170,25 @@ def main() -> None:
     from hf_cd.table import Table
 
     groups = Table(results["groups"], ["variant", "a_bits", "group", "accuracy", "accuracy_drop"])
+    by_role = []
+    for (variant, bits, role), rows in _grouped(results["clipping"]).items():
+        clipped = sum(r["clipped_values"] for r in rows)
+        by_role.append({
+            "variant": variant, "a_bits": bits, "role": role, "sites": len(rows),
+            "mean_high_over_max": sum(r["high_over_max"] for r in rows) / len(rows),
+            "clipped_values": clipped,
+            "clipped_in_cls_token": sum(r["clipped_share_cls_token"] * r["clipped_values"] for r in rows) / max(clipped, 1),
+            "max_clipping_sq_error_share": max(r["clipping_sq_error_share"] for r in rows),
+        })  # fmt: skip
+    tokens = calibration_tokens(model, args.image_size)
     worst = sorted(results["clipping"], key=lambda r: r["clipping_sq_error_share"], reverse=True)[:24]
     header = "\n".join(f"- **{key}**: `{payload[key]}`" for key in ("date", "commit", "device", "command"))
     output.with_suffix(".md").write_text(
         f"# ptq_anomaly\n\n{header}\n\nWeights float; one activation group at A{'/A'.join(map(str, args.bits))}, "
         f"every other activation float; {args.num_eval} test images.\n\n{groups.to_markdown()}\n\n"
-        "Sites whose calibrated range clips the most of the float activation's energy (calibration images):\n\n"
+        f"Per site role (calibration images; the CLS token is 1 of {tokens} tokens, {100 / tokens:.1f} %):\n\n"
+        + Table(by_role, list(by_role[0])).to_markdown()
+        + "\n\nSites whose calibrated range clips the most of the activation's energy:\n\n"
         + Table(worst, ["variant", "a_bits", "site", "max", "range_high", "high_over_max", "clipped_values",
                         "clipped_share_cls_token", "clipped_top_channels", "clipping_sq_error_share"]).to_markdown()
         + "\n"

@@ -45,12 +45,16 @@ class BlockLayout:
     """Relative to the base model."""
     classifiers: tuple[str, ...] = ("classifier",)
     """Relative to the top-level model; those that exist are used (DeiT with teacher has two)."""
+    prefix_tokens: int = 1
+    """Tokens before the patch tokens in every block's sequence: CLS (and DeiT's distillation token)."""
 
 
 ARCHITECTURES: dict[str, BlockLayout] = {
     "vit": BlockLayout(blocks="layers"),
     "deit": BlockLayout(
-        blocks="layers", classifiers=("classifier", "cls_classifier", "distillation_classifier")
+        blocks="layers",
+        classifiers=("classifier", "cls_classifier", "distillation_classifier"),
+        prefix_tokens=2,
     ),
     "dinov2": BlockLayout(
         blocks="encoder.layer",

@@ -66,6 +66,15 @@ class QuantConfig:
     zero-point is an integer code in range and 0 is exact (what integer kernels need). ``False``
     fits the range as RepQ-ViT does; that differs only where the range excludes 0, and there the
     zero-point falls outside the codes. ``minmax``/``percentile``/``repq``/reconstruction alike."""
+    weight_prefix_tokens: bool | None = None
+    """Make the percentile range search of the block activations (the linear inputs) prefix-aware:
+    each prefix token (CLS; DeiT's distillation token) counts as much as all patch tokens together,
+    and ranges widened to cover the prefix tokens are among the candidates. A plain per-tensor
+    squared error weighs the CLS token 1/N and clips its rare large values, which are what the
+    classifier reads (on the pretrained DINOv2-S, most clipped fc2 inputs sit in the CLS token;
+    bench/results/ptq_anomaly.md). ``None``: the pipeline's default, on for ``percentile`` (ours)
+    and off for ``repq`` (RepQ-ViT does not do it; ``True`` is our improvement of it). Pipelines
+    that never clip (``minmax``, ``per_tensor``) ignore it."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Options for pipelines registered later (e.g. GPTQ's damping); ignored by the built-in ones."""
 
@@ -85,6 +94,10 @@ class QuantConfig:
                 "protocol='repq_vit' sets the patch embedding and classifier bits itself (weights at w_bits, "
                 "inputs at 8 and a_bits); leave embedding_bits and classifier_bits at 8, or use "
                 f"protocol='deploy' to choose them (got {self.embedding_bits} and {self.classifier_bits})."
+            )
+        if self.weight_prefix_tokens is not None and not isinstance(self.weight_prefix_tokens, bool):
+            raise TypeError(
+                f"weight_prefix_tokens must be True, False or None, got {self.weight_prefix_tokens!r}."
             )
         if not isinstance(self.activation_include_zero, bool):
             raise TypeError(f"activation_include_zero must be a bool, got {self.activation_include_zero!r}.")

@@ -200,6 +200,12 @@ class _TailObserver(Observer):
 class PercentileObserver(_TailObserver):
     """Asymmetric range ``[quantile(1 − p), quantile(p)]``, ``p`` of least squared error (RepQ-ViT's search).
 
+    With ``prefix_tokens`` (per-tensor only, (batch, tokens, channels) tensors), the search is
+    prefix-aware: the squared error of each of the first ``prefix_tokens`` tokens (CLS) is weighted
+    by the number of patch tokens, and the candidates include each percentile range widened to
+    cover the prefix tokens. A plain per-tensor error weighs the CLS token 1/N and clips its rare
+    large values, which are what a classifier reads (`QuantConfig.weight_prefix_tokens`).
+
     Per-channel ranges (RepQ-ViT's post-LayerNorm calibration before reparameterization) never
     force 0 into the range. Per-tensor ranges do when ``include_zero``
     (`QuantConfig.activation_include_zero`, on by default), so the zero-point is a valid code;
@@ -213,14 +219,48 @@ class PercentileObserver(_TailObserver):
         per_channel: bool = False,
         name: str = "",
         include_zero: bool = True,
+        prefix_tokens: int = 0,
     ) -> None:
         super().__init__(bits, percentiles, per_channel=per_channel, name=name)
         self.include_zero = include_zero and not per_channel
+        self.prefix_tokens = 0 if per_channel else prefix_tokens
+        self.prefix_min: torch.Tensor | None = None
+        self.prefix_max: torch.Tensor | None = None
+        self.prefix_weight = 1.0
 
-    def _candidate(self, p: float) -> tuple[torch.Tensor, ...]:
+    def _observe(self, x: torch.Tensor, pass_index: int) -> None:
+        weighted = (
+            self.prefix_tokens and x.ndim == 3 and x.shape[1] > self.prefix_tokens
+        )  # (batch, tokens, ch.)
+        if not weighted:
+            super()._observe(x, pass_index)
+        elif pass_index == 0:
+            prefix = x[:, : self.prefix_tokens]
+            low, high = prefix.amin(), prefix.amax()
+            self.prefix_min = low if self.prefix_min is None else torch.minimum(self.prefix_min, low)
+            self.prefix_max = high if self.prefix_max is None else torch.maximum(self.prefix_max, high)
+            self.prefix_weight = float(x.shape[1] - self.prefix_tokens)  # one prefix token = all patch tokens
+            super()._observe(x, pass_index)
+        else:
+            for index, candidate in enumerate(self.candidates):
+                error = (x - self._quantize(x, candidate)).square_()
+                error[:, : self.prefix_tokens] *= self.prefix_weight
+                self.errors[index] = self.errors[index] + error.sum()
+
+    def _end_pass(self, pass_index: int) -> None:
+        super()._end_pass(pass_index)
+        if pass_index == 0 and self.prefix_max is not None:
+            # the same percentiles, widened to cover the prefix tokens: candidates that do not clip them
+            self.candidates += [self._candidate(p, cover_prefix=True) for p in self.percentiles]
+            self.errors = [torch.zeros((), device=self.top.device) for _ in self.candidates]
+
+    def _candidate(self, p: float, cover_prefix: bool = False) -> tuple[torch.Tensor, ...]:
         low, high = self._quantile_pair(p)
         squeeze = (lambda t: t.reshape(-1)) if self.per_channel else (lambda t: t.reshape(()))
-        scale, zero_point = asymmetric_params(squeeze(low), squeeze(high), self.bits, self.include_zero)
+        low, high = squeeze(low), squeeze(high)
+        if cover_prefix:
+            low, high = torch.minimum(low, self.prefix_min), torch.maximum(high, self.prefix_max)
+        scale, zero_point = asymmetric_params(low, high, self.bits, self.include_zero)
         return scale, zero_point
 
     def _quantize(self, x: torch.Tensor, candidate: tuple[torch.Tensor, ...]) -> torch.Tensor:

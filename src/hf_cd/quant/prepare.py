@@ -27,6 +27,7 @@ from hf_cd.architectures import (
     ResolvedBlock,
     UnsupportedArchitectureError,
     classifiers,
+    get_layout,
     patch_embedding,
     resolve_blocks,
     unwrap_model,
@@ -50,6 +51,9 @@ class ActivationSite:
     group: int
     """Calibration order: 0 the patch embedding, 1 … L the blocks, L + 1 the classifier(s)."""
     block: int | None = None
+    prefix_tokens: int = 0
+    """For (batch, tokens, channels) sites inside the blocks: how many leading tokens are prefix
+    tokens (CLS, distillation), which percentile searches weigh apart (`QuantConfig.weight_prefix_tokens`)."""
 
     @property
     def name(self) -> str:
@@ -152,17 +156,20 @@ def prepare_fake_quant_copy(model: nn.Module, config: QuantConfig) -> nn.Module:
     hooks: list[RemovableHandle] = []
     group_ends: list[nn.Module | None] = []
 
+    prefix_tokens = get_layout(quantized).prefix_tokens
+
     def on_input(module: nn.Module, role: str, bits: int, group: int, block: int | None = None) -> None:
         quantizer = ActivationQuantizer(f"{names[module]}:input", role, bits)
         module.input_quantizer = quantizer
         hooks.append(module.register_forward_pre_hook(_input_hook(quantizer)))
-        activations.append(ActivationSite(quantizer, group, block))
+        tokens = prefix_tokens if block is not None else 0  # inside a block: (batch, tokens, channels)
+        activations.append(ActivationSite(quantizer, group, block, tokens))
 
     def on_output(module: nn.Module, role: str, bits: int, group: int, block: int) -> None:
         quantizer = ActivationQuantizer(f"{names[module]}:output", role, bits)
         module.output_quantizer = quantizer
         hooks.append(module.register_forward_hook(_output_hook(quantizer)))
-        activations.append(ActivationSite(quantizer, group, block))
+        activations.append(ActivationSite(quantizer, group, block, prefix_tokens))
 
     embedding = patch_embedding(quantized)
     on_input(embedding, "patch_embedding_input", config.embedding_input_bits, group=0)

@@ -32,6 +32,8 @@ class FakeQuantPipeline:
     name: str = ""
     runtime: str = "fake_quant"
     description: str = ""
+    weights_prefix_tokens: bool = False
+    """Default of `QuantConfig.weight_prefix_tokens` for this pipeline (when the config leaves it None)."""
 
     def __call__(
         self, model: nn.Module, config: QuantConfig, calibration_images: torch.Tensor | None
@@ -86,6 +88,11 @@ class FakeQuantPipeline:
 
     def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
         raise NotImplementedError
+
+    def prefix_tokens(self, site: ActivationSite, config: QuantConfig) -> int:
+        """How many leading tokens of ``site`` its observer weighs as prefix tokens (0: none)."""
+        weigh = config.weight_prefix_tokens
+        return site.prefix_tokens if (self.weights_prefix_tokens if weigh is None else weigh) else 0
 
     def check(self, config: QuantConfig) -> None:
         """Reject bad pipeline options in ``config`` before `evaluate_quantized` runs any row (none here)."""

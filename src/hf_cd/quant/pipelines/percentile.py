@@ -1,32 +1,64 @@
-"""``percentile``: ranges that clip outliers where that lowers the squared error.
+"""``percentile``: ranges chosen by least squared error, where clipping pays for finer steps.
 
-Weights: symmetric per output channel, each channel's clipping ratio of its absmax chosen from
-``config.weight_clip_ratios`` by least squared error. Activations: asymmetric per tensor with range
-``[quantile(1 − p), quantile(p)]``, ``p`` from ``config.activation_percentiles`` (RepQ-ViT's
-{0.999, 0.9999, 0.99999}) by least squared error on the calibration images.
+Weights: asymmetric per output row, each row's range ``[quantile(1 − p), quantile(p)]`` with the
+``p`` in {0.999, 0.9999, 0.99999} of least squared error (RepQ-ViT's weight quantizer: 2^b levels
+per row). Activations: asymmetric per tensor, ``p`` from ``config.activation_percentiles`` by least
+squared error on the calibration images, with the prefix-aware search of
+`QuantConfig.weight_prefix_tokens` on by default: the CLS token counts as much as all patch tokens.
+
+Both defaults were chosen on the pretrained DINOv2-S (bench/results/pretrained_ptq.md), where the
+previous ones (symmetric weights clipped by a ratio of their absmax; the plain per-tensor error)
+lost to min-max at W6A6. ``QuantConfig(extra={"percentile_weights": "symmetric"})`` brings the
+symmetric weights back; ``QuantConfig(weight_prefix_tokens=False)`` the plain error.
 """
 
 from __future__ import annotations
 
 import torch
 
-from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, QuantConfig
 from hf_cd.quant.observers import Observer, PercentileObserver
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
-from hf_cd.quant.prepare import ActivationSite
-from hf_cd.quant.quantizers import quantize_weight_symmetric
+from hf_cd.quant.prepare import ActivationSite, WeightSite
+from hf_cd.quant.quantizers import is_float_bits, quantize_weight_asymmetric, quantize_weight_symmetric
+
+WEIGHTS_OPTION = "percentile_weights"
+WEIGHT_SCHEMES = {
+    "asymmetric": "per-row [quantile(1 − p), quantile(p)], p of least squared error (2^b levels)",
+    "symmetric": "narrow-range symmetric per row, clip ratio of the absmax from config.weight_clip_ratios",
+}
 
 
 class PercentilePipeline(FakeQuantPipeline):
     name = "percentile"
     description = (
-        "per-channel MSE-clipped symmetric weights, per-tensor MSE-percentile asymmetric activations"
+        "per-row MSE-percentile asymmetric weights, per-tensor MSE-percentile asymmetric activations"
     )
+    weights_prefix_tokens = True
+
+    def check(self, config: QuantConfig) -> None:
+        self._weights(config)
+
+    @staticmethod
+    def _weights(config: QuantConfig) -> str:
+        scheme = config.extra.get(WEIGHTS_OPTION, "asymmetric")
+        if scheme not in WEIGHT_SCHEMES:
+            raise ValueError(
+                f"QuantConfig.extra[{WEIGHTS_OPTION!r}] must be one of "
+                + "; ".join(f"{name!r} ({what})" for name, what in WEIGHT_SCHEMES.items())
+                + f", got {scheme!r}."
+            )
+        return scheme
 
     def quantize_weight(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
-        return quantize_weight_symmetric(
-            weight, bits, per_channel=True, clip_ratios=config.weight_clip_ratios
-        )
+        if self._weights(config) == "symmetric":
+            return quantize_weight_symmetric(
+                weight, bits, per_channel=True, clip_ratios=config.weight_clip_ratios
+            )
+        return quantize_weight_asymmetric(weight, bits, DEFAULT_ACTIVATION_PERCENTILES)
+
+    def weight_scheme(self, site: WeightSite, config: QuantConfig) -> str:
+        return "float" if is_float_bits(site.bits) else self._weights(config)
 
     def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
         return PercentileObserver(
@@ -34,4 +66,5 @@ class PercentilePipeline(FakeQuantPipeline):
             config.activation_percentiles,
             name=site.name,
             include_zero=config.activation_include_zero,
+            prefix_tokens=self.prefix_tokens(site, config),
         )

@@ -29,6 +29,10 @@ Our variants, in ``QuantConfig.extra`` (keys starting ``repq_`` are checked, wit
                                                      (2^b − 1 levels), so the softmax fits b bits
 ===========================  ======================  ============================================
 
+``QuantConfig(weight_prefix_tokens=True)`` (ours; off by default here because RepQ-ViT does not do
+it) makes the percentile search of the block activations count the CLS token as much as all patch
+tokens, so it stops clipping the CLS token's rare large values (bench/results/pretrained_ptq.md).
+
 Per-tensor activation ranges widen to contain 0 unless ``QuantConfig.activation_include_zero`` is
 False (RepQ-ViT's; it changes only ranges that exclude 0). Left as it is: the reference takes the
 per-channel statistics and every other activation range in one pass over the quantized model
@@ -193,4 +197,5 @@ class RepQPipeline(FakeQuantPipeline):
             config.activation_percentiles,
             name=site.name,
             include_zero=config.activation_include_zero,
+            prefix_tokens=self.prefix_tokens(site, config),
         )
