@@ -104,7 +104,7 @@ def markdown(payload: dict) -> str:
         f"Model: {payload['model']}; Fashion-MNIST at {payload['image_size']} px RGB; linear probe on frozen "
         f"float features of {payload['num_probe_train']} train images (L2 {probe['l2']:g}, chosen on "
         f"{payload['num_probe_validation']} validation images: {probe['validation_accuracy']:.2f} %); "
-        f"{payload['num_calibration']} calibration images; {rows[0]['num_eval']} test images for every row "
+        f"{payload['num_calibration']} calibration images (draw {payload.get('calibration_seed', 0)}); {rows[0]['num_eval']} test images for every row "
         f"(binomial s.e. ≈ {payload['binomial_se']:.2f} points); {payload['threads']} threads.",
         "",
         Table(rows, columns).to_markdown(),
@@ -165,7 +165,10 @@ def main() -> None:
         "--rows-tag", default=None, help="name of the finished-rows file; change it when the code changes"
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the probe's data subsets and test images")
+    parser.add_argument(
+        "--calibration-seed", type=int, default=None, help="draw of the calibration images (default: --seed)"
+    )
     parser.add_argument("--work-dir", default="outputs/pretrained_ptq", help="probe model and finished rows")
     parser.add_argument("--output", default=str(RESULTS_DIR / "pretrained_ptq.json"))
     args = parser.parse_args()
@@ -207,8 +210,12 @@ def main() -> None:
     print(f"probe: {probe}", flush=True)
 
     extra = json.loads(args.quant_extra)
-    base = QuantConfig(num_calibration=args.num_calibration, seed=args.seed, batch_size=64, **extra)
-    tag = args.rows_tag or hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]
+    calibration_seed = args.seed if args.calibration_seed is None else args.calibration_seed
+    base = QuantConfig(num_calibration=args.num_calibration, seed=calibration_seed, batch_size=64, **extra)
+    tag = (
+        args.rows_tag
+        or hashlib.sha1(json.dumps([extra, calibration_seed], sort_keys=True).encode()).hexdigest()[:8]
+    )
     rows_file = work / f"rows-{tag}.json"  # finished rows of this code version and settings
     done: list[dict] = json.loads(rows_file.read_text()) if rows_file.is_file() else []
     plan = [(p, [b for b in args.bits]) for p in args.pipelines]
@@ -275,6 +282,7 @@ def main() -> None:
         "num_probe_train": int(train_x.shape[0]),
         "num_probe_validation": int(val_x.shape[0]),
         "num_calibration": args.num_calibration,
+        "calibration_seed": calibration_seed,
         "threads": args.threads,
         "quant_extra": extra,
         "probe": probe,

@@ -31,7 +31,10 @@ VARIANTS = {
     # name: (pipeline, QuantConfig overrides)
     "minmax": ("minmax", {}),
     "percentile": ("percentile", {}),
+    "percentile-plain": ("percentile", {"weight_prefix_tokens": False}),  # the plain per-tensor error
     "repq": ("repq", {}),
+    "repq+prefix": ("repq", {"weight_prefix_tokens": True}),
+    # the unclipped range as one more candidate (made no difference: ptq_anomaly-max-candidate.md)
     "percentile+max": ("percentile", {"activation_percentiles": (0.999, 0.9999, 0.99999, 1.0)}),
     "repq+max": ("repq", {"activation_percentiles": (0.999, 0.9999, 0.99999, 1.0)}),
 }

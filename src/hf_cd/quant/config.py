@@ -26,6 +26,28 @@ PROTOCOLS: dict[str, str] = {
 """Bit protocols: which bits the patch embedding and the classifier get. Every result row names its
 protocol, so no number is compared with a paper's measured under another assignment."""
 
+
+def options_from_extra(
+    extra: dict[str, Any], prefixes: str | tuple[str, ...], known: list[str], what: str
+) -> dict[str, Any]:
+    """A pipeline's own keys of ``QuantConfig.extra`` (those starting with ``prefixes``).
+
+    Other pipelines' keys are left alone; one of ours that is misspelt raises, naming the closest.
+    """
+    values = {}
+    for key, value in extra.items():
+        if not key.startswith(prefixes):
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"Unknown {what} option {key!r} in QuantConfig.extra.{hint} Known: {', '.join(known)}."
+            )
+        values[key] = value
+    return values
+
+
 REPQ_VIT_EMBEDDING_INPUT_BITS = 8
 """RepQ-ViT's ``QuantConv2d`` keeps the patch embedding's input (the pixels) at 8 bits whatever a_bits is."""
 

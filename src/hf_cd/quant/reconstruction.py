@@ -45,7 +45,6 @@ against the float model on held-out images with the same relative error.
 from __future__ import annotations
 
 import contextlib
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -56,7 +55,7 @@ from tqdm.auto import tqdm
 
 from hf_cd.architectures import unwrap_model
 from hf_cd.quant.calibration import calibrate, forward_images, load_presets, model_device_and_dtype
-from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.config import QuantConfig, options_from_extra
 from hf_cd.quant.gptq import InputStatistics, SolverSettings
 from hf_cd.quant.marr import DEFAULT_GRID
 from hf_cd.quant.prepare import ActivationSite, WeightSite, quantization_state
@@ -123,18 +122,7 @@ class ReconstructionOptions:
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ReconstructionOptions:
         """Read our keys from ``extra``; other pipelines' keys are left alone, misspelt ones of ours raise."""
-        known = [f.name for f in fields(cls)]
-        values = {}
-        for key, value in extra.items():
-            if not key.startswith(OPTION_PREFIXES):
-                continue
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(
-                    f"Unknown reconstruction option {key!r} in QuantConfig.extra.{hint} Known: {', '.join(known)}."
-                )
-            values[key] = value
+        values = options_from_extra(extra, OPTION_PREFIXES, [f.name for f in fields(cls)], "reconstruction")
         if "marr_gains" in values:
             values["marr_gains"] = tuple(float(g) for g in values["marr_gains"])
         if "marr_grid" in values:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, QuantConfig
+from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, QuantConfig, options_from_extra
 from hf_cd.quant.observers import Observer, PercentileObserver
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
 from hf_cd.quant.prepare import ActivationSite, WeightSite
@@ -41,7 +41,9 @@ class PercentilePipeline(FakeQuantPipeline):
 
     @staticmethod
     def _weights(config: QuantConfig) -> str:
-        scheme = config.extra.get(WEIGHTS_OPTION, "asymmetric")
+        scheme = options_from_extra(config.extra, "percentile_", [WEIGHTS_OPTION], "percentile").get(
+            WEIGHTS_OPTION, "asymmetric"
+        )
         if scheme not in WEIGHT_SCHEMES:
             raise ValueError(
                 f"QuantConfig.extra[{WEIGHTS_OPTION!r}] must be one of "

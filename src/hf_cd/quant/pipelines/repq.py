@@ -42,7 +42,6 @@ ranges are calibrated after folding, block by block (``QuantConfig.sequential``)
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -50,7 +49,7 @@ import torch
 from torch import nn
 
 from hf_cd.quant.calibration import calibrate
-from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, QuantConfig
+from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, QuantConfig, options_from_extra
 from hf_cd.quant.observers import LogSqrt2Observer, Observer, PercentileObserver
 from hf_cd.quant.params import QuantParams
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
@@ -76,18 +75,7 @@ class RepQOptions:
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> RepQOptions:
         """Read the ``repq_`` keys of ``extra``; other keys are left alone, misspelt ones of ours raise."""
-        known = [f.name for f in fields(cls)]
-        values = {}
-        for key, value in extra.items():
-            if not key.startswith(OPTION_PREFIX):
-                continue
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(
-                    f"Unknown repq option {key!r} in QuantConfig.extra.{hint} Known: {', '.join(known)}."
-                )
-            values[key] = value
+        values = options_from_extra(extra, OPTION_PREFIX, [f.name for f in fields(cls)], "repq")
         if "repq_weight_percentiles" in values:
             values["repq_weight_percentiles"] = tuple(float(p) for p in values["repq_weight_percentiles"])
         return cls(**values)
