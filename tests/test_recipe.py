@@ -29,6 +29,7 @@ from hf_cd.recipe import (
     SeededAugmentation,
     format_summary,
     parse_recipe_args,
+    run_recipe,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +159,80 @@ def test_unknown_option_in_the_config_file_is_named_with_a_suggestion(tmp_path):
 def test_bad_input_is_refused_with_a_message_that_says_what_to_do(tmp_path, argv, error, needle):
     with pytest.raises(error, match=needle):
         parse_recipe_args([*argv, "--output_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    ("source", "needle"),
+    [
+        ("{tmp}/no_such_model", r"no such directory \(.*no_such_model\)"),
+        ("./my-vit", r"'./my-vit': no such directory"),
+        ("{tmp}", "a directory without a config.json"),
+        ("bad id!", "is not a Hub id"),
+    ],
+)
+def test_a_model_source_that_cannot_exist_is_named_at_parse_time(tmp_path, source, needle):
+    with pytest.raises(RecipeArgumentError, match=needle):
+        parse_recipe_args(
+            ["--model_name_or_path", source.format(tmp=tmp_path), "--output_dir", str(tmp_path)]
+        )
+
+
+def test_a_hub_id_that_cannot_be_loaded_fails_before_any_data_loads(tmp_path, monkeypatch):
+    import hf_cd.recipe.run
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the model source was checked")
+
+    monkeypatch.setattr(hf_cd.recipe.run, "load_recipe_data", no_data)
+    args = parse_recipe_args(
+        ["--model_name_or_path", "someone/no-such-model", *QUICK, "--output_dir", str(tmp_path)]
+    )
+    with pytest.raises(RecipeArgumentError, match=r"'someone/no-such-model': no local directory.*Hub id"):
+        run_recipe(args)  # the tests run with HF_HUB_OFFLINE=1 (conftest)
+
+
+def test_a_model_source_on_the_command_line_replaces_the_config_files(tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    cpu_config = str(CONFIGS / "fashion_mnist_vit_tiny_cpu.yaml")
+    for clear in (
+        [],
+        ["--model_preset", "none"],
+        ["--model_preset", "None"],
+        ["--model_preset", "null"],
+        ["--model_preset", ""],
+    ):
+        args = parse_recipe_args(
+            [
+                "--config",
+                cpu_config,
+                *clear,
+                "--model_name_or_path",
+                str(checkpoint),
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+        assert args.model.model_preset is None and args.model.model_name_or_path == str(checkpoint), clear
+        # the preset's shape and normalization went with it; the image size applies to both and stays
+        assert (
+            args.model.patch_size is None
+            and args.model.image_mean is None
+            and args.model.num_hidden_layers is None
+        )
+        assert args.model.image_size == 28 and args.data.max_train_samples == 24000
+    # a flag given on the command line stays (and is then refused, because it shapes a preset only)
+    with pytest.raises(RecipeArgumentError, match="patch_size shape a model trained from scratch"):
+        parse_recipe_args(["--config", cpu_config, "--model_name_or_path", str(checkpoint), "--patch_size", "4",
+                           "--output_dir", str(tmp_path)])  # fmt: skip
+
+    checkpoint_config = tmp_path / "checkpoint.yaml"
+    checkpoint_config.write_text(f"model_name_or_path: {checkpoint}\noutput_dir: {tmp_path}\n")
+    args = parse_recipe_args(["--config", str(checkpoint_config), "--model_preset", "vit_tiny"])
+    assert args.model.model_preset == "vit_tiny" and args.model.model_name_or_path is None
+    with pytest.raises(RecipeArgumentError, match="exactly one model source, got neither"):
+        parse_recipe_args(["--config", cpu_config, "--model_preset", "none", "--output_dir", str(tmp_path)])
 
 
 def test_presets_have_the_standard_shapes():

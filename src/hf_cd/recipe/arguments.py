@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import os
 import re
 import sys
@@ -24,6 +25,8 @@ from hf_cd.data import (
     DATASETS,
     UnknownDatasetError,
 )
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_QUANT_PIPELINES = ("minmax", "percentile", "repq", "per_tensor")
 DEFAULT_QUANT_BITS = ("W8A8", "W6A6", "W4A4")
@@ -69,6 +72,65 @@ LORA_TARGETS: tuple[str, ...] = (
 
 class RecipeArgumentError(ValueError):
     """A recipe option (or combination of options) that cannot work; the message says how to fix it."""
+
+
+PRESET_ONLY_OPTIONS: tuple[str, ...] = (
+    "patch_size",
+    "num_channels",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_mean",
+    "image_std",
+)
+"""Options that shape a model trained from scratch; a checkpoint brings its own."""
+
+UNSET_VALUES = ("", "none", "null")
+
+
+def _none_if_unset(value: str | None) -> str | None:
+    return None if value is None or str(value).strip().lower() in UNSET_VALUES else value
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """``./x``, ``../x``, ``/x``, ``~/x``, ``x/`` or ``a/b/c``: a Hub id is ``name`` or ``namespace/name``."""
+    return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name
+
+
+def check_model_source(name: str) -> None:
+    """Refuse a ``--model_name_or_path`` that is neither a checkpoint directory nor a Hub id, before any data loads.
+
+    Why here: transformers would say "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"
+    about a mistyped directory, and only after the whole dataset has loaded.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RecipeArgumentError(
+                f"--model_name_or_path {name!r} is a directory without a config.json, so not a transformers "
+                "checkpoint: give the folder that save_pretrained() wrote (config.json + model.safetensors)."
+            )
+        return
+    if path.exists():
+        raise RecipeArgumentError(
+            f"--model_name_or_path {name!r} is a file: give the checkpoint's directory (the one holding "
+            "config.json) or a Hub id."
+        )
+    if _looks_like_a_path(name):
+        raise RecipeArgumentError(
+            f"--model_name_or_path {name!r}: no such directory ({path.resolve()}). Check the path, or give a "
+            "Hub id such as facebook/dinov2-small."
+        )
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as error:
+        raise RecipeArgumentError(
+            f"--model_name_or_path {name!r} is not a Hub id (namespace/name, letters, digits, '-', '_', '.') and "
+            f"no such directory exists ({path.resolve()}): {str(error).splitlines()[0]}"
+        ) from None
 
 
 # --- arguments -----------------------------------------------------------------------------------
@@ -163,6 +225,9 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
+        # `--model_preset none` (or null, '') on the command line clears a source that a config file set
+        self.model_name_or_path = _none_if_unset(self.model_name_or_path)
+        self.model_preset = _none_if_unset(self.model_preset)
         if bool(self.model_name_or_path) == bool(self.model_preset):
             given = "both" if self.model_name_or_path else "neither"
             raise RecipeArgumentError(
@@ -175,19 +240,9 @@ class ModelArguments:
             raise RecipeArgumentError(
                 f"Unknown model_preset {self.model_preset!r}; choose one of {', '.join(MODEL_PRESETS)}.{hint}"
             )
-        preset_only = [
-            name
-            for name in (
-                "patch_size",
-                "num_channels",
-                "hidden_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "image_mean",
-                "image_std",
-            )
-            if getattr(self, name) is not None
-        ]
+        if self.model_name_or_path:
+            check_model_source(self.model_name_or_path)
+        preset_only = [name for name in PRESET_ONLY_OPTIONS if getattr(self, name) is not None]
         if self.model_name_or_path and preset_only:
             raise RecipeArgumentError(
                 f"{', '.join(preset_only)} shape a model trained from scratch and apply only with --model_preset; "
@@ -399,6 +454,34 @@ def _apply_config_defaults(parser: HfArgumentParser, values: Mapping[str, Any], 
     parser.set_defaults(**values)
 
 
+def _given_on_command_line(argv: Sequence[str], name: str) -> bool:
+    return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
+
+
+def _command_line_model_source_wins(
+    values: Mapping[str, Any], argv: Sequence[str], source: str
+) -> dict[str, Any]:
+    """A model source given as a flag replaces the config file's other source (and a preset's shape options).
+
+    Why: ``--config tiny_cpu.yaml --model_name_or_path my-vit`` means "this recipe, that checkpoint";
+    the file's ``model_preset`` and its patch / width / normalization options describe a model that
+    is no longer trained. ``image_size`` applies to both kinds of source and is kept.
+    """
+    values = dict(values)
+    dropped = []
+    if _given_on_command_line(argv, "model_name_or_path") and "model_preset" in values:
+        dropped = ["model_preset"] + [
+            name for name in PRESET_ONLY_OPTIONS if name in values and not _given_on_command_line(argv, name)
+        ]
+    elif _given_on_command_line(argv, "model_preset") and "model_name_or_path" in values:
+        dropped = ["model_name_or_path"]
+    for name in dropped:
+        values.pop(name)
+    if dropped:
+        logger.info("The command line's model source replaces %s's %s.", source, ", ".join(dropped))
+    return values
+
+
 def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeArguments:
     """Parse ``--config file.yaml`` plus command-line flags (which override the file) into the four dataclasses."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -407,6 +490,7 @@ def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeArguments:
     known, rest = pre.parse_known_args(argv)
     parser = recipe_argument_parser()
     if known.config:
-        _apply_config_defaults(parser, load_config_file(known.config), known.config)
+        values = _command_line_model_source_wins(load_config_file(known.config), rest, known.config)
+        _apply_config_defaults(parser, values, known.config)
     outputs = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
     return RecipeArguments(*outputs[:4])

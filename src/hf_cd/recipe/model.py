@@ -35,6 +35,25 @@ def _image_processor_class():
     return ViTImageProcessorPil
 
 
+def checkpoint_config(model_args: ModelArguments, **overrides: Any):
+    """The checkpoint's config, or a one-line error saying why it cannot be had.
+
+    `run_recipe` calls it before loading any data, so a Hub id that does not exist (or a Hub that
+    cannot be reached) fails in seconds, not after the dataset has loaded.
+    """
+    name = model_args.model_name_or_path
+    try:
+        return AutoConfig.from_pretrained(
+            name, revision=model_args.model_revision, cache_dir=model_args.cache_dir, **overrides
+        )
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RecipeArgumentError(
+            f"--model_name_or_path {name!r}: no local directory of that name, and it cannot be loaded as a Hub "
+            f"id ({reason}). Check the spelling, the network (or HF_HUB_OFFLINE), or give a local checkpoint."
+        ) from error
+
+
 def build_model(model_args: ModelArguments, labels: Mapping[str, Any]) -> tuple[PreTrainedModel, Any]:
     """The model (new classifier for ``labels``) and its image processor, from a preset or a checkpoint.
 
@@ -91,7 +110,7 @@ def build_model(model_args: ModelArguments, labels: Mapping[str, Any]) -> tuple[
         for key in ("hidden_dropout_prob", "attention_probs_dropout_prob")
         if (value := getattr(model_args, key)) is not None
     }
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub, **labels, **overrides)
+    config = checkpoint_config(model_args, **labels, **overrides)
     model = AutoModelForImageClassification.from_pretrained(
         model_args.model_name_or_path,
         config=config,

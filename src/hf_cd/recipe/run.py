@@ -47,7 +47,7 @@ from hf_cd.recipe.evaluation import (
     predictions_from_logits,
     run_quantized_evaluation,
 )
-from hf_cd.recipe.model import add_lora, build_model, describe_model
+from hf_cd.recipe.model import add_lora, build_model, checkpoint_config, describe_model
 from hf_cd.recipe.report import (
     ACTIVATION_PLOT,
     ALIGNMENT_PLOT,
@@ -110,6 +110,8 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
     check_quant_arguments(quant_args, data_seed)
     check_resumable_augmentation(training_args)
 
+    if model_args.model_name_or_path:
+        checkpoint_config(model_args)  # a missing model fails now, not after the data has loaded
     raw = load_recipe_data(data_args, data_seed)
     labels = label_mapping(raw)
     logger.info(
