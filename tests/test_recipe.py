@@ -244,12 +244,69 @@ def test_presets_have_the_standard_shapes():
 
 def test_unknown_quantization_pipeline_fails_before_training(tmp_path):
     finetune = load_finetune()
-    with pytest.raises(ValueError, match="no_such_pipeline"):
+    with pytest.raises(RecipeArgumentError, match="no_such_pipeline"):
         finetune.main(
             [*TINY_PRESET, *QUICK, "--output_dir", str(tmp_path), "--max_steps", "1", "--max_train_samples", "20",
-             "--quant_pipelines", "no_such_pipeline"]
+             "--quant_pipelines", "no_such_pipeline", "--debug"]
         )  # fmt: skip
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_a_misspelt_flag_gets_a_did_you_mean():
+    with pytest.raises(
+        RecipeArgumentError, match=r"Unknown option\(s\) --cd_strenght \(did you mean --cd_strength\?\)"
+    ):
+        parse_recipe_args(["--model_preset", "vit_tiny", "--cd_strenght", "2"])
+    with pytest.raises(RecipeArgumentError, match=r"--learnig_rate \(did you mean --learning_rate\?\)"):
+        parse_recipe_args(["--model_preset", "vit_tiny", "--learnig_rate=1e-3"])
+    with pytest.raises(RecipeArgumentError, match="Unexpected argument"):
+        parse_recipe_args(["--model_preset", "vit_tiny", "stray"])
+
+
+def test_bare_debug_is_the_recipes_and_debug_with_values_the_trainers(tmp_path):
+    from hf_cd.recipe.arguments import split_debug_flag
+
+    assert split_debug_flag(["--debug", "--model_preset", "vit_tiny"]) == (
+        True,
+        ["--model_preset", "vit_tiny"],
+    )
+    assert split_debug_flag(["--model_preset", "vit_tiny", "--debug"]) == (
+        True,
+        ["--model_preset", "vit_tiny"],
+    )
+    args = parse_recipe_args(
+        ["--model_preset", "vit_tiny", "--debug", "underflow_overflow", "--output_dir", str(tmp_path)]
+    )
+    assert [str(option.value) for option in args.training.debug] == ["underflow_overflow"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--cd_strenght", "2"], "did you mean --cd_strength?"),
+        (["--quant_bits", "W9A9"], "--quant_pipelines minmax at W9A9: w_bits=9 is out of range"),
+        (["--resume_from_checkpoint", "latest"], "holds no checkpoint"),
+        (["--config", "no_such.yaml"], "--config 'no_such.yaml': no such file"),
+    ],
+)  # fmt: skip
+def test_bad_input_on_the_command_line_is_one_line_and_exit_status_2(
+    tmp_path, capsys, monkeypatch, argv, needle
+):
+    monkeypatch.delenv("HF_CD_DEBUG", raising=False)
+    finetune = load_finetune()
+    command = [*TINY_PRESET, *QUICK, "--output_dir", str(tmp_path), "--quant_pipelines", "minmax", *argv]
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(command)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err and "Traceback" not in err, err
+    assert "--debug or HF_CD_DEBUG=1 shows the traceback" in err
+    # --debug, or HF_CD_DEBUG=1, lets the exception through (with its traceback)
+    with pytest.raises(RecipeArgumentError):
+        finetune.main([*command, "--debug"])
+    monkeypatch.setenv("HF_CD_DEBUG", "1")
+    with pytest.raises(RecipeArgumentError):
+        finetune.main(command)
 
 
 # --- end to end -----------------------------------------------------------------------------------
@@ -445,7 +502,15 @@ def test_resume_latest_without_a_checkpoint_says_so(tmp_path):
     finetune = load_finetune()
     with pytest.raises(RecipeArgumentError, match="holds no checkpoint"):
         finetune.main(
-            [*TINY_PRESET, *QUICK, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"]
+            [
+                *TINY_PRESET,
+                *QUICK,
+                "--output_dir",
+                str(tmp_path),
+                "--resume_from_checkpoint",
+                "latest",
+                "--debug",
+            ]
         )
 
 

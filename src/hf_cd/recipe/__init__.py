@@ -14,7 +14,8 @@ Where each part lives:
 - `hf_cd.recipe.data`: the raw splits and the seeded, resumable train augmentation;
 - `hf_cd.recipe.evaluation`: accuracy, before/after diagnostics, the quantized evaluation;
 - `hf_cd.recipe.run`: `run_recipe`, one run end to end, and checkpoint resolution;
-- `hf_cd.recipe.report`: ``results.json``, the model card and the end-of-run summary.
+- `hf_cd.recipe.report`: ``results.json``, the model card and the end-of-run summary;
+- `hf_cd.recipe.cli`: the command line (``recipes/finetune.py``): one-line errors, ``--debug``.
 """
 
 from hf_cd.recipe.arguments import (

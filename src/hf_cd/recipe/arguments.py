@@ -28,6 +28,8 @@ from hf_cd.data import (
 
 logger = logging.getLogger(__name__)
 
+DEBUG_FLAG = "--debug"
+
 DEFAULT_QUANT_PIPELINES = ("minmax", "percentile", "repq", "per_tensor")
 DEFAULT_QUANT_BITS = ("W8A8", "W6A6", "W4A4")
 
@@ -420,6 +422,13 @@ def recipe_argument_parser() -> HfArgumentParser:
         help="YAML file of recipe options (any other flag, without its dashes); flags on the command line "
         "override it.",
     )
+    for action in parser._actions:
+        if DEBUG_FLAG in action.option_strings:  # TrainingArguments.debug takes values; bare, it is ours
+            action.help = (
+                "Alone: show the traceback of an option, data or model error instead of one line and exit "
+                "status 2 (HF_CD_DEBUG=1 does the same). With values: the Trainer's debug features "
+                "(underflow_overflow, tpu_metrics_debug)."
+            )
     return parser
 
 
@@ -427,7 +436,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a recipe YAML file into a flat ``{option: value}`` dict."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Recipe config {str(path)!r} does not exist.")
+        raise RecipeArgumentError(f"--config {str(path)!r}: no such file.")
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, Mapping):
         raise RecipeArgumentError(
@@ -482,9 +491,24 @@ def _command_line_model_source_wins(
     return values
 
 
+def split_debug_flag(argv: Sequence[str]) -> tuple[bool, list[str]]:
+    """Whether a bare ``--debug`` (no value after it) was given, and the arguments without it.
+
+    Why bare only: ``--debug underflow_overflow`` is TrainingArguments' own option and goes to the Trainer.
+    """
+    argv = list(argv)
+    bare = [
+        i
+        for i, arg in enumerate(argv)
+        if arg == DEBUG_FLAG and (i + 1 == len(argv) or argv[i + 1].startswith("-"))
+    ]
+    return bool(bare), [arg for i, arg in enumerate(argv) if i not in bare]
+
+
 def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeArguments:
     """Parse ``--config file.yaml`` plus command-line flags (which override the file) into the four dataclasses."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _, argv = split_debug_flag(argv)  # hf_cd.recipe.cli reads it
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
@@ -492,5 +516,31 @@ def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeArguments:
     if known.config:
         values = _command_line_model_source_wins(load_config_file(known.config), rest, known.config)
         _apply_config_defaults(parser, values, known.config)
-    outputs = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
+    _, unknown = parser.parse_known_args(rest)
+    if unknown:
+        raise RecipeArgumentError(unknown_arguments_message(parser, unknown))
+    try:
+        outputs = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
+    except (RecipeArgumentError, UnknownDatasetError):
+        raise
+    except ValueError as error:  # TrainingArguments' own checks: the message names the option
+        raise RecipeArgumentError(str(error)) from error
     return RecipeArguments(*outputs[:4])
+
+
+def unknown_arguments_message(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
+    """Name each unknown flag with the closest real one, as the YAML path does for unknown keys."""
+    flags = [option for action in parser._actions for option in action.option_strings]
+    hints = []
+    for argument in unknown:
+        if not argument.startswith("-"):
+            continue  # the value of an unknown flag, or a stray word: named below if nothing else is
+        name = argument.split("=", 1)[0]
+        close = difflib.get_close_matches(name, flags, n=1, cutoff=0.75)
+        hints.append(name + (f" (did you mean {close[0]}?)" if close else ""))
+    if not hints:
+        return (
+            f"Unexpected argument(s) {' '.join(unknown)!r}: every option is a --flag value pair "
+            "(`python recipes/finetune.py --help` lists them)."
+        )
+    return f"Unknown option(s) {', '.join(hints)}. `python recipes/finetune.py --help` lists them all."
