@@ -105,20 +105,62 @@ def test_config_file_sets_defaults_and_command_line_flags_override_it(tmp_path):
     assert without_file.training.learning_rate == 5e-5 and without_file.training.cd_strength == 1.0
 
 
-def test_help_lists_every_option_group(capsys):
+def test_help_lists_every_option_group(capsys, monkeypatch):
+    from hf_cd import quant
+    from hf_cd.quant.registry import PIPELINES
+
+    class Rotation:  # a pipeline registered after hf_cd.recipe was imported must still be listed
+        name, runtime = "my_rotation", "fake_quant"
+
+        def __call__(self, model, config, calibration_images):
+            return model
+
+    monkeypatch.setitem(PIPELINES, "my_rotation", Rotation())
     with pytest.raises(SystemExit) as exit_info:
         parse_recipe_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in (
-        "--config",
-        "--model_preset",
-        "--dataset_name",
-        "--cd_strength",
-        "--quant_bits",
-        "--learning_rate",
-    ):
-        assert flag in text, flag
+    assert text.startswith("usage: ") and len(text.split("\n", 1)[0]) < 100  # not 150 flags in the usage line
+    headings = [
+        "options:",
+        "Model:",
+        "Data:",
+        "Colinearity Decay:",
+        "Quantized evaluation:",
+        "Trainer arguments:",
+    ]
+    positions = [text.index(f"\n{heading}\n") for heading in headings]
+    assert positions == sorted(positions), "groups out of order"
+    sections = dict(zip(headings, [text[a:b] for a, b in zip(positions, [*positions[1:], len(text)])]))
+    expected = {
+        "options:": ["--config", "--debug"],
+        "Model:": ["--model_preset", "--model_name_or_path", "--image_size", "--use_lora"],
+        "Data:": ["--dataset_name", "--flip_probability", "--crop_scale"],
+        "Colinearity Decay:": ["--cd_strength", "--cd_kinds", "--cd_mode", "--tweo_weight"],
+        "Quantized evaluation:": ["--quant_pipelines", "--quant_bits", "--quant_num_calibration"],
+        "Trainer arguments:": ["--learning_rate", "--output_dir", "--num_train_epochs"],
+    }
+    for heading, flags in expected.items():
+        for flag in flags:
+            assert f"  {flag} " in sections[heading], (heading, flag)
+    assert (
+        "--cd_strength" not in sections["Trainer arguments:"] and "--learning_rate" not in sections["Model:"]
+    )
+    # the pipelines come from the registry, the bit range from hf_cd.quant
+    pipelines = " ".join(sections["Quantized evaluation:"].split())
+    for name in quant.available_pipelines():
+        assert name in pipelines.replace("- ", "-"), name
+    assert "my_rotation" in pipelines and "2..8 to quantize, or ≥ 16" in pipelines
+    # one default per option: no "(default 224). (default: None)"
+    assert "(default: None)" not in text
+    for option in text.split("\n  --"):
+        prose, _, added = " ".join(option.split()).partition("(default: ")
+        assert not added or "default" not in prose.lower(), option  # the help says it, or argparse does
+    assert (
+        "examples:" in text
+        and "fashion_mnist_vit_tiny_cpu.yaml" in text
+        and "--dataset_name path/to/folder" in text
+    )
 
 
 def test_shipped_configs_parse(tmp_path):

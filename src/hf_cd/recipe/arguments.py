@@ -7,6 +7,7 @@ command line are one vocabulary, and tests / benchmarks build the same objects w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import logging
 import os
@@ -411,24 +412,124 @@ def _escape_percent(help_text: str) -> str:
     return re.sub(r"%%|%\(|%", lambda m: m.group(0) if m.group(0) != "%" else "%%", help_text)
 
 
+USAGE = "%(prog)s [-h] [--config FILE.yaml] [--debug] [--OPTION VALUE ...]"
+DESCRIPTION = """\
+Train a ViT / DeiT / Dinov2 with Colinearity Decay (from a preset or a checkpoint), evaluate it at full
+precision and quantized, and save the model, results.json, plots and a model card. A YAML --config sets
+any option below (without its dashes); flags on the command line override it."""
+EPILOG = """examples:
+  # Fashion-MNIST, a small ViT from scratch on 2 CPU cores (what `make run` does)
+  python recipes/finetune.py --config recipes/configs/fashion_mnist_vit_tiny_cpu.yaml
+
+  # your own images: one sub-folder per class (add train/ and test/ levels to fix the splits)
+  python recipes/finetune.py --config recipes/configs/imagefolder_vit_tiny_cpu.yaml \\
+      --dataset_name path/to/folder --output_dir outputs/my_run --num_train_epochs 30
+"""
+
+OPTION_GROUPS: tuple[tuple[str, str], ...] = (
+    ("Model", "What to train: a preset from scratch or a checkpoint to fine-tune (one of the two)."),
+    ("Data", "Which images, how many, and how they are augmented."),
+    ("Colinearity Decay", "The decoupled update that keeps weight pairs from aligning (hf_cd.CDConfig)."),
+    ("Quantized evaluation", "The post-training quantized copies measured after training (hf_cd.quant)."),
+    ("Trainer arguments", "transformers.TrainingArguments, as the Trainer documents them."),
+)
+
+
+class RecipeHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the epilog's line breaks, and add "(default: …)" only where the help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text.lower()
+            or action.default in (None, "", argparse.SUPPRESS)
+            or any(option.startswith(("--no_", "--no-")) for option in action.option_strings)
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _group_of(dest: str) -> str:
+    fields_of = {
+        cls: {f.name for f in dataclasses.fields(cls)}
+        for cls in (ModelArguments, DataArguments, QuantArguments)
+    }
+    if dest in fields_of[ModelArguments]:
+        return "Model"
+    if dest in fields_of[DataArguments]:
+        return "Data"
+    if dest in fields_of[QuantArguments]:
+        return "Quantized evaluation"
+    if dest in _cd_options():
+        return "Colinearity Decay"
+    return "Trainer arguments"
+
+
+def _cd_options() -> set[str]:
+    from transformers import TrainingArguments
+
+    trainer = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {f.name for f in dataclasses.fields(CDConfig) if f.name not in trainer}
+
+
+def _quant_help() -> dict[str, str]:
+    """Help that names what `hf_cd.quant` offers now, so a newly registered pipeline is listed by itself."""
+    from hf_cd import quant
+    from hf_cd.quant.quantizers import FLOAT_BITS, MAX_BITS, MIN_BITS
+
+    return {
+        "quant_pipelines": (
+            f"Quantization pipelines to compare, any of: {', '.join(quant.available_pipelines())} "
+            f"(default: {' '.join(DEFAULT_QUANT_PIPELINES)})."
+        ),
+        "quant_bits": (
+            "Encoder bit widths as WxAy (x bits for weights, y for activations), e.g. W8A8 W4A4 W4A8; each "
+            f"{MIN_BITS}..{MAX_BITS} to quantize, or ≥ {FLOAT_BITS} to leave that tensor in floating point "
+            f"(W4A{FLOAT_BITS}: weights only). Default: {' '.join(DEFAULT_QUANT_BITS)}."
+        ),
+    }
+
+
 def recipe_argument_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((ModelArguments, DataArguments, CDConfig, QuantArguments))
-    for action in parser._actions:
-        if action.help:
-            action.help = _escape_percent(action.help)
-    parser.add_argument(
-        "--config",
-        default=None,
-        help="YAML file of recipe options (any other flag, without its dashes); flags on the command line "
-        "override it.",
+    """Every recipe option as a flag, in groups: model, data, CD, quantization, then the Trainer's own."""
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, CDConfig, QuantArguments),
+        usage=USAGE,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=RecipeHelpFormatter,
     )
+    quant_help = _quant_help()
     for action in parser._actions:
+        if action.dest in quant_help:
+            action.help = quant_help[action.dest]
         if DEBUG_FLAG in action.option_strings:  # TrainingArguments.debug takes values; bare, it is ours
             action.help = (
                 "Alone: show the traceback of an option, data or model error instead of one line and exit "
                 "status 2 (HF_CD_DEBUG=1 does the same). With values: the Trainer's debug features "
                 "(underflow_overflow, tpu_metrics_debug)."
             )
+        if action.help:
+            action.help = _escape_percent(action.help)
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.yaml",
+        help="YAML file of recipe options (any other flag, without its dashes); flags on the command line "
+        "override it.",
+    )
+    groups = {title: parser.add_argument_group(title, description) for title, description in OPTION_GROUPS}
+    general = parser._optionals
+    for action in list(general._group_actions):
+        if action.dest == "debug":  # after --config, with -h: it concerns the command line itself
+            action.metavar = "FEATURE"
+            general._group_actions.remove(action)
+            general._group_actions.append(action)
+        if action.dest in ("help", "config", "debug"):
+            continue
+        title = _group_of(action.dest)
+        general._group_actions.remove(action)
+        groups[title]._group_actions.append(action)
     return parser
 
 
