@@ -94,7 +94,7 @@ def test_config_file_sets_defaults_and_command_line_flags_override_it(tmp_path):
     assert args.data.max_train_samples == 100 and args.data.crop_scale == [0.8, 1.0]
     assert args.quant.bit_pairs() == [(4, 4)]
     assert args.training.output_dir == str(tmp_path / "from_yaml")
-    assert args.data.flip_probability == 0.5  # neither: the dataclass default
+    assert args.data.flip_probability == 0.0  # neither: the dataclass default (no flips unless asked)
     assert args.training.remove_unused_columns is False
 
     file_only = parse_recipe_args(["--config", str(config)])
@@ -174,7 +174,10 @@ def test_shipped_configs_parse(tmp_path):
     }
     for path in configs:
         # TrainingArguments refuses bf16 without a GPU at parse time; switch it off so the GPU configs parse here
-        args = parse_recipe_args(["--config", str(path), "--output_dir", str(tmp_path), "--bf16", "false"])
+        folder = ["--dataset_name", str(tmp_path)] if path.name.startswith("imagefolder") else []
+        args = parse_recipe_args(
+            ["--config", str(path), "--output_dir", str(tmp_path), "--bf16", "false", *folder]
+        )
         assert args.training.cd_strength > 0, path.name
         assert args.training.save_strategy != "no", f"{path.name}: an interrupted run must be resumable"
 
@@ -277,6 +280,91 @@ def test_a_model_source_on_the_command_line_replaces_the_config_files(tmp_path):
         parse_recipe_args(["--config", cpu_config, "--model_preset", "none", "--output_dir", str(tmp_path)])
 
 
+def _image_folder(
+    root: Path, colours: dict[str, tuple[int, int, int]], per_class: int = 6, size: int = 8
+) -> Path:
+    """An imagefolder tree (one sub-folder per class) of flat-coloured PNGs with known pixel statistics."""
+    from PIL import Image as PILImage
+
+    for name, colour in colours.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            PILImage.new("RGB", (size, size), colour).save(root / name / f"{i}.png")
+    return root
+
+
+def test_channel_statistics_of_an_image_folder_are_its_pixels_mean_and_std(tmp_path):
+    from hf_cd.data import channel_statistics
+
+    folder = _image_folder(tmp_path / "images", {"dark": (51, 102, 0), "light": (153, 102, 255)})
+    train = load_image_dataset(folder, seed=0, validation_fraction=0.25)["train"]
+    stats = channel_statistics(train, 3)
+    labels = train["label"]
+    share_light = sum(labels) / len(labels)  # label 1 = "light"
+    expected_mean = [51 / 255 + share_light * 102 / 255, 102 / 255, share_light]
+    expected_std = [
+        (102 / 255) * (share_light * (1 - share_light)) ** 0.5,
+        1.0,  # a constant channel is left unscaled
+        (share_light * (1 - share_light)) ** 0.5,
+    ]
+    assert stats.num_images == len(train)
+    assert stats.mean == pytest.approx(expected_mean, abs=1e-3) and stats.std == pytest.approx(
+        expected_std, abs=1e-3
+    )
+    gray = channel_statistics(train, 1)  # converted as a 1-channel model sees the images
+    assert len(gray.mean) == 1 and 0 < gray.mean[0] < 1
+
+
+def test_imagefolder_config_normalizes_with_the_training_split_and_does_not_flip(tmp_path):
+    from hf_cd.recipe import build_model, load_recipe_data
+    from hf_cd.recipe.model import describe_normalization, preset_normalization
+
+    folder = _image_folder(tmp_path / "images", {"a": (10, 20, 30), "b": (200, 180, 160), "c": (90, 90, 90)})
+    args = parse_recipe_args(
+        ["--config", str(CONFIGS / "imagefolder_vit_tiny_cpu.yaml"), "--dataset_name", str(folder),
+         "--output_dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert args.data.flip_probability == 0.0 and args.model.image_mean is None
+    raw = load_recipe_data(args.data, seed=0)
+    from hf_cd.data import channel_statistics, label_mapping
+
+    normalization = preset_normalization(args.model, raw["train"], seed=0)
+    expected = channel_statistics(raw["train"], 3)
+    _, processor = build_model(args.model, label_mapping(raw), normalization)
+    assert list(processor.image_mean) == pytest.approx(list(expected.mean))
+    assert list(processor.image_std) == pytest.approx(list(expected.std))
+    assert processor.image_mean != [0.5, 0.5, 0.5]
+    record = describe_normalization(processor, args.model, normalization)
+    assert record["source"] == f"computed from {len(raw['train'])} training images"
+
+    # given values win; a checkpoint keeps its own processor's
+    given = parse_recipe_args(
+        ["--config", str(CONFIGS / "fashion_mnist_vit_tiny_cpu.yaml"), "--output_dir", str(tmp_path / "out")]
+    )
+    assert preset_normalization(given.model, raw["train"], seed=0) is None
+    assert given.data.flip_probability == 0.5  # Fashion-MNIST's config asks for flips explicitly
+
+
+def test_a_run_with_few_optimizer_steps_is_warned_about(tmp_path):
+    from hf_cd.recipe.run import few_steps_warning, planned_optimizer_steps
+
+    def training(*flags):
+        return parse_recipe_args(["--model_preset", "vit_tiny", "--output_dir", str(tmp_path), "--use_cpu", "true",
+                                  *flags]).training  # fmt: skip
+
+    one_epoch = training("--num_train_epochs", "1", "--per_device_train_batch_size", "128")
+    assert planned_optimizer_steps(1400, one_epoch) == 11  # the digits folder of the report
+    message = few_steps_warning(1400, one_epoch)
+    assert "Only 11 optimizer steps (1 epoch(s) of 1,400 images at 128 per step)" in message
+    assert "--num_train_epochs" in message
+    assert few_steps_warning(1400 * 30, one_epoch) is None  # 329 steps
+    assert planned_optimizer_steps(24000, one_epoch) == 188  # make run
+    assert "--max_steps 6" in few_steps_warning(24000, training("--max_steps", "6"))
+    accumulated = training("--num_train_epochs", "2", "--per_device_train_batch_size", "10",
+                           "--gradient_accumulation_steps", "4")  # fmt: skip
+    assert planned_optimizer_steps(1000, accumulated) == 50
+
+
 def test_presets_have_the_standard_shapes():
     shapes = {
         name: (p.hidden_size, p.num_hidden_layers, p.num_attention_heads) for name, p in MODEL_PRESETS.items()
@@ -375,6 +463,10 @@ def test_recipe_trains_evaluates_quantizes_and_saves_a_model_that_reloads(tmp_pa
     results = json.loads((out / "results.json").read_text())
     assert results == json.loads(json.dumps(run.results))
 
+    normalization = results["dataset"].pop("normalization")
+    assert normalization["source"] == "computed from 200 training images"  # a preset without --image_mean
+    assert abs(normalization["mean"][0] - 0.286) < 0.03 and abs(normalization["std"][0] - 0.353) < 0.03
+    assert any("Only 6 optimizer steps (--max_steps 6)" in w for w in results["warnings"])
     assert results["dataset"] == {
         "name": "fashion_mnist",
         "label": None,

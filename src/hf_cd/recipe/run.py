@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -47,7 +48,14 @@ from hf_cd.recipe.evaluation import (
     predictions_from_logits,
     run_quantized_evaluation,
 )
-from hf_cd.recipe.model import add_lora, build_model, checkpoint_config, describe_model
+from hf_cd.recipe.model import (
+    add_lora,
+    build_model,
+    checkpoint_config,
+    describe_model,
+    describe_normalization,
+    preset_normalization,
+)
 from hf_cd.recipe.report import (
     ACTIVATION_PLOT,
     ALIGNMENT_PLOT,
@@ -121,7 +129,8 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
         " / ".join(f"{split} {len(raw[split]):,}" for split in raw),
     )
     set_seed(training_args.seed)  # the same initial weights on every rank and on resume
-    model, image_processor = build_model(model_args, labels)
+    normalization = preset_normalization(model_args, raw["train"], data_seed)
+    model, image_processor = build_model(model_args, labels, normalization)
     num_channels = model.config.num_channels
     evaluation = with_image_transforms(
         DatasetDict({"validation": raw["validation"], "test": raw["test"]}), image_processor, num_channels
@@ -134,6 +143,9 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
         flip_probability=data_args.flip_probability,
         seed=data_seed,
     )
+    run_warnings = [w for w in (few_steps_warning(len(train_dataset), training_args),) if w]
+    for warning in run_warnings:
+        logger.warning(warning)
     diagnostics_batch = first_batch(evaluation["validation"], data_args.diagnostics_samples)
     before = measure_diagnostics(model, diagnostics_batch, training_args) if is_main else None
     described_model = describe_model(model, model_args)
@@ -181,6 +193,7 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
             "train_samples": len(raw["train"]),
             "validation_samples": len(raw["validation"]),
             "test_samples": len(raw["test"]),
+            "normalization": describe_normalization(image_processor, model_args, normalization),
         },
         "model": described_model,
         "training": {
@@ -198,6 +211,7 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
         "test": {"accuracy": test_metrics["test_accuracy"], "loss": test_metrics["test_loss"]},
         "validation": _last_validation(state.log_history),
         "quantized": {"status": "pending"},
+        "warnings": run_warnings,
         "diagnostics": {"num_images": len(diagnostics_batch["pixel_values"]), "before": before.summary()},
         "output_dir": str(output_dir),
         "model_card": None,
@@ -248,6 +262,42 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
             token=training_args.hub_token,
         )
     return RecipeRun(trainer, results)
+
+
+FEW_OPTIMIZER_STEPS = 100
+"""Below this many optimizer steps a run warns: a ViT from scratch is barely past warm-up by then."""
+
+
+def planned_optimizer_steps(num_train_samples: int, training_args: CDConfig) -> int:
+    """The optimizer steps the Trainer will take (``max_steps``, or epochs × batches per epoch)."""
+    if training_args.max_steps is not None and training_args.max_steps > 0:
+        return int(training_args.max_steps)
+    per_step = training_args.per_device_train_batch_size * max(training_args.world_size, 1)
+    batches = (
+        num_train_samples // per_step
+        if training_args.dataloader_drop_last
+        else math.ceil(num_train_samples / per_step)
+    )
+    return math.ceil(
+        training_args.num_train_epochs * max(batches // training_args.gradient_accumulation_steps, 1)
+    )
+
+
+def few_steps_warning(num_train_samples: int, training_args: CDConfig) -> str | None:
+    """A warning when the run is too short to train much, saying which options lengthen it."""
+    steps = planned_optimizer_steps(num_train_samples, training_args)
+    if steps >= FEW_OPTIMIZER_STEPS:
+        return None
+    how = (
+        f"--max_steps {training_args.max_steps}"
+        if training_args.max_steps is not None and training_args.max_steps > 0
+        else f"{training_args.num_train_epochs:g} epoch(s) of {num_train_samples:,} images at "
+        f"{training_args.per_device_train_batch_size * max(training_args.world_size, 1)} per step"
+    )
+    return (
+        f"Only {steps} optimizer steps ({how}): too few to train a model well (a ViT from scratch needs "
+        f"hundreds). Raise --num_train_epochs or lower --per_device_train_batch_size."
+    )
 
 
 def _last_validation(log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
