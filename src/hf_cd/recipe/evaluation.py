@@ -15,6 +15,7 @@ from hf_cd import quant
 from hf_cd.config import CDConfig
 from hf_cd.diagnostics import (
     activation_stats,
+    alignment_by_block,
     alignment_summary,
     measure_alignment,
     outlier_summary,
@@ -51,6 +52,10 @@ class Diagnostics:
     def summary(self) -> dict[str, Any]:
         return {
             "alignment": alignment_summary(self.alignment),
+            "alignment_by_block": {
+                kind: {str(block): value for block, value in blocks.items()}
+                for kind, blocks in alignment_by_block(self.alignment).items()
+            },
             "outliers": outlier_summary(self.activations),
         }
 

@@ -60,10 +60,13 @@ from hf_cd.recipe.report import (
     ACTIVATION_PLOT,
     ALIGNMENT_PLOT,
     RESULTS_FILE,
+    moment_labels,
+    plot_title,
+    rounded,
     write_json_atomic,
     write_model_card,
 )
-from hf_cd.trainer import CDTrainer
+from hf_cd.trainer import CDTrainer, no_transformers_progress_bars, respect_umask
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +183,9 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
     if model_args.use_lora:
         # What deploys is the merged model: it is quantized, diagnosed and saved like any other.
         model = trainer.model.merge_and_unload()
-        model.save_pretrained(output_dir)
+        with no_transformers_progress_bars():
+            model.save_pretrained(output_dir)
+        respect_umask(output_dir)
         image_processor.save_pretrained(output_dir)
 
     state = trainer.state
@@ -236,15 +241,16 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
 
     after = measure_diagnostics(model, diagnostics_batch, training_args)
     results["diagnostics"]["after"] = after.summary()
+    title, (start, end) = plot_title(results), moment_labels(results)
     results["plots"] = {
         "alignment": str(
             plot_alignment(
-                {"before": before.alignment, "after": after.alignment}, output_dir / ALIGNMENT_PLOT
+                {start: before.alignment, end: after.alignment}, output_dir / ALIGNMENT_PLOT, title
             )
         ),
         "activation_max": str(
             plot_activation_stats(
-                {"before": before.activations, "after": after.activations}, output_dir / ACTIVATION_PLOT
+                {start: before.activations, end: after.activations}, output_dir / ACTIVATION_PLOT, title
             )
         ),
     }
@@ -261,7 +267,7 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
             private=bool(training_args.hub_private_repo),
             token=training_args.hub_token,
         )
-    return RecipeRun(trainer, results)
+    return RecipeRun(trainer, rounded(results))  # as results.json holds them
 
 
 FEW_OPTIMIZER_STEPS = 100
