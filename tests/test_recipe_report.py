@@ -203,3 +203,28 @@ def test_pyproject_does_not_hide_every_future_warning():
     assert is_blanket("ignore::FutureWarning") and not is_blanket("ignore::FutureWarning:timm.*")
     blanket = [f for f in filters if is_blanket(f)]
     assert not blanket, f"{blanket} would hide hf-cd's own FutureWarnings; filter third-party modules by name"
+
+
+def test_write_model_card_accepts_the_table_evaluate_quantized_returns(tmp_path):
+    from hf_cd.hub import write_model_card
+    from hf_cd.hub.parse import parse_card
+    from hf_cd.quant import QuantConfig, evaluate_quantized
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(tiny_vit_config(num_labels=3))
+    trainer = CDTrainer(model=model, args=CDConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                                   cd_strength=2.0))  # fmt: skip
+    trainer.save_model(str(tmp_path))  # config.json records the CD settings
+    images, labels = torch.randn(24, 1, 28, 28), torch.randint(0, 3, (24,))
+    table = evaluate_quantized(
+        model, (images, labels), images[:8], pipelines=["minmax"], bits=[(8, 8), (4, 4)],
+        config=QuantConfig(num_calibration=8, progress=False),
+    )  # fmt: skip
+    card = write_model_card(tmp_path, table)  # the notebook call: "dictionary update sequence element" before
+    text = card.read_text()
+    assert "| minmax |" in text and "strength: 2.0" in text
+    parsed = parse_card(text, str(card))
+    assert parsed.accuracy("minmax", 4, 4) == pytest.approx(table.accuracy("minmax", 4, 4))
+    assert write_model_card(tmp_path / "rows", table.to_dicts()).is_file()  # plain row dicts too
+    with pytest.raises(TypeError, match="sequence of row dicts"):
+        write_model_card(tmp_path / "bad", ["not a row"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,11 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def write_model_card(output_dir: Path, results: Mapping[str, Any]) -> Path:
-    """Write ``README.md``: the card with the quantized accuracy, CD settings and diagnostics (`hf_cd.hub`)."""
+def write_model_card(output_dir: Path, results: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> Path:
+    """Write ``README.md``: the card with the quantized accuracy, CD settings and diagnostics (`hf_cd.hub`).
+
+    ``results`` is a run's results dict, or the table `hf_cd.quant.evaluate_quantized` returns.
+    """
     return hub.write_model_card(output_dir, results)
 
 
