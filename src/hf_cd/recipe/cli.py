@@ -65,11 +65,12 @@ def main(argv: Sequence[str] | None = None) -> RecipeRun:
     """Parse, run and print the summary; a bad option, dataset or model exits 2 with one line on stderr."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("hf_cd").setLevel(logging.INFO)  # parsing logs too (a config's model source replaced)
     try:
         args = parse_recipe_args(argv)
-        is_main = args.training.process_index == 0
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-        logging.getLogger("hf_cd").setLevel(logging.INFO if is_main else logging.WARNING)
+        if args.training.process_index != 0:
+            logging.getLogger("hf_cd").setLevel(logging.WARNING)
         run = run_recipe(args)
     except USER_ERRORS as error:
         if debug:

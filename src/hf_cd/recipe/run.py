@@ -147,7 +147,7 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
         seed=data_seed,
     )
     run_warnings = [w for w in (few_steps_warning(len(train_dataset), training_args),) if w]
-    for warning in run_warnings:
+    for warning in run_warnings if is_main else ():
         logger.warning(warning)
     diagnostics_batch = first_batch(evaluation["validation"], data_args.diagnostics_samples)
     before = measure_diagnostics(model, diagnostics_batch, training_args) if is_main else None
