@@ -267,6 +267,10 @@ def test_a_model_source_on_the_command_line_replaces_the_config_files(tmp_path):
             and args.model.num_hidden_layers is None
         )
         assert args.model.image_size == 28 and args.data.max_train_samples == 24000
+    dashed = parse_recipe_args(
+        ["--config", cpu_config, f"--model-name-or-path={checkpoint}", "--output_dir", str(tmp_path)]
+    )
+    assert dashed.model.model_preset is None and dashed.model.model_name_or_path == str(checkpoint)
     # a flag given on the command line stays (and is then refused, because it shapes a preset only)
     with pytest.raises(RecipeArgumentError, match="patch_size shape a model trained from scratch"):
         parse_recipe_args(["--config", cpu_config, "--model_name_or_path", str(checkpoint), "--patch_size", "4",

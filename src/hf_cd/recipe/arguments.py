@@ -574,7 +574,9 @@ def _apply_config_defaults(parser: HfArgumentParser, values: Mapping[str, Any], 
 
 
 def _given_on_command_line(argv: Sequence[str], name: str) -> bool:
-    return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
+    """Whether ``--name`` (or HfArgumentParser's ``--name-with-dashes`` alias) is among ``argv``."""
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+    return any(arg.split("=", 1)[0] in flags for arg in argv)
 
 
 def _command_line_model_source_wins(
