@@ -229,6 +229,16 @@ def _block_axis(ax, blocks: Sequence[int]) -> None:
     )
 
 
+def _log_y_axis(ax) -> None:
+    """A log axis labelled in plain numbers (4.5, not 4.5×10⁰): most panels span less than a decade."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+
+
 def plot_alignment(tables: Table | Mapping[str, Table], path: str | Path, title: str | None = None) -> Path:
     """Mean alignment per block and kind, one line per model (e.g. ``{"before": t0, "after": t1}``).
 
@@ -251,8 +261,8 @@ def plot_alignment(tables: Table | Mapping[str, Table], path: str | Path, title:
             blocks += list(means)
         ax.set_title(f"{kind} alignment (mean over heads)")
         _block_axis(ax, blocks)
-        ax.set_ylabel("‖BA‖²_F / (‖B‖²_F ‖A‖²₂)")
-        ax.set_yscale("log")
+        ax.set_ylabel(r"$\Vert BA\Vert_F^2\ /\ (\Vert B\Vert_F^2\ \Vert A\Vert_2^2)$")
+        _log_y_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
@@ -310,7 +320,7 @@ def plot_activation_stats(
         ax.set_title(site_title)
         _block_axis(ax, blocks)
         ax.set_ylabel("max |x| over the batch")
-        ax.set_yscale("log")
+        _log_y_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend()
     for ax in list(axes.flat)[len(sites) :]:

@@ -159,9 +159,9 @@ def _diagnostics_lines(results: Mapping[str, Any]) -> list[str]:
         if key in after["outliers"] and key in before["outliers"]:
             lines.append(f"  {name:<34}{_change(before['outliers'][key], after['outliers'][key])}")
     if start == "at initialization":
+        lines.append("  (from scratch, 'before' is the random initialization, whose activations are small:")
         lines.append(
-            "  (from scratch, 'before' is the random initialization, whose activations are small: |x| growing "
-            "with training is normal. Whether CD tames outliers shows against a run with --cd_strength 0.)"
+            "  |x| growing with training is normal. A run with --cd_strength 0 shows what CD changes.)"
         )
     return lines
 

@@ -254,7 +254,7 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
             )
         ),
     }
-    card = write_model_card(output_dir, results)
+    card = write_model_card(output_dir, rounded(results))  # the card shows results.json's numbers
     results["model_card"] = None if card is None else str(card)
     results["wall_time_s"]["total"] = time.perf_counter() - started
     write_json_atomic(results_path, results)
