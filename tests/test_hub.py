@@ -120,6 +120,13 @@ def _rows(out: Path) -> list[dict]:
     return json.loads((out / "results.json").read_text())["quantized"]["rows"]
 
 
+def _approx_rows(rows: list[dict]) -> list[dict]:
+    """Rows to compare with numbers read back or re-measured: results.json keeps 6 significant digits
+    (a drop the card parser derives from two rounded accuracies is off by up to ~1e-4 points)."""
+    return [{k: pytest.approx(v, rel=1e-5, abs=1e-3) if isinstance(v, float) else v for k, v in row.items()}
+            for row in rows]  # fmt: skip
+
+
 def _card_rows(rows: list[dict]) -> list[dict]:
     """What a card records of each results.json row: every column except the timings."""
     return [{key: row[key] for key in CARD_COLUMNS} for row in rows]
@@ -200,9 +207,9 @@ def test_load_cd_checkpoint_gives_the_trained_models_logits_and_the_cards_rows(c
     torch.testing.assert_close(loaded, trained, rtol=0, atol=0)
 
     expected = _card_rows(_rows(out))
-    assert results.to_dicts() == expected
-    assert read_quantized_results(out).to_dicts() == expected
-    assert read_quantized_results(out / "README.md").to_dicts() == expected
+    assert results.to_dicts() == _approx_rows(expected)
+    assert read_quantized_results(out).to_dicts() == _approx_rows(expected)
+    assert read_quantized_results(out / "README.md").to_dicts() == _approx_rows(expected)
     repq_w4a4 = next(row for row in expected if row["pipeline"] == "repq" and row["w_bits"] == 4)
     assert results.accuracy("repq", 4, 4) == repq_w4a4["accuracy"]
     assert results.full_precision_accuracy == expected[0]["accuracy"]
@@ -223,9 +230,9 @@ def test_the_cards_reproduce_command_measures_the_same_rows(cd_run, monkeypatch)
     assert cli.main([*argv[3:], "--no-progress"]) == 0
     measured = json.loads((out.parent / "ptq.json").read_text())["rows"]
     keys = ("pipeline", "w_bits", "a_bits", "accuracy", "num_eval", "num_calibration", "seed")
-    assert [{k: row[k] for k in keys} for row in measured] == [
-        {k: row[k] for k in keys} for row in _rows(out)
-    ]
+    assert [{k: row[k] for k in keys} for row in measured] == _approx_rows(
+        [{k: row[k] for k in keys} for row in _rows(out)]
+    )
 
 
 @pytest.mark.slow
