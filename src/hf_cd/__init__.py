@@ -4,8 +4,7 @@ Train ViT / DeiT / Dinov2 models whose matrix pairs do not line up, so that they
 accuracy at W8A8, W6A6 and W4A4 at no inference cost.
 """
 
-__version__ = "0.1.0"
-
+from hf_cd._version import __version__
 from hf_cd.architectures import BlockLayout, FFNLayout, UnsupportedArchitectureError, register_architecture
 from hf_cd.callback import CDCallback
 from hf_cd.config import CDConfig

@@ -16,7 +16,7 @@ from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from hf_cd import __version__
+from hf_cd._version import __version__
 from hf_cd.architectures import unwrap_model
 from hf_cd.callback import CDCallback
 from hf_cd.config import CDConfig

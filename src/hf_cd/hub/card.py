@@ -16,7 +16,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from hf_cd import __version__
+from hf_cd._version import __version__
 from hf_cd.quant.config import DEFAULT_PROTOCOL
 from hf_cd.quant.results import FULL_PRECISION, RESULT_COLUMNS
 

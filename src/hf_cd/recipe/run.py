@@ -1,0 +1,259 @@
+"""`run_recipe`: one run from data to saved model, results.json, plots and card."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import DatasetDict
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_cd import hub
+from hf_cd._version import __version__
+from hf_cd.config import CDConfig
+from hf_cd.data import (
+    ImagePreprocessing,
+    collate_fn,
+    label_mapping,
+    with_image_transforms,
+)
+from hf_cd.data.loading import subsample_stratified
+from hf_cd.diagnostics import (
+    plot_activation_stats,
+    plot_alignment,
+)
+from hf_cd.recipe.arguments import (
+    LORA_ADAPTER_DIR,
+    RecipeArgumentError,
+    RecipeArguments,
+)
+from hf_cd.recipe.data import (
+    SeededAugmentation,
+    check_resumable_augmentation,
+    eval_transformed,
+    first_batch,
+    load_recipe_data,
+)
+from hf_cd.recipe.evaluation import (
+    accuracy_metric,
+    check_quant_arguments,
+    measure_diagnostics,
+    predictions_from_logits,
+    run_quantized_evaluation,
+)
+from hf_cd.recipe.model import add_lora, build_model, describe_model
+from hf_cd.recipe.report import (
+    ACTIVATION_PLOT,
+    ALIGNMENT_PLOT,
+    RESULTS_FILE,
+    write_json_atomic,
+    write_model_card,
+)
+from hf_cd.trainer import CDTrainer
+
+logger = logging.getLogger(__name__)
+
+
+RESUME_LATEST = ("latest", "last", "true")
+"""Values of ``--resume_from_checkpoint`` that mean "the newest checkpoint-* in output_dir"."""
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(training_args: CDConfig) -> str | None:
+    """The checkpoint to resume from: an explicit path, or ``latest`` → newest ``checkpoint-*`` in output_dir."""
+    requested = training_args.resume_from_checkpoint
+    output_dir = training_args.output_dir
+    if requested is None or str(requested).lower() in ("", "false", "none"):
+        if os.path.isdir(output_dir) and get_last_checkpoint(output_dir):
+            logger.warning(
+                "%s holds checkpoints of an earlier run; this run starts over. Pass --resume_from_checkpoint "
+                "latest to continue that run instead.",
+                output_dir,
+            )
+        return None
+    if str(requested).lower() in RESUME_LATEST:
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise RecipeArgumentError(
+                f"--resume_from_checkpoint {requested}: {output_dir!r} holds no checkpoint-* directory. "
+                "Give a checkpoint path, or the output_dir of the run to continue."
+            )
+        return last
+    if not os.path.isdir(requested):
+        raise RecipeArgumentError(f"--resume_from_checkpoint {requested!r} is not a directory.")
+    return str(requested)
+
+
+@dataclass
+class RecipeRun:
+    """What `run_recipe` leaves behind: the trainer (with the trained model) and, on the main process, results."""
+
+    trainer: CDTrainer
+    results: dict[str, Any] | None
+
+
+def run_recipe(args: RecipeArguments) -> RecipeRun:
+    """Train, evaluate, quantize, diagnose and save as ``args`` say (see the module docstring)."""
+    started = time.perf_counter()
+    model_args, data_args, training_args, quant_args = args
+    output_dir = Path(training_args.output_dir)
+    checkpoint = resolve_checkpoint(training_args)
+    is_main = training_args.process_index == 0
+    data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    check_quant_arguments(quant_args, data_seed)
+    check_resumable_augmentation(training_args)
+
+    raw = load_recipe_data(data_args, data_seed)
+    labels = label_mapping(raw)
+    logger.info(
+        "Data: %s with %d classes; %s images.",
+        data_args.dataset_name,
+        labels["num_labels"],
+        " / ".join(f"{split} {len(raw[split]):,}" for split in raw),
+    )
+    set_seed(training_args.seed)  # the same initial weights on every rank and on resume
+    model, image_processor = build_model(model_args, labels)
+    num_channels = model.config.num_channels
+    evaluation = with_image_transforms(
+        DatasetDict({"validation": raw["validation"], "test": raw["test"]}), image_processor, num_channels
+    )
+    train_dataset = SeededAugmentation(
+        raw["train"],
+        ImagePreprocessing.from_image_processor(image_processor, num_channels),
+        scale=tuple(data_args.crop_scale),
+        ratio=tuple(data_args.crop_ratio),
+        flip_probability=data_args.flip_probability,
+        seed=data_seed,
+    )
+    diagnostics_batch = first_batch(evaluation["validation"], data_args.diagnostics_samples)
+    before = measure_diagnostics(model, diagnostics_batch, training_args) if is_main else None
+    described_model = describe_model(model, model_args)
+    trained = add_lora(model, model_args) if model_args.use_lora else model
+
+    trainer = CDTrainer(
+        model=trained,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=evaluation["validation"],
+        data_collator=collate_fn,
+        processing_class=image_processor,
+        compute_metrics=accuracy_metric,
+        preprocess_logits_for_metrics=predictions_from_logits,
+        callbacks=[SeededAugmentation.EpochCallback(train_dataset)],
+    )
+    logger.info("Model: %s, %.2f M parameters.", model_args.source, model.num_parameters() / 1e6)
+    train_started = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - train_started
+    if model_args.use_lora:  # the adapter alone; the merged, deployable model follows after the test
+        trainer.save_model(str(output_dir / LORA_ADAPTER_DIR))
+    else:
+        trainer.save_model(str(output_dir))
+    trainer.save_state()
+
+    test_started = time.perf_counter()
+    test_metrics = trainer.evaluate(evaluation["test"], metric_key_prefix="test")
+    test_seconds = time.perf_counter() - test_started
+    if not is_main:
+        return RecipeRun(trainer, None)
+    if model_args.use_lora:
+        # What deploys is the merged model: it is quantized, diagnosed and saved like any other.
+        model = trainer.model.merge_and_unload()
+        model.save_pretrained(output_dir)
+        image_processor.save_pretrained(output_dir)
+
+    state = trainer.state
+    results: dict[str, Any] = {
+        "hf_cd_version": __version__,
+        "dataset": {
+            "name": data_args.dataset_name,
+            "label": data_args.dataset_label,
+            "num_labels": labels["num_labels"],
+            "train_samples": len(raw["train"]),
+            "validation_samples": len(raw["validation"]),
+            "test_samples": len(raw["test"]),
+        },
+        "model": described_model,
+        "training": {
+            "global_step": state.global_step,
+            "max_steps": state.max_steps,
+            "epochs": state.epoch,
+            "train_loss": train_output.training_loss,
+            "learning_rate": training_args.learning_rate,
+            "per_device_train_batch_size": training_args.per_device_train_batch_size,
+            "world_size": training_args.world_size,
+            "resumed_from": checkpoint,
+            "seed": training_args.seed,
+        },
+        "cd_settings": trainer.cd_settings,
+        "test": {"accuracy": test_metrics["test_accuracy"], "loss": test_metrics["test_loss"]},
+        "validation": _last_validation(state.log_history),
+        "quantized": {"status": "pending"},
+        "diagnostics": {"num_images": len(diagnostics_batch["pixel_values"]), "before": before.summary()},
+        "output_dir": str(output_dir),
+        "model_card": None,
+        "wall_time_s": {"train": train_seconds, "test_eval": test_seconds},
+    }
+    results_path = output_dir / RESULTS_FILE
+    write_json_atomic(results_path, results)  # full-precision results survive an interrupted quantization
+
+    logger.info("Test accuracy %.2f%%; results so far in %s.", results["test"]["accuracy"], results_path)
+    model.eval()
+    quant_started = time.perf_counter()
+    eval_subset = subsample_stratified(raw["test"], quant_args.quant_max_eval_samples, data_seed)
+    results["quantized"] = run_quantized_evaluation(
+        model,
+        eval_transformed(eval_subset, image_processor, num_channels),
+        eval_transformed(raw["train"], image_processor, num_channels),
+        quant_args,
+        data_seed,
+        progress=not training_args.disable_tqdm,
+    )
+    results["wall_time_s"]["quant_eval"] = time.perf_counter() - quant_started
+
+    after = measure_diagnostics(model, diagnostics_batch, training_args)
+    results["diagnostics"]["after"] = after.summary()
+    results["plots"] = {
+        "alignment": str(
+            plot_alignment(
+                {"before": before.alignment, "after": after.alignment}, output_dir / ALIGNMENT_PLOT
+            )
+        ),
+        "activation_max": str(
+            plot_activation_stats(
+                {"before": before.activations, "after": after.activations}, output_dir / ACTIVATION_PLOT
+            )
+        ),
+    }
+    card = write_model_card(output_dir, results)
+    results["model_card"] = None if card is None else str(card)
+    results["wall_time_s"]["total"] = time.perf_counter() - started
+    write_json_atomic(results_path, results)
+    if training_args.push_to_hub:
+        # The Trainer pushed at save time, before the test and quantized numbers existed: push the
+        # finished card, weights and results.json (and nothing else) now.
+        hub.push_cd_model(
+            output_dir,
+            trainer.hub_model_id,
+            private=bool(training_args.hub_private_repo),
+            token=training_args.hub_token,
+        )
+    return RecipeRun(trainer, results)
+
+
+def _last_validation(log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    for entry in reversed(log_history):
+        if "eval_accuracy" in entry:
+            return {
+                "accuracy": entry["eval_accuracy"],
+                "loss": entry.get("eval_loss"),
+                "epoch": entry.get("epoch"),
+            }
+    return None
