@@ -69,7 +69,8 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 def _run_until_paused(output_dir: Path, pause: str) -> int:
     """Start the recipe in a subprocess, wait until it pauses at ``pause``, SIGKILL it; its pid."""
-    env = {**os.environ, "HF_CD_TEST_PAUSE": pause, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "HF_CD_TEST_PAUSE": pause, "PYTHONPATH": str(ROOT / "src")}
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the same float sums as the uninterrupted run
     process = subprocess.Popen(
         [sys.executable, str(PAUSED), *RUN, "--output_dir", str(output_dir)],
         stdout=subprocess.PIPE,
