@@ -602,8 +602,13 @@ def _training_line(training: Mapping[str, Any] | None) -> str | None:
         )
     if training.get("seed") is not None:
         parts.append(f"seed {training['seed']}")
-    if training.get("train_loss") is not None:
-        parts.append(f"final train loss {training['train_loss']:.4f}")
+    if (
+        training.get("train_loss") is not None
+    ):  # the Trainer's train_loss: a mean over steps, not a last value
+        steps = training.get("train_loss_steps") or training.get("global_step")
+        parts.append(
+            f"mean train loss {training['train_loss']:.4f}" + (f" over {steps} steps" if steps else "")
+        )
     return ", ".join(parts) or None
 
 
