@@ -157,6 +157,8 @@ def evaluate_quantized(
     ]
     for row_config in configs:
         pipeline = get_pipeline(row_config.pipeline)
+        describe = getattr(pipeline, "row_fields", None)
+        fields = describe(row_config) if callable(describe) else {}
         evaluate_itself = getattr(pipeline, "evaluate", None)
         if callable(evaluate_itself):  # a real runtime measures itself: accuracy and latency vs its own float
             row_images = images if row_config.quantizes_activations else None
@@ -168,7 +170,7 @@ def evaluate_quantized(
                     seed=row_config.seed,
                     reference_accuracy=reference,
                     protocol=row_config.protocol,
-                    **measured,
+                    **{**fields, **measured},
                 )
             )
             continue
@@ -208,6 +210,7 @@ def evaluate_quantized(
                 quantize_seconds=quantize_seconds,
                 eval_seconds=eval_seconds,
                 reference_accuracy=reference,
+                **fields,
                 **cosine,
             )
         )

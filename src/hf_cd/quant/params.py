@@ -15,7 +15,13 @@ from hf_cd.quant.quantizers import (
 )
 
 Scheme = Literal["asymmetric", "symmetric", "log_sqrt2", "log_sqrt2_zero_code", "dynamic_per_token"]
-SCHEMES: tuple[str, ...] = ("asymmetric", "symmetric", "log_sqrt2", "log_sqrt2_zero_code", "dynamic_per_token")
+SCHEMES: tuple[str, ...] = (
+    "asymmetric",
+    "symmetric",
+    "log_sqrt2",
+    "log_sqrt2_zero_code",
+    "dynamic_per_token",
+)
 """``log_sqrt2`` is RepQ-ViT's (2^b levels and a zero outside them); ``log_sqrt2_zero_code`` gives
 zero one of the 2^b codes (`hf_cd.quant.quantizers.fake_quantize_log_sqrt2`). ``dynamic_per_token``
 is not calibrated: every row of the last dimension (a token; per head inside attention) gets its

@@ -23,7 +23,7 @@ which is orthogonal but spreads outliers only in expectation; `rotation_matrix` 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -35,7 +35,7 @@ def _is_prime(q: int) -> bool:
     return q >= 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
 
 
-@lru_cache(maxsize=None)
+@cache
 def paley_hadamard(q: int) -> torch.Tensor:
     """The ±1 Hadamard matrix of order ``q + 1`` by Paley's first construction (``q`` prime, ``q ≡ 3 mod 4``).
 
@@ -185,9 +185,7 @@ def scale_rows(
     return weight * scale.view(shape), None if bias is None else bias * scale
 
 
-def centre_rows(
-    weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def centre_rows(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A writer of the residual stream made to write zero-mean vectors: subtract the mean over outputs.
 
     ``(I − 11ᵀ/d) (W x + b)``: the output's mean is removed for every input, which LayerNorm would

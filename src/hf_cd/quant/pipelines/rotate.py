@@ -56,7 +56,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_cd.architectures import ResolvedBlock, final_norm, patch_embedding, residual_stream_parameters, unwrap_model
+from hf_cd.architectures import (
+    ResolvedBlock,
+    final_norm,
+    patch_embedding,
+    residual_stream_parameters,
+    unwrap_model,
+)
 from hf_cd.quant.config import QuantConfig, options_from_extra
 from hf_cd.quant.observers import Observer
 from hf_cd.quant.params import QuantParams
@@ -104,7 +110,9 @@ class RotateOptions:
     def __post_init__(self) -> None:
         def check(condition: bool, key: str, expected: str) -> None:
             if not condition:
-                raise ValueError(f"QuantConfig.extra[{key!r}] must be {expected}, got {getattr(self, key)!r}.")
+                raise ValueError(
+                    f"QuantConfig.extra[{key!r}] must be {expected}, got {getattr(self, key)!r}."
+                )
 
         check(self.rotate_solver in SOLVERS, "rotate_solver", " or ".join(map(repr, SOLVERS)))
         check(
@@ -115,7 +123,8 @@ class RotateOptions:
         for key in ("rotate_residual", "rotate_fc2_online", "rotate_value_output"):
             check(isinstance(getattr(self, key), bool), key, "a bool")
         check(
-            self.rotate_seed is None or (isinstance(self.rotate_seed, int) and not isinstance(self.rotate_seed, bool)),
+            self.rotate_seed is None
+            or (isinstance(self.rotate_seed, int) and not isinstance(self.rotate_seed, bool)),
             "rotate_seed",
             "an int or None",
         )
@@ -164,7 +173,9 @@ class RotatedBackLayerNorm(nn.Module):
         self.eps = norm.eps
         weight = norm.weight if norm.weight is not None else torch.ones(self.normalized_shape)
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.bias = None if norm.bias is None else nn.Parameter(norm.bias.detach().clone(), requires_grad=False)
+        self.bias = (
+            None if norm.bias is None else nn.Parameter(norm.bias.detach().clone(), requires_grad=False)
+        )
         self.register_buffer("rotation_transposed", rotation.T.contiguous().to(self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -373,7 +384,9 @@ class RotatePipeline(FakeQuantPipeline):
                     state.preset[site.name] = QuantParams("dynamic_per_token", site.bits, torch.tensor(1.0))
 
     def quantize_weight(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
-        return quantize_weight_symmetric(weight, bits, per_channel=True, clip_ratios=config.weight_clip_ratios)
+        return quantize_weight_symmetric(
+            weight, bits, per_channel=True, clip_ratios=config.weight_clip_ratios
+        )
 
     def weight_scheme(self, site: WeightSite, config: QuantConfig) -> str:
         return "float" if is_float_bits(site.bits) else "symmetric"
