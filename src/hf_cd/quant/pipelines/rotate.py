@@ -39,12 +39,16 @@ Options in ``QuantConfig.extra`` (keys starting ``rotate_`` are checked, with a 
 ``rotate_residual``       True                   offline randomized Hadamard of the residual stream
 ``rotate_fc2_online``     True                   online Hadamard on the fc2 (down_proj) input
 ``rotate_value_output``   True                   head-wise randomized Hadamard, value → output
+``rotate_query_key``      False                  ours: head-wise randomized Hadamard of queries and
+                                                 keys, offline on both (``q kᵀ`` is unchanged; no
+                                                 RoPE here, so nothing runs online)
 ``rotate_seed``           None                   seed of the random signs (None: ``QuantConfig.seed``)
 ========================  =====================  ===================================================
 
 Not done (QuaRot does it for LLMs, it does not apply here or was left out): no online rotation of
-the ``o_proj`` input across heads, none of the queries and keys (our attention matmul inputs are
-quantized as they are), and no learned rotations (SpinQuant).
+the ``o_proj`` input across heads, and no learned rotations (SpinQuant). QuaRot rotates keys
+online (after RoPE) and leaves queries unquantized; here both are quantized at ``a_bits`` and
+``rotate_query_key`` can rotate both offline.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ class RotateOptions:
     rotate_residual: bool = True
     rotate_fc2_online: bool = True
     rotate_value_output: bool = True
+    rotate_query_key: bool = False
     rotate_seed: int | None = None
 
     @classmethod
@@ -120,7 +125,7 @@ class RotateOptions:
             "rotate_activations",
             " or ".join(map(repr, ACTIVATION_MODES)),
         )
-        for key in ("rotate_residual", "rotate_fc2_online", "rotate_value_output"):
+        for key in ("rotate_residual", "rotate_fc2_online", "rotate_value_output", "rotate_query_key"):
             check(isinstance(getattr(self, key), bool), key, "a bool")
         check(
             self.rotate_seed is None
@@ -138,6 +143,7 @@ class RotateOptions:
                 ("residual", self.rotate_residual),
                 ("fc2_online", self.rotate_fc2_online),
                 ("value_output", self.rotate_value_output),
+                ("query_key", self.rotate_query_key),
             )
             if on
         ]
@@ -279,7 +285,7 @@ def rotate_float_model(
                 norm.bias.data.zero_()
             norm.__class__ = FoldedRMSNorm
 
-    used = {"residual": "none", "value_output": "none", "fc2_online": "none"}
+    used = {"residual": "none", "value_output": "none", "query_key": "none", "fc2_online": "none"}
     # 3. the residual stream rotated by Q: writers' rows, readers' columns; the final norm rotates back
     if options.rotate_residual:
         rotation, used["residual"] = rotation_matrix(hidden, seed)
@@ -303,6 +309,14 @@ def rotate_float_model(
             per_head = block_diagonal(head, block.num_heads)
             _store(block.value, *rotate_writer(*_f64(block.value), per_head))
             _set(block.output.weight, rotate_reader(block.output.weight.detach().double(), per_head))
+
+    # 4b. head-wise query and key (ours): q kᵀ = (q R)(k R)ᵀ, so both fold offline (no RoPE in these models)
+    if options.rotate_query_key:
+        for block in blocks:
+            head, used["query_key"] = rotation_matrix(block.head_dim, seed + 1000 + block.index)
+            per_head = block_diagonal(head, block.num_heads)
+            for projection in (block.query, block.key):
+                _store(projection, *rotate_writer(*_f64(projection), per_head))
 
     # 5. online Hadamard on the fc2 input, the same fused offline into fc2's columns
     if options.rotate_fc2_online:
