@@ -336,7 +336,7 @@ def main() -> None:
                     "num_eval": args.sensitivity_eval,
                     "per_block": args.sensitivity_per_block,
                     "rows": sens_rows,
-                }  # fmt: skip
+                }
             )
         if sensitivity_records and args.sensitivity_per_block:
             from hf_cd.table import Table
