@@ -298,3 +298,30 @@ def test_folding_alone_keeps_the_function_and_sets_the_layer_scale_to_one():
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         assert relative_error(copied(pixel_values=x).logits, model(pixel_values=x).logits) < 1e-4
+
+
+# --- wire-up: CLI and card ------------------------------------------------------------------------
+
+
+def test_cli_takes_pipeline_options_as_json():
+    from hf_cd.quant.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["--model", "m", "--pipelines", "rotate", "--extra", '{"rotate_activations": "dynamic_per_token"}']
+    )
+    assert args.extra == {"rotate_activations": "dynamic_per_token"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", "m", "--extra", "[1]"])
+
+
+def test_card_labels_dynamic_rows_apart_and_parses_them_back():
+    from hf_cd.hub.card import _row_label
+
+    static = {"pipeline": "rotate", "w_bits": 4, "a_bits": 4, "runtime": "fake_quant", "protocol": "deploy",
+              "activation_mode": "static_per_tensor"}  # fmt: skip
+    dynamic = {**static, "activation_mode": "dynamic_per_token"}
+    assert _row_label(static) == ("W4A4, rotate", "w4a4-rotate")
+    assert _row_label(dynamic) == (
+        "W4A4, rotate, dynamic per-token activations",
+        "w4a4-rotate-dynamic_per_token",
+    )
