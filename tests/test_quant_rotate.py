@@ -325,3 +325,23 @@ def test_card_labels_dynamic_rows_apart_and_parses_them_back():
         "W4A4, rotate, dynamic per-token activations",
         "w4a4-rotate-dynamic_per_token",
     )
+
+
+def test_sensitivity_runs_on_rotate_and_refuses_a_solver_that_would_skip_its_site_bits():
+    from hf_cd.quant import sensitivity
+
+    model = tiny_model("vit")
+    images = torch.randn(16, 1, 28, 28)
+    data = (images, torch.randint(0, 10, (16,)))
+    table = sensitivity(
+        model,
+        data,
+        images,
+        pipeline="rotate",
+        a_bits=4,
+        config=QuantConfig(pipeline="rotate", progress=False),
+    )
+    assert "fc2_input" in [row["group"] for row in table.to_dicts()]
+    with pytest.raises(ValueError, match="rotate_solver='rtn'"):
+        sensitivity(model, data, images, pipeline="rotate_gptaq", a_bits=4,
+                    config=QuantConfig(pipeline="rotate_gptaq", progress=False))  # fmt: skip

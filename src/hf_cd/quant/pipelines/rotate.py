@@ -375,6 +375,12 @@ class RotatePipeline(FakeQuantPipeline):
         options = self.options(config)
         if options.rotate_solver == "rtn":
             quantized = super().__call__(model, config, calibration_images)
+        elif type(self).before_weights is not RotatePipeline.before_weights:
+            raise ValueError(
+                f"{type(self).__name__} overrides before_weights (e.g. hf_cd.quant.sensitivity's site-by-site "
+                f"bits), which the {options.rotate_solver!r} solver would not run; use pipeline='rotate' "
+                "(rotate_solver='rtn') there."
+            )
         else:
             quantized = get_pipeline(options.rotate_solver)(
                 model, self._solver_config(config, options), calibration_images
