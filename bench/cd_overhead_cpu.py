@@ -138,8 +138,9 @@ def run_chunk(args) -> None:
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     cd_update: list[float] = []
     for round_index in range(args.rounds):
-        for method, runner in runners.items():
-            seconds, cd_seconds = runner.step(*batch)
+        order = METHODS[round_index % 3 :] + METHODS[: round_index % 3]  # rotated: no method always follows another
+        for method in order:
+            seconds, cd_seconds = runners[method].step(*batch)
             times[method].append(seconds)
             if method == "cd":
                 cd_update.append(cd_seconds)
