@@ -138,7 +138,9 @@ def run_chunk(args) -> None:
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     cd_update: list[float] = []
     for round_index in range(args.rounds):
-        order = METHODS[round_index % 3 :] + METHODS[: round_index % 3]  # rotated: no method always follows another
+        order = (
+            METHODS[round_index % 3 :] + METHODS[: round_index % 3]
+        )  # rotated: no method always follows another
         for method in order:
             seconds, cd_seconds = runners[method].step(*batch)
             times[method].append(seconds)
@@ -177,7 +179,9 @@ def cpu_flags() -> str:
     except OSError:
         return "unknown"
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    flags = next(
+        (line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []
+    )
     wanted = [f for f in flags if f.startswith(("avx512", "avx_vnni", "amx", "avx2", "fma"))]
     return f"{model}; {' '.join(sorted(wanted))}"
 
@@ -236,17 +240,29 @@ def aggregate(args) -> None:
     env["device"] = f"{cpu_flags()}; shared machine (2 cores, runs serialized by a lock)"
     payload = {
         **env,
-        "settings": {"batch_size": 32, "image_size": 224, "optimizer": "AdamW (wd 0.05)", "dtype": "float32",
-                     "cd_kinds": list(CD_KINDS), "tweo_weight": TWEO_WEIGHT, "raw": RAW_PATH.name,
-                     "chunk_commits": sorted({c for e in pooled.values() for c in e["commits"]})},  # fmt: skip
-        "targets": {"efficiency_at_cd_every_1": TARGET_EFFICIENCY, "overhead_at_default_cd_every": TARGET_OVERHEAD},
+        "settings": {
+            "batch_size": 32,
+            "image_size": 224,
+            "optimizer": "AdamW (wd 0.05)",
+            "dtype": "float32",
+            "cd_kinds": list(CD_KINDS),
+            "tweo_weight": TWEO_WEIGHT,
+            "raw": RAW_PATH.name,
+            "chunk_commits": sorted({c for e in pooled.values() for c in e["commits"]}),
+        },
+        "targets": {
+            "efficiency_at_cd_every_1": TARGET_EFFICIENCY,
+            "overhead_at_default_cd_every": TARGET_OVERHEAD,
+        },
         "rows": rows,
-    }  # fmt: skip
+    }
     (RESULTS_DIR / "cd_overhead_cpu.json").write_text(json.dumps(payload, indent=2) + "\n")
     columns = ["model", "threads", "method", "cd_every", "median_step_s", "overhead", "flop_share", "efficiency",
                "overhead_from_update_time", "cd_update_s", "cd_gflop_per_s", "baseline_gflop_per_s", "timed_steps"]  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += [
+        "| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in columns) + " |" for r in rows
+    ]
     header = "\n".join(f"- **{key}**: `{env[key]}`" for key in ("date", "commit", "device", "command"))
     (RESULTS_DIR / "cd_overhead_cpu.md").write_text(
         f"# cd_overhead_cpu\n\n{header}\n\n{__doc__.split(chr(10) + chr(10), 1)[1].rsplit(chr(10) + chr(10), 1)[0]}\n\n"
@@ -257,14 +273,20 @@ def aggregate(args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=["dinov2_small", "vit_small"], default="dinov2_small")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timed steps per method in this chunk")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved timed steps per method in this chunk"
+    )
     parser.add_argument("--raw", default=str(RAW_PATH), help="where chunks append their raw step times")
-    parser.add_argument("--aggregate", action="store_true", help="write cd_overhead_cpu.{json,md} from the raw chunks")
+    parser.add_argument(
+        "--aggregate", action="store_true", help="write cd_overhead_cpu.{json,md} from the raw chunks"
+    )
     args = parser.parse_args(argv)
     aggregate(args) if args.aggregate else run_chunk(args)
 

@@ -113,7 +113,9 @@ def direction_flops(batch: int, r: int, m: int, n: int) -> int:
     return batch * 6 * m * r * n  # M = B·A, Bᵀ·M, M·Aᵀ
 
 
-def power_iteration_flops(batch: int, rows: int, cols: int, iterations: int, block_size: int = POWER_BLOCK_SIZE) -> int:
+def power_iteration_flops(
+    batch: int, rows: int, cols: int, iterations: int, block_size: int = POWER_BLOCK_SIZE
+) -> int:
     """Matrix-product flops of `power_iteration` on ``batch`` matrices (rows×cols): A·V, Aᵀ·(A·V), the k×k Gram.
 
     The QR and the k×k eigenvalue problem (k = the block size) are O(cols·k²) and left out.
