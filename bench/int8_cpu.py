@@ -73,6 +73,35 @@ def profile_op_times(
     return {op: round(us / total, 4) for op, us in sorted(per_op.items(), key=lambda kv: -kv[1])}
 
 
+def write_markdown(json_path: Path) -> Path:
+    """``int8_cpu.md`` from the JSON record: the rows, the int8 ops ORT ran, and where the time went."""
+    payload = json.loads(json_path.read_text())
+    columns = ["pipeline", "latency_ms_batch1", "float_latency_ms_batch1", "speedup_vs_float_batch1",
+               "latency_ms_batch8", "float_latency_ms_batch8", "speedup_vs_float_batch8", "latency_ms_batch32",
+               "float_latency_ms_batch32", "speedup_vs_float_batch32", "logits_max_abs_diff_vs_torch"]  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in payload["rows"]]
+    ops = payload["optimized_graph_op_types"]
+    shares = payload["kernel_time_share"]
+    op_lines = []
+    for name, counts in ops.items():
+        integer = {op: n for op, n in counts.items() if op in INT8_OPS}
+        top = ", ".join(f"{op} {100 * share:.1f}%" for op, share in list(shares[name].items())[:9])
+        op_lines.append(
+            f"- **{name}**: integer kernels {integer or 'none'}; kernel time at the largest batch: {top}"
+        )
+    header = "\n".join(f"- **{key}**: `{payload[key]}`" for key in ("date", "commit", "device", "command"))
+    markdown = (
+        f"# int8_cpu\n\n{header}\n\n{__doc__.split(chr(10) + chr(10))[1]}\n\nTarget: ≥ "
+        f"{payload['targets']['speedup_vs_float_batch32']}× float32 at batch 32.\n\n" + "\n".join(lines)
+        + "\n\nOperators in ONNX Runtime's optimized graphs, and the share of kernel time per op type (ORT profiler):\n\n"
+        + "\n".join(op_lines) + "\n\nAnalysis: `int8_cpu-notes.md`.\n"
+    )  # fmt: skip
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(markdown)
+    return md_path
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,7 +112,11 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, nargs="+", default=[40, 12, 8], help="timed pairs per batch size")
     parser.add_argument("--activation-type", default="uint8", choices=["uint8", "int8"])
     parser.add_argument("--output", default=str(RESULTS_DIR / "int8_cpu.json"))
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md of --output's record")
     args = parser.parse_args(argv)
+    if args.markdown_only:
+        print(write_markdown(Path(args.output)).read_text())
+        return
     torch.set_num_threads(args.threads)
 
     from cd_overhead_cpu import cpu_flags
@@ -171,6 +204,7 @@ def main(argv=None) -> None:
     payload = {**env, "threads": args.threads, "targets": {"speedup_vs_float_batch32": TARGET_SPEEDUP_BATCH32},
                "rows": rows, "optimized_graph_op_types": ops, "kernel_time_share": op_time_share}  # fmt: skip
     Path(args.output).write_text(json.dumps(payload, indent=2) + "\n")
+    write_markdown(Path(args.output))
     print(json.dumps(rows, indent=1))
     print(json.dumps(ops))
     print(json.dumps(op_time_share))
