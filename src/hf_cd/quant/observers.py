@@ -2,8 +2,11 @@
 
 Each observer turns what it saw into `QuantParams`. Those that pick a range by minimum squared
 error take two passes over the calibration images: the first keeps only the tails needed for the
-candidate percentiles (so nothing close to the whole activation is held), the second sums the
-error of every candidate. Observers compute in float32 on the device the activations live on.
+candidate percentiles, the second sums the error of every candidate. The second pass runs on
+copies of the first pass's activations when they fit in the group's `ReplayBudget`
+(`hf_cd.quant.calibration.REPLAY_BYTES`), which halves the calibration forwards; otherwise the
+images are forwarded again and nothing close to the whole activation is held. Observers compute
+in float32 on the device the activations live on.
 """
 
 from __future__ import annotations
