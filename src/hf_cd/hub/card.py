@@ -376,6 +376,11 @@ def _measured_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: not is_full_precision(row))  # stable: keeps the pipelines' order
 
 
+DYNAMIC_ACTIVATIONS = "dynamic_per_token"
+"""``activation_mode`` of rows whose encoder activations get per-token ranges at run time; the
+others are static per-tensor (`hf_cd.quant.results`). Fake-quant rows in this mode are labelled apart."""
+
+
 def row_protocol(row: Mapping[str, Any]) -> str | None:
     """The bit protocol of a quantized row (``None`` for full precision).
 
@@ -404,6 +409,8 @@ def _row_label(row: Mapping[str, Any]) -> tuple[str, str]:
     protocol = row_protocol(row)
     if protocol not in (None, DEFAULT_PROTOCOL):
         name, config = f"{name}, {protocol} protocol", f"{config}-{protocol}"
+    if row.get("activation_mode") == DYNAMIC_ACTIVATIONS and runtime in (None, "float", "fake_quant"):
+        name, config = f"{name}, dynamic per-token activations", f"{config}-{DYNAMIC_ACTIVATIONS}"
     return name, config
 
 
@@ -425,6 +432,7 @@ def _eval_result(row: Mapping[str, Any], dataset: Mapping[str, Any] | None) -> E
         "embedding_bits": row.get("embedding_bits"),
         "classifier_bits": row.get("classifier_bits"),
         "protocol": row_protocol(row),
+        "activation_mode": row.get("activation_mode"),
         "num_eval": row.get("num_eval"),
         "runtime": row.get("runtime"),
     }
@@ -535,6 +543,7 @@ def _accuracy_values(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
         "embedding_bits": _distinct([row.get("embedding_bits") for row in deploy]),
         "classifier_bits": _distinct([row.get("classifier_bits") for row in deploy]) or "unrecorded",
         "protocols": list(dict.fromkeys(row_protocol(row) for row in quantized)),
+        "activation_modes": list(dict.fromkeys(row.get("activation_mode") for row in quantized)),
         "real_runtimes": list(
             dict.fromkeys(
                 row["runtime"] for row in quantized if row.get("runtime") not in (None, "fake_quant")
@@ -602,8 +611,13 @@ def _training_line(training: Mapping[str, Any] | None) -> str | None:
         )
     if training.get("seed") is not None:
         parts.append(f"seed {training['seed']}")
-    if training.get("train_loss") is not None:
-        parts.append(f"final train loss {training['train_loss']:.4f}")
+    if (
+        training.get("train_loss") is not None
+    ):  # the Trainer's train_loss: a mean over steps, not a last value
+        steps = training.get("train_loss_steps") or training.get("global_step")
+        parts.append(
+            f"mean train loss {training['train_loss']:.4f}" + (f" over {steps} steps" if steps else "")
+        )
     return ", ".join(parts) or None
 
 

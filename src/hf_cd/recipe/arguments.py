@@ -332,6 +332,13 @@ class DataArguments:
     dataset_cache_dir: str | None = field(
         default=None, metadata={"help": "Where downloaded datasets are cached (datasets' cache_dir)."}
     )
+    skip_corrupt_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode every image once before training and drop those that fail (they are logged and "
+            "counted in results.json), instead of stopping at the first corrupt one, possibly hours in."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.dataset_name not in DATASETS and not Path(self.dataset_name).expanduser().is_dir():

@@ -36,9 +36,12 @@ def load_recipe_data(data_args: DataArguments, seed: int) -> DatasetDict:
         seed=seed,
         max_train_samples=data_args.max_train_samples,
         cache_dir=data_args.dataset_cache_dir,
+        skip_corrupt_images=data_args.skip_corrupt_images,
     )
+    corrupt_images = getattr(raw, "corrupt_images", {})
     raw["validation"] = subsample_stratified(raw["validation"], data_args.max_eval_samples, seed)
     raw["test"] = subsample_stratified(raw["test"], data_args.max_test_samples, seed)
+    raw.corrupt_images = corrupt_images  # {split: (CorruptImage, ...)} dropped by skip_corrupt_images
     return raw
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,11 +103,16 @@ def run_quantized_evaluation(
     quant_args: QuantArguments,
     seed: int,
     progress: bool = True,
+    done_rows: Sequence[Mapping[str, Any]] = (),
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Quantize the trained model with each pipeline and bit width and evaluate it; a record for results.json.
 
     ``calibration_dataset`` is the (eval-transformed) train split: `hf_cd.quant` draws
     ``quant_num_calibration`` images from it with ``seed``. Accuracies in the rows are percentages.
+    ``on_record`` receives the record (status ``running``) after each finished row, so the caller can
+    write it out; rows in ``done_rows`` (an earlier run's) for the same model, settings and data are
+    reused instead of measured again, and the record counts them in ``reused_rows``.
     """
     record: dict[str, Any] = {
         "pipelines": list(quant_args.quant_pipelines),
@@ -138,5 +143,22 @@ def run_quantized_evaluation(
         pipelines=list(quant_args.quant_pipelines),
         bits=quant_args.bit_pairs(),
         config=config,
+        done_rows=[dict(row) for row in done_rows],
+        on_row=None
+        if on_record is None
+        else lambda rows: on_record({**record, "status": "running", "rows": rows}),
     )
-    return {**record, "status": "done", "reason": None, "rows": table.to_dicts()}
+    if table.num_reused:
+        logger.info(
+            "Quantized evaluation: %d of %d rows were already in results.json for this model, settings and "
+            "data; they were not measured again.",
+            table.num_reused,
+            len(table.rows) - 1,
+        )
+    return {
+        **record,
+        "status": "done",
+        "reason": None,
+        "rows": table.to_dicts(),
+        "reused_rows": table.num_reused,
+    }

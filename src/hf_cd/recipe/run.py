@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -13,10 +14,10 @@ from typing import Any
 
 from datasets import DatasetDict
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_cd import hub
 from hf_cd._version import __version__
+from hf_cd.checkpoints import checkpoint_dirs, latest_complete_checkpoint
 from hf_cd.config import CDConfig
 from hf_cd.data import (
     ImagePreprocessing,
@@ -29,6 +30,7 @@ from hf_cd.diagnostics import (
     plot_activation_stats,
     plot_alignment,
 )
+from hf_cd.locking import OutputDirLock
 from hf_cd.recipe.arguments import (
     LORA_ADAPTER_DIR,
     RecipeArgumentError,
@@ -82,7 +84,7 @@ def resolve_checkpoint(training_args: CDConfig) -> str | None:
     requested = training_args.resume_from_checkpoint
     output_dir = training_args.output_dir
     if requested is None or str(requested).lower() in ("", "false", "none"):
-        if os.path.isdir(output_dir) and get_last_checkpoint(output_dir):
+        if checkpoint_dirs(output_dir):
             logger.warning(
                 "%s holds checkpoints of an earlier run; this run starts over. Pass --resume_from_checkpoint "
                 "latest to continue that run instead.",
@@ -90,10 +92,16 @@ def resolve_checkpoint(training_args: CDConfig) -> str | None:
             )
         return None
     if str(requested).lower() in RESUME_LATEST:
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        last = latest_complete_checkpoint(output_dir, expect_optimizer=not training_args.save_only_model)
         if last is None:
+            found = checkpoint_dirs(output_dir)
+            what = (
+                f"only incomplete checkpoints ({', '.join(p.name for p in found)}; see the warning above)"
+                if found
+                else "no checkpoint-* directory"
+            )
             raise RecipeArgumentError(
-                f"--resume_from_checkpoint {requested}: {output_dir!r} holds no checkpoint-* directory. "
+                f"--resume_from_checkpoint {requested}: {output_dir!r} holds {what}. "
                 "Give a checkpoint path, or the output_dir of the run to continue."
             )
         return last
@@ -111,12 +119,54 @@ class RecipeRun:
 
 
 def run_recipe(args: RecipeArguments) -> RecipeRun:
-    """Train, evaluate, quantize, diagnose and save as ``args`` say (see the module docstring)."""
+    """Train, evaluate, quantize, diagnose and save as ``args`` say (see the module docstring).
+
+    The main process holds the ``output_dir`` lock (`hf_cd.locking`) for the whole run, so a second
+    run on the same directory is refused with the first one's pid.
+    """
+    if args.training.process_index != 0:
+        return _run_recipe(args)
+    with OutputDirLock(args.training.output_dir):
+        return _run_recipe(args)
+
+
+def _earlier_quantized_rows(results_path: Path) -> list[dict[str, Any]]:
+    """The quantized rows an earlier run on this output_dir left in results.json (reused where they match)."""
+    try:
+        earlier = json.loads(results_path.read_text()).get("quantized") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    rows = earlier.get("rows") or earlier.get("earlier_rows") or []
+    return [row for row in rows if isinstance(row, dict) and row.get("fingerprint")]
+
+
+def _training_record(train_output) -> dict[str, Any]:
+    """``train_loss`` over the whole run (also after a resume), or ``None`` with the reason when unknown."""
+    metrics = train_output.metrics
+    loss = metrics.get("train_loss")
+    record: dict[str, Any] = {
+        "train_loss": None if loss is None or math.isnan(loss) else loss,
+        "train_loss_steps": train_output.global_step,
+        "train_steps_this_session": metrics.get("train_steps_this_session"),
+    }
+    if "train_loss_this_session" in metrics:
+        record["train_loss_this_session"] = metrics["train_loss_this_session"]
+    if record["train_loss"] is None:
+        record["train_loss_steps"] = None
+        record["train_loss_note"] = (
+            "unknown: resumed from a checkpoint that does not record the loss of the steps before it "
+            "(train_loss_this_session covers this session's steps only)"
+        )
+    return record
+
+
+def _run_recipe(args: RecipeArguments) -> RecipeRun:
     started = time.perf_counter()
     model_args, data_args, training_args, quant_args = args
     output_dir = Path(training_args.output_dir)
     checkpoint = resolve_checkpoint(training_args)
     is_main = training_args.process_index == 0
+    earlier_rows = _earlier_quantized_rows(output_dir / RESULTS_FILE) if is_main else []
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     check_quant_arguments(quant_args, data_seed)
     check_resumable_augmentation(training_args)
@@ -199,13 +249,16 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
             "validation_samples": len(raw["validation"]),
             "test_samples": len(raw["test"]),
             "normalization": describe_normalization(image_processor, model_args, normalization),
+            "corrupt_images_skipped": {
+                split: len(images) for split, images in getattr(raw, "corrupt_images", {}).items() if images
+            },
         },
         "model": described_model,
         "training": {
             "global_step": state.global_step,
             "max_steps": state.max_steps,
             "epochs": state.epoch,
-            "train_loss": train_output.training_loss,
+            **_training_record(train_output),
             "learning_rate": training_args.learning_rate,
             "per_device_train_batch_size": training_args.per_device_train_batch_size,
             "world_size": training_args.world_size,
@@ -215,7 +268,7 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
         "cd_settings": trainer.cd_settings,
         "test": {"accuracy": test_metrics["test_accuracy"], "loss": test_metrics["test_loss"]},
         "validation": _last_validation(state.log_history),
-        "quantized": {"status": "pending"},
+        "quantized": {"status": "pending", "earlier_rows": earlier_rows},
         "warnings": run_warnings,
         "diagnostics": {"num_images": len(diagnostics_batch["pixel_values"]), "before": before.summary()},
         "output_dir": str(output_dir),
@@ -229,6 +282,11 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
     model.eval()
     quant_started = time.perf_counter()
     eval_subset = subsample_stratified(raw["test"], quant_args.quant_max_eval_samples, data_seed)
+
+    def write_running(record: dict[str, Any]) -> None:  # each finished row reaches results.json at once
+        results["quantized"] = record
+        write_json_atomic(results_path, results)
+
     results["quantized"] = run_quantized_evaluation(
         model,
         eval_transformed(eval_subset, image_processor, num_channels),
@@ -236,6 +294,8 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
         quant_args,
         data_seed,
         progress=not training_args.disable_tqdm,
+        done_rows=earlier_rows,
+        on_record=write_running,
     )
     results["wall_time_s"]["quant_eval"] = time.perf_counter() - quant_started
 
