@@ -56,6 +56,9 @@ class BlockLayout:
     """Relative to the top-level model; those that exist are used (DeiT with teacher has two)."""
     prefix_tokens: int = 1
     """Tokens before the patch tokens in every block's sequence: CLS (and DeiT's distillation token)."""
+    interpolates_position_embeddings: bool = False
+    """Whether the model's forward resamples its position embeddings to any input size (Dinov2 does);
+    if not, inputs must be exactly ``config.image_size``."""
 
 
 ARCHITECTURES: dict[str, BlockLayout] = {
@@ -75,6 +78,7 @@ ARCHITECTURES: dict[str, BlockLayout] = {
         ),
         layer_scale_attention="layer_scale1.lambda1",
         layer_scale_ffn="layer_scale2.lambda1",
+        interpolates_position_embeddings=True,
     ),
 }
 

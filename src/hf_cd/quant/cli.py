@@ -175,7 +175,7 @@ def _provenance(device: str, argv: Sequence[str] | None) -> dict[str, str]:
 
     import transformers
 
-    import hf_cd
+    from hf_cd._version import __version__
 
     try:
         commit = subprocess.run(
@@ -200,7 +200,7 @@ def _provenance(device: str, argv: Sequence[str] | None) -> dict[str, str]:
         "commit": commit,
         "device": description,
         "command": " ".join(["python -m hf_cd.quant", *(shlex.quote(a) for a in arguments)]),
-        "hf_cd": hf_cd.__version__,
+        "hf_cd": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }

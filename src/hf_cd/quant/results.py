@@ -22,6 +22,9 @@ these are never renamed):
 ``seed``            seed of the calibration draw
 ``quantize_seconds`` wall time of `quantize` (copy, calibration, weight quantization)
 ``eval_seconds``    wall time of the evaluation pass
+``fingerprint``     only when results are persisted (``results_file`` / ``done_rows`` / ``on_row``):
+                    a hash of the model weights, evaluation and calibration data and the row's
+                    settings; a row with the same fingerprint is reused instead of measured again
 ==================  ============================================================================
 
 Real-runtime rows (``runtime`` ``onnxruntime`` / ``torchao``) add these; ``<B>`` is a batch size
@@ -118,6 +121,8 @@ class QuantResults(Table):
             added = dict.fromkeys(key for row in rows for key in row if key not in RESULT_COLUMNS)
             columns = [*RESULT_COLUMNS, *added]
         super().__init__(rows, columns)
+        self.num_reused = 0
+        """Rows `evaluate_quantized` took from an earlier run instead of measuring them."""
 
     def accuracy(self, pipeline: str, w_bits: int | None = None, a_bits: int | None = None) -> float:
         """The accuracy of one row, e.g. ``results.accuracy("repq", 4, 4)`` or ``results.accuracy("full_precision")``."""
