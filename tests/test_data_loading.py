@@ -324,3 +324,18 @@ def test_max_samples_give_stratified_quick_subsets(serve):
     assert set(_label_counts(result["train"]).values()) == {2}  # 40 rows, 10 classes: 4 each -> 2 each
     with pytest.raises(ValueError, match="positive"):
         load_image_dataset("eurosat", max_train_samples=0)
+
+
+def test_a_single_class_imagefolder_is_named_as_the_cause(tmp_path):
+    root = _imagefolder(tmp_path / "cats", splits=("train",), classes=("cat",))
+    with pytest.raises(DatasetSchemaError, match=r"only one class directory \('cat'\).*at least two classes"):
+        load_image_dataset(root, cache_dir=tmp_path / "cache")
+
+
+def test_an_empty_directory_says_what_it_should_hold(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(
+        EmptySplitError, match=r"holds no images: expected an imagefolder tree \(train/<class>"
+    ):
+        load_image_dataset(empty, cache_dir=tmp_path / "cache")

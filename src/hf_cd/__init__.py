@@ -4,14 +4,14 @@ Train ViT / DeiT / Dinov2 models whose matrix pairs do not line up, so that they
 accuracy at W8A8, W6A6 and W4A4 at no inference cost.
 """
 
-__version__ = "0.1.0"
-
+from hf_cd._version import __version__
 from hf_cd.architectures import BlockLayout, FFNLayout, UnsupportedArchitectureError, register_architecture
 from hf_cd.callback import CDCallback
 from hf_cd.config import CDConfig
 from hf_cd.decay import ColinearityDecay, NonFiniteWeightsError
 from hf_cd.diagnostics import (
     activation_stats,
+    alignment_by_block,
     alignment_summary,
     measure_alignment,
     outlier_profile,
@@ -40,6 +40,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "__version__",
     "activation_stats",
+    "alignment_by_block",
     "alignment_summary",
     "find_pairs",
     "measure_alignment",

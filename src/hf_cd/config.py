@@ -6,7 +6,7 @@ Being a dataclass with ``metadata["help"]`` on each field, it works unchanged wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
@@ -14,9 +14,21 @@ from hf_cd.colinearity import CD_MODES
 from hf_cd.pairs import DEFAULT_KINDS, PAIR_KINDS
 
 
-@dataclass
+def _secret_fields(config: TrainingArguments) -> list[str]:
+    """The fields that hold credentials (``hub_token``): TrainingArguments masks every ``*_token``."""
+    return [f.name for f in fields(config) if f.name.endswith("_token")]
+
+
+@dataclass(
+    repr=False
+)  # keep TrainingArguments' __repr__, which masks the token (the generated one would not)
 class CDConfig(TrainingArguments):
-    """Training arguments for `CDTrainer`: the usual `TrainingArguments` plus ``cd_*`` and ``tweo_*``."""
+    """Training arguments for `CDTrainer`: the usual `TrainingArguments` plus ``cd_*`` and ``tweo_*``.
+
+    The Hub token never leaves the process through this object: ``repr`` masks it and a pickle
+    (``training_args.bin``, written into ``output_dir`` and every checkpoint, and uploaded by
+    ``push_to_hub``) stores ``None`` instead. A copy (`copy.copy`, `copy.deepcopy`) keeps it.
+    """
 
     cd_strength: float = field(
         default=1.0,
@@ -119,6 +131,26 @@ class CDConfig(TrainingArguments):
             raise ValueError(
                 f"TWEO needs weight ≥ 0, tau > 0 and p > 0; got {self.tweo_weight}, {self.tweo_tau}, {self.tweo_p}."
             )
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for name in _secret_fields(self):
+            if name in state:
+                state[name] = None
+        return state
+
+    def __copy__(self) -> CDConfig:
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo: dict) -> CDConfig:
+        import copy
+
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
 
     def cd_callback_kwargs(self) -> dict:
         """Arguments for `CDCallback` taken from this config."""

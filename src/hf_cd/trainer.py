@@ -7,20 +7,52 @@ and records the settings on ``model.config.hf_cd`` so every checkpoint states ho
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_utils import TrainOutput
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from hf_cd import __version__
+from hf_cd._version import __version__
 from hf_cd.architectures import unwrap_model
 from hf_cd.callback import CDCallback
 from hf_cd.config import CDConfig
+from hf_cd.decay import NonFiniteWeightsError
+from hf_cd.locking import OutputDirLock
 from hf_cd.tweo import BlockOutputCollector, tweo_penalty
 
 logger = logging.getLogger(__name__)
+
+
+def respect_umask(folder: str | os.PathLike, pattern: str = "*.safetensors") -> None:
+    """Give weight files the mode every other file gets (0644 under the usual umask 022).
+
+    Why: safetensors writes through a private temporary file, so ``model.safetensors`` lands with
+    mode 0600 while ``config.json`` beside it gets 0644, and a shared or served folder cannot be read.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).glob(pattern):
+        os.chmod(path, 0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def no_transformers_progress_bars():
+    """Silence transformers' own bars (e.g. "Writing model shards") inside a run that draws its own."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _as_cd_config(args: TrainingArguments | None) -> CDConfig:
@@ -31,6 +63,77 @@ def _as_cd_config(args: TrainingArguments | None) -> CDConfig:
     values = args.to_dict()
     values["hub_token"] = args.hub_token  # to_dict masks it
     return CDConfig(**values)
+
+
+def non_finite_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """``{parameter name: number of NaN/Inf values}`` for every parameter that holds any (one sync if none)."""
+    named = [(name, getattr(p, "_local_tensor", p).detach()) for name, p in model.named_parameters()]
+    if not named:
+        return {}
+    norms = torch._foreach_norm(
+        [tensor.float() if tensor.is_floating_point() else tensor for _, tensor in named]
+    )
+    if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+        return {}
+    return {
+        name: int((~torch.isfinite(tensor)).sum())
+        for name, tensor in named
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    }
+
+
+class _LoadedWeightsCheck(TrainerCallback):
+    """Refuse to start from NaN/Inf weights (a broken checkpoint), naming them, before any step runs.
+
+    Without it the NaN spreads through the first step into every weight and the error blames the
+    first CD pair ("training has diverged"), wherever the NaN really was.
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None or not getattr(args, "cd_check_finite", True):
+            return
+        bad = non_finite_parameters(unwrap_model(model))
+        if bad:
+            listed = ", ".join(f"{name} ({count} non-finite values)" for name, count in list(bad.items())[:8])
+            more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+            raise NonFiniteWeightsError(
+                f"The model holds NaN/Inf before training starts, in {len(bad)} parameter(s): {listed}{more}. They "
+                "come from the weights it was loaded with (the checkpoint or the initialization), not from training: "
+                "load another checkpoint, or re-initialize those parameters."
+            )
+
+
+class TrainLossTracker(TrainerCallback, ExportableState):
+    """The sum of training losses since step 0, carried through checkpoints so a resumed run can report
+    the loss over the whole run, not only over the steps it ran itself (the Trainer's ``train_loss``).
+
+    ``known`` is False when the run resumed from a checkpoint written without it: the steps before
+    are then not covered, and the end-of-training log says so.
+    """
+
+    def __init__(self):
+        self.loss_sum = 0.0  # over the steps before this train() call
+        self.steps = 0
+        self.known = True
+        self.session = (0.0, 0)  # (loss sum, global step) of this call, set by CDTrainer before each save
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        stored = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        if isinstance(stored, list):
+            stored = stored[-1] if stored else None
+        attributes = (stored or {}).get("attributes", {})
+        self.known = not state.global_step or attributes.get("steps") == state.global_step
+        if state.global_step and self.known:
+            self.loss_sum, self.steps = float(attributes["loss_sum"]), int(attributes["steps"])
+        else:
+            self.loss_sum, self.steps = 0.0, state.global_step
+        self.session = (0.0, state.global_step)
+
+    def state(self) -> dict:
+        session_sum, global_step = self.session
+        if not self.known:  # nothing true to store: a later resume reports its own steps only
+            return {"args": {}, "attributes": {"loss_sum": 0.0, "steps": -1}}
+        return {"args": {}, "attributes": {"loss_sum": self.loss_sum + session_sum, "steps": global_step}}
 
 
 class CDTrainer(Trainer):
@@ -47,6 +150,7 @@ class CDTrainer(Trainer):
         callbacks = list(callbacks or [])
         if args.cd_strength > 0 and not any(isinstance(cb, CDCallback) for cb in callbacks):
             callbacks.append(CDCallback(**args.cd_callback_kwargs()))
+        callbacks = [_LoadedWeightsCheck(), *callbacks, TrainLossTracker()]
         super().__init__(model, args, *positional, callbacks=callbacks, **kwargs)
         self._tweo = BlockOutputCollector(unwrap_model(self.model)) if args.tweo_weight > 0 else None
         self._tweo_sum: torch.Tensor | None = None
@@ -54,6 +158,81 @@ class CDTrainer(Trainer):
         config = getattr(unwrap_model(self.model), "config", None)
         if config is not None:
             config.hf_cd = self.cd_settings
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs) -> TrainOutput:
+        """`Trainer.train` holding the ``output_dir`` lock (`hf_cd.locking`), with the whole run's train loss.
+
+        ``train_loss`` (the return value and the last log) is the mean over every step since step 0,
+        also after resuming (the Trainer's own covers only the steps this call ran, and is then kept
+        as ``train_loss_this_session``). A checkpoint at the end of its schedule is loaded, not trained
+        one step further.
+        """
+        if resume_from_checkpoint is True:
+            from hf_cd.checkpoints import latest_complete_checkpoint
+
+            resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        lock = OutputDirLock(self.args.output_dir) if self.args.should_save else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            finished = self._finished_checkpoint(resume_from_checkpoint)
+            if finished is not None:
+                return self._load_finished(resume_from_checkpoint, finished)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if lock is not None:
+                lock.release()
+        return TrainOutput(output.global_step, output.metrics.get("train_loss", float("nan")), output.metrics)
+
+    def _finished_checkpoint(self, checkpoint) -> TrainerState | None:
+        """The checkpoint's state when it already is at the end of this run's schedule (else ``None``)."""
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            return None
+        path = os.path.join(checkpoint, "trainer_state.json")
+        if not os.path.isfile(path):
+            return None
+        state = TrainerState.load_from_json(path)
+        same_schedule = (
+            self.args.max_steps == state.max_steps
+            if self.args.max_steps > 0
+            else float(self.args.num_train_epochs) == float(state.num_train_epochs or 0)
+        )
+        return state if same_schedule and state.max_steps and state.global_step >= state.max_steps else None
+
+    def _load_finished(self, checkpoint: str, state: TrainerState) -> TrainOutput:
+        logger.warning(
+            "%s is already at step %d of %d: nothing is left to train; its weights are loaded as they are.",
+            checkpoint,
+            state.global_step,
+            state.max_steps,
+        )
+        self._load_from_checkpoint(checkpoint)
+        self.state = state
+        for callback in self.callback_handler.callbacks:  # restore the CD step count and the loss sum
+            if isinstance(callback, (CDCallback, TrainLossTracker)):
+                callback.on_train_begin(self.args, state, self.control, model=self.model)
+        tracker = self.loss_tracker
+        metrics = {"train_steps_this_session": 0}
+        if tracker.known and state.global_step:
+            metrics["train_loss"] = tracker.loss_sum / state.global_step
+        self.log(metrics)
+        return TrainOutput(state.global_step, metrics.get("train_loss", float("nan")), metrics)
+
+    @property
+    def loss_tracker(self) -> TrainLossTracker:
+        """Looked up each time, like `cd_callback` (restoring callback states replaces the object)."""
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, TrainLossTracker))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.loss_tracker.session = (
+            float(self._total_loss_scalar) + float(self._tr_loss.item()),
+            self.state.global_step,
+        )
+        super()._save_checkpoint(model, trial)
 
     @property
     def cd_callback(self) -> CDCallback | None:
@@ -135,6 +314,13 @@ class CDTrainer(Trainer):
             return self._load_converted_weights(self.state.best_model_checkpoint)
         return super()._load_best_model()
 
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # every checkpoint and the final model: no nested "Writing model shards" bar under the
+        # training bar, and weights readable like the config beside them
+        with no_transformers_progress_bars():
+            super()._save(output_dir, state_dict)
+        respect_umask(output_dir if output_dir is not None else self.args.output_dir)
+
     # -- model card ----------------------------------------------------------------------------
 
     def create_model_card(
@@ -168,6 +354,8 @@ class CDTrainer(Trainer):
         )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs and "train_steps_this_session" not in logs:
+            self._whole_run_train_loss(logs)
         if "loss" not in logs:  # evaluation and end-of-training logs: the window stays for the next one
             return super().log(logs, start_time)
         callback = self.cd_callback
@@ -177,3 +365,17 @@ class CDTrainer(Trainer):
             logs["tweo/penalty"] = (self._tweo_sum / self._tweo_steps).item()
             self._tweo_sum, self._tweo_steps = None, 0
         super().log(logs, start_time)
+
+    def _whole_run_train_loss(self, logs: dict[str, float]) -> None:
+        """Turn the end-of-training log's ``train_loss`` into the mean over the whole run (see `train`)."""
+        tracker = self.loss_tracker
+        logs["train_steps_this_session"] = self.state.global_step - tracker.steps
+        if tracker.steps == 0:
+            return  # not resumed: the Trainer's number already covers the whole run
+        logs["train_loss_this_session"] = logs["train_loss"]
+        if tracker.known:
+            logs["train_loss"] = (tracker.loss_sum + float(self._total_loss_scalar)) / max(
+                self.state.global_step, 1
+            )
+        else:  # the steps before the resume are unknown: say so rather than pass part of the run off as all of it
+            del logs["train_loss"]

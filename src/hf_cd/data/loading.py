@@ -180,8 +180,17 @@ def _load_local(
         raw = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
         kind = "save_to_disk directory"
     else:
-        raw = load_dataset("imagefolder", data_dir=str(path), cache_dir=_str(cache_dir))
+        try:
+            raw = load_dataset("imagefolder", data_dir=str(path), cache_dir=_str(cache_dir))
+        except FileNotFoundError as error:  # datasets' EmptyDatasetError
+            raise EmptySplitError(
+                f"{str(path)!r} holds no images: expected an imagefolder tree (train/<class>/*.png, with "
+                "optional validation/ and test/) or the output of Dataset.save_to_disk. "
+                f"({type(error).__name__}: {error})"
+            ) from error
         kind = "imagefolder"
+        if label is None and any("label" not in split.column_names for split in raw.values()):
+            raise DatasetSchemaError(_no_classes_message(path, raw))
     description = f"{kind} {str(path)!r}"
     splits = {}
     for split, dataset in raw.items():
@@ -205,6 +214,23 @@ def _load_local(
         label_column=label or "label",
         class_names=None,
         description=description,
+    )
+
+
+def _no_classes_message(path: Path, raw: DatasetDict) -> str:
+    """Why ``imagefolder`` made no label column: it adds one only when the images sit in ≥ 2 class directories."""
+    split_dirs = [path / split for split in raw if (path / split).is_dir()] or [path]
+    classes = sorted({child.name for root in split_dirs for child in root.iterdir() if child.is_dir()})
+    if len(classes) == 1:
+        found = f"only one class directory ({classes[0]!r})"
+    elif not classes:
+        found = "images but no class directories"
+    else:
+        found = f"class directories {classes} that datasets did not read as labels"
+    return (
+        f"imagefolder {str(path)!r} has {found}, so it has no labels: classification needs at least two "
+        "classes, one directory per class (train/<class>/*.png). Add the other classes' directories, or pass "
+        "label=... to name a label column of a metadata file."
     )
 
 

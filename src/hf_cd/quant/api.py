@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hf_cd.quant.config import QuantConfig
-from hf_cd.quant.inputs import select_calibration_images
+from hf_cd.quant.inputs import check_pixel_values, select_calibration_images
 from hf_cd.quant.prepare import check_quantizable
 from hf_cd.quant.registry import get_pipeline
 
@@ -33,12 +33,17 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data: An
         raise TypeError(f"config must be a hf_cd.quant.QuantConfig, got {type(config).__name__}.")
     pipeline = get_pipeline(config.pipeline)
     check_quantizable(model)
-    images = calibration_images_for(config, calib_data)
+    images = calibration_images_for(config, calib_data, model)
     return pipeline(model, config, images)
 
 
-def calibration_images_for(config: QuantConfig, calib_data: Any) -> torch.Tensor | None:
-    """The calibration images `quantize` uses for ``config`` (``None`` when nothing needs them)."""
+def calibration_images_for(
+    config: QuantConfig, calib_data: Any, model: nn.Module | None = None
+) -> torch.Tensor | None:
+    """The calibration images `quantize` uses for ``config`` (``None`` when nothing needs them).
+
+    With ``model``, they are checked against it first (`check_pixel_values`: dtype, layout, size, range).
+    """
     if calib_data is None and not config.quantizes_activations:
         return None
     if calib_data is None:
@@ -47,4 +52,7 @@ def calibration_images_for(config: QuantConfig, calib_data: Any) -> torch.Tensor
             f"classifier input {config.classifier_input_bits} bits) needs calibration data: pass "
             "calib_data=... (e.g. 32 training images)."
         )
-    return select_calibration_images(calib_data, config.num_calibration, config.seed, config.batch_size)
+    images = select_calibration_images(calib_data, config.num_calibration, config.seed, config.batch_size)
+    if model is not None:
+        check_pixel_values(images, model, "Calibration images")
+    return images

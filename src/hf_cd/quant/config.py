@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -46,6 +47,32 @@ def options_from_extra(
             )
         values[key] = value
     return values
+
+
+def parse_bits(entry: Any) -> tuple[int, int]:
+    """``"W4A8"`` (the recipe's form) or ``(4, 8)`` → ``(4, 8)``: encoder weight and activation bits."""
+    if isinstance(entry, str):
+        match = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", entry.strip())
+        if match:
+            return int(match.group(1)), int(match.group(2))
+    elif (
+        isinstance(entry, (tuple, list))
+        and len(entry) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) for b in entry)
+    ):
+        return int(entry[0]), int(entry[1])
+    raise ValueError(
+        f"A bits entry is 'WxAy' (e.g. 'W4A4', 'W4A8') or a (w_bits, a_bits) pair (e.g. (4, 4)); got {entry!r}."
+    )
+
+
+def parse_bits_list(bits: Any) -> list[tuple[int, int]]:
+    """A list of bits entries (`parse_bits`); a single entry (``"W4A4"`` or ``(4, 4)``) is a list of one."""
+    if isinstance(bits, str) or (
+        isinstance(bits, (tuple, list)) and len(bits) == 2 and all(isinstance(b, int) for b in bits)
+    ):
+        bits = [bits]
+    return [parse_bits(entry) for entry in bits]
 
 
 REPQ_VIT_EMBEDDING_INPUT_BITS = 8

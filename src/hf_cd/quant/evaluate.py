@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,11 +18,13 @@ from tqdm.auto import tqdm
 from hf_cd.architectures import classifiers
 from hf_cd.quant.api import calibration_images_for
 from hf_cd.quant.calibration import forward_images
-from hf_cd.quant.config import QuantConfig
-from hf_cd.quant.inputs import check_reiterable, iterate_batches, num_batches
+from hf_cd.quant.config import QuantConfig, parse_bits_list
+from hf_cd.quant.inputs import check_pixel_values, check_reiterable, iterate_batches, num_batches
 from hf_cd.quant.prepare import check_quantizable
 from hf_cd.quant.registry import get_pipeline
 from hf_cd.quant.results import FULL_PRECISION, QuantResults, result_row
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_PIPELINES: tuple[str, ...] = ("minmax", "percentile", "repq", "per_tensor")
 DEFAULT_BITS: tuple[tuple[int, int], ...] = ((8, 8), (6, 6), (4, 4))
@@ -55,7 +62,10 @@ def _evaluate(
     progress: bool,
     description: str,
     capture_features: bool,
+    digest: Any = None,
 ) -> tuple[float, int, torch.Tensor | None]:
+    """Accuracy, image count and (``capture_features``) classifier inputs; ``digest`` (a hashlib
+    object) is fed every image and label, which fingerprints the evaluation data."""
     modes = {module: module.training for module in model.modules()}
     model.eval()
     correct = total = 0
@@ -63,14 +73,20 @@ def _evaluate(
     handle = _classifier_input_hook(model, features) if capture_features else None
     try:
         batches = iterate_batches(eval_data, batch_size, need_labels=True)
-        for pixel_values, labels in tqdm(
-            batches,
-            total=num_batches(eval_data, batch_size),
-            desc=description,
-            unit="batch",
-            disable=not progress,
-            leave=False,
+        for index, (pixel_values, labels) in enumerate(
+            tqdm(
+                batches,
+                total=num_batches(eval_data, batch_size),
+                desc=description,
+                unit="batch",
+                disable=not progress,
+                leave=False,
+            )
         ):
+            check_pixel_values(pixel_values, model, "Evaluation images", value_range=index == 0)
+            if digest is not None:
+                _update_digest(digest, pixel_values)
+                _update_digest(digest, labels)
             logits = forward_images(model, pixel_values).logits
             correct += (logits.argmax(-1).cpu() == labels.cpu()).sum().item()
             total += labels.shape[0]
@@ -82,6 +98,54 @@ def _evaluate(
     if total == 0:
         raise ValueError("The evaluation data is empty: no labelled images to measure accuracy on.")
     return 100.0 * correct / total, total, torch.cat(features) if capture_features else None
+
+
+def _update_digest(digest: Any, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().cpu().contiguous()
+    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of every tensor in ``model.state_dict()`` (names, dtypes, shapes and values)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(unwrap_state(model).items()):
+        digest.update(name.encode())
+        _update_digest(digest, tensor)
+    return digest.hexdigest()
+
+
+def unwrap_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    from hf_cd.architectures import unwrap_model
+
+    return unwrap_model(model).state_dict()
+
+
+def _row_fingerprint(parts: dict[str, Any], row_config: QuantConfig, feature_cosine: bool) -> str:
+    settings = {k: v for k, v in row_config.to_dict().items() if k != "progress"}
+    payload = json.dumps(
+        {**parts, "settings": settings, "feature_cosine": feature_cosine}, sort_keys=True, default=str
+    )
+    return hashlib.blake2b(payload.encode(), digest_size=12).hexdigest()
+
+
+def read_done_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows a `results_file` holds (none when it does not exist or does not parse)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text()).get("rows", [])
+    except (ValueError, AttributeError):
+        logger.warning("%s does not parse; its rows are measured again.", path)
+        return []
+    return [row for row in rows if isinstance(row, dict)]
+
+
+def _write_rows_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"rows": list(rows)}, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def mean_feature_cosine(reference: torch.Tensor, quantized: torch.Tensor) -> float:
@@ -99,6 +163,10 @@ def evaluate_quantized(
     bits: Iterable[tuple[int, int]] = DEFAULT_BITS,
     config: QuantConfig | None = None,
     feature_cosine: bool = False,
+    *,
+    results_file: str | os.PathLike | None = None,
+    done_rows: Sequence[dict[str, Any]] = (),
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> QuantResults:
     """Quantize ``model`` with every pipeline at every ``(w_bits, a_bits)`` and measure top-1 accuracy.
 
@@ -107,37 +175,86 @@ def evaluate_quantized(
         eval_data: labelled images: ``(pixel_values, labels)`` tensors, a DataLoader / list of batch
             dicts with ``labels``, or a ``datasets.Dataset``; read once per row, batch by batch.
         calib_data: calibration images (see `quantize`); the same draw serves every row.
-        pipelines: registered pipeline names.
-        bits: ``(w_bits, a_bits)`` pairs for the encoder.
+        pipelines: registered pipeline names (one name alone is a list of one).
+        bits: ``(w_bits, a_bits)`` pairs for the encoder, or ``"W4A4"``-style labels.
         config: the other settings (bit protocol, embedding / classifier bits, calibration count,
             seed, batch size, …); its ``w_bits``, ``a_bits`` and ``pipeline`` are replaced per row.
         feature_cosine: also report, per fake-quant row, ``feature_cosine``: the mean cosine between
             the float and the quantized model's classifier input (the backbone feature a linear
             probe reads). It shows damage that top-1 accuracy hides until it flips predictions.
+        results_file: a JSON file that receives every row as soon as it is measured (written
+            atomically), so an interrupted evaluation keeps what it finished; rows already in it for
+            the same model weights, settings and data are not measured again (a log line says how
+            many). Such runs add a ``fingerprint`` key to each row.
+        done_rows: rows of an earlier call (e.g. read back from a results file of one's own); those
+            whose ``fingerprint`` matches this call's model, settings and data are reused.
+        on_row: called after each row with the rows to persist (to keep them elsewhere, e.g. in a
+            results.json of one's own): those done so far, then the reusable earlier rows not reached yet.
+
+    The full-precision row is always measured: it is the reference, and its pass fingerprints the
+    evaluation data.
 
     Returns:
         `QuantResults`: the full-precision row, then one row per (pipeline, bits) in the order given;
         the keys are documented in `hf_cd.quant.results`. Every quantized row names its ``protocol``.
     """
     base = config or QuantConfig()
+    if isinstance(pipelines, str):
+        pipelines = [pipelines]
+    bits = parse_bits_list(bits)
     check_reiterable(eval_data, "eval_data")
     check_quantizable(model)
     configs = [base.replace(pipeline=name, w_bits=w, a_bits=a) for name in pipelines for w, a in bits]
+    results_path = None if results_file is None else Path(results_file)
+    if results_path is not None:
+        done_rows = [*done_rows, *read_done_rows(results_path)]
+    persist = results_path is not None or on_row is not None or bool(done_rows)
     for row_config in configs:  # every row's problem is reported before any row runs
         check = getattr(get_pipeline(row_config.pipeline), "check", None)
         if callable(check):
             check(row_config)
     calibrated = [c for c in configs if c.quantizes_activations]
     images = (
-        calibration_images_for(calibrated[0], calib_data) if calibrated else None
+        calibration_images_for(calibrated[0], calib_data, model) if calibrated else None
     )  # one draw for all rows
 
     start = time.perf_counter()
+    data_digest = hashlib.blake2b(digest_size=16) if persist else None
     reference, num_eval, reference_features = _evaluate(
-        model, eval_data, base.batch_size, base.progress, "full precision eval", feature_cosine
+        model, eval_data, base.batch_size, base.progress, "full precision eval", feature_cosine, data_digest
     )
+    fingerprint_parts = (
+        {
+            "model": model_fingerprint(model),
+            "eval_data": data_digest.hexdigest(),
+            "calibration": None if images is None else _digest_of(images),
+        }
+        if persist
+        else None
+    )
+    fingerprints = [
+        _row_fingerprint(fingerprint_parts, c, feature_cosine) if persist else None for c in configs
+    ]
+    done = {
+        row["fingerprint"]: row for row in done_rows if row.get("fingerprint") in set(fingerprints) - {None}
+    }
     dtype_bits = torch.finfo(next(model.parameters()).dtype).bits
-    rows = [
+    rows: list[dict[str, Any]] = []
+
+    def finished(row: dict[str, Any], fingerprint: str | None) -> None:
+        if fingerprint is not None:
+            row["fingerprint"] = fingerprint
+        rows.append(row)
+        if results_path is None and on_row is None:
+            return
+        emitted = {r.get("fingerprint") for r in rows}
+        kept = rows + [r for fp, r in done.items() if fp not in emitted]  # never lose an earlier row
+        if results_path is not None:
+            _write_rows_atomic(results_path, kept)
+        if on_row is not None:
+            on_row(kept)
+
+    finished(
         result_row(
             pipeline=FULL_PRECISION,
             runtime="float",
@@ -153,23 +270,32 @@ def evaluate_quantized(
             eval_seconds=time.perf_counter() - start,
             reference_accuracy=reference,
             **({"feature_cosine": 1.0} if feature_cosine else {}),
-        )
-    ]
-    for row_config in configs:
+        ),
+        None,
+    )
+    reused = 0
+    for row_config, fingerprint in zip(configs, fingerprints):
+        if fingerprint in done:
+            reused += 1
+            finished(dict(done[fingerprint]), fingerprint)
+            continue
         pipeline = get_pipeline(row_config.pipeline)
+        describe = getattr(pipeline, "row_fields", None)
+        fields = describe(row_config) if callable(describe) else {}
         evaluate_itself = getattr(pipeline, "evaluate", None)
         if callable(evaluate_itself):  # a real runtime measures itself: accuracy and latency vs its own float
             row_images = images if row_config.quantizes_activations else None
             measured = evaluate_itself(model, row_config, row_images, eval_data)
-            rows.append(
+            finished(
                 result_row(
                     pipeline=row_config.pipeline,
                     runtime=pipeline.runtime,
                     seed=row_config.seed,
                     reference_accuracy=reference,
                     protocol=row_config.protocol,
-                    **measured,
-                )
+                    **{**fields, **measured},
+                ),
+                fingerprint,
             )
             continue
         start = time.perf_counter()
@@ -190,7 +316,7 @@ def evaluate_quantized(
         eval_seconds = time.perf_counter() - start
         state = getattr(quantized, "hf_cd_quant", None)
         del quantized
-        rows.append(
+        finished(
             result_row(
                 pipeline=row_config.pipeline,
                 runtime=pipeline.runtime,
@@ -208,7 +334,25 @@ def evaluate_quantized(
                 quantize_seconds=quantize_seconds,
                 eval_seconds=eval_seconds,
                 reference_accuracy=reference,
+                **fields,
                 **cosine,
-            )
+            ),
+            fingerprint,
         )
-    return QuantResults(rows)
+    if persist:
+        logger.info(
+            "Quantized evaluation: %d of %d rows reused from an earlier run (same model, settings and data), "
+            "%d measured.",
+            reused,
+            len(configs),
+            len(configs) - reused,
+        )
+    results = QuantResults(rows)
+    results.num_reused = reused
+    return results
+
+
+def _digest_of(tensor: torch.Tensor) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    _update_digest(digest, tensor)
+    return digest.hexdigest()

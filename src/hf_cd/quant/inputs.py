@@ -8,10 +8,12 @@ to ``pixel_values`` / ``labels``, or a torch ``Dataset``), read through a ``Data
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 
@@ -207,3 +209,91 @@ def select_calibration_images(data: Any, num_images: int, seed: int, batch_size:
             "(RepQ-ViT uses 32 from the training split)."
         )
     return torch.cat(images)
+
+
+NORMALIZED_ABS_LIMIT = 20.0
+"""A pixel normalized as image processors do, ``(p − mean) / std`` with ``p`` in [0, 1], stays well
+inside ±20 for any usual mean and std (ImageNet's: −2.1 … 2.6; 0.5 / 0.5: −1 … 1). Raw 0–255 pixels
+reach 255."""
+
+
+class UnnormalizedImagesWarning(UserWarning):
+    """Images whose values look like raw or merely rescaled pixels rather than an image processor's output."""
+
+
+_PROCESSOR_HINT = (
+    "Use the model's image processor (transformers.AutoImageProcessor: rescale to [0, 1], then normalize "
+    "with its image_mean / image_std), e.g. hf_cd.data.with_image_transforms(dataset, image_processor)."
+)
+
+
+def expected_image_shape(model: nn.Module) -> tuple[int | None, int | None]:
+    """``(num_channels, image_size)`` the model's config asks for; the size is ``None`` when the model
+    resamples its position embeddings to any input size (`BlockLayout.interpolates_position_embeddings`)."""
+    from hf_cd.architectures import ARCHITECTURES, unwrap_model
+
+    config = getattr(unwrap_model(model), "config", None)
+    channels = getattr(config, "num_channels", None)
+    size = getattr(config, "image_size", None)
+    layout = ARCHITECTURES.get(getattr(config, "model_type", None))
+    if layout is not None and layout.interpolates_position_embeddings:
+        size = None
+    return channels, size
+
+
+def check_pixel_values(
+    pixel_values: torch.Tensor, model: nn.Module, what: str, value_range: bool = True
+) -> None:
+    """Refuse images the model cannot read as its image processor would give them, saying what to do.
+
+    Integer pixels are an error (calibrating on 0–255 values fits every range to the wrong scale;
+    the quantized model then disagrees with the float one on almost every image); so is a layout or
+    shape other than ``(batch, num_channels, image_size, image_size)``. Float values far outside a
+    normalized range only warn (``value_range``), since a model may have been trained that way.
+    """
+    channels, size = expected_image_shape(model)
+    layout = (
+        f"(batch, {channels if channels else 'channels'}, {size if size else 'height'}, "
+        f"{size if size else 'width'})"
+    )
+    if not pixel_values.is_floating_point():
+        raise CalibrationDataError(
+            f"{what} are {str(pixel_values.dtype).replace('torch.', '')} pixels (raw image values); the model "
+            f"reads floats of shape {layout}, rescaled and normalized. {_PROCESSOR_HINT}"
+        )
+    shape = tuple(pixel_values.shape)
+    if channels and shape[1] != channels:
+        if shape[-1] == channels and (size is None or shape[1:3] == (size, size)):
+            fix = "they look channels-last (NHWC): pass pixel_values.permute(0, 3, 1, 2)"
+        else:
+            fix = (
+                f"convert the images to {'grayscale' if channels == 1 else f'{channels} channels'} first "
+                "(hf_cd.data.with_image_transforms(..., num_channels=...) does)"
+            )
+        raise CalibrationDataError(
+            f"{what} have shape {shape}, but the model expects channels-first images {layout} "
+            f"(config.num_channels={channels}); {fix}."
+        )
+    if size and shape[2:] != (size, size):
+        raise CalibrationDataError(
+            f"{what} have shape {shape}, but the model expects {layout} (config.image_size={size}); resize "
+            "them with the model's image processor."
+        )
+    if value_range and pixel_values.numel():
+        low, high = float(pixel_values.min()), float(pixel_values.max())
+        if max(abs(low), abs(high)) > NORMALIZED_ABS_LIMIT:
+            warnings.warn(
+                f"{what} range from {low:.4g} to {high:.4g}, far outside what an image processor's normalization "
+                f"gives (within about ±{NORMALIZED_ABS_LIMIT:g}): are they 0–255 pixels? Ranges fitted to them will "
+                f"not match real inputs. {_PROCESSOR_HINT}",
+                UnnormalizedImagesWarning,
+                stacklevel=3,
+            )
+        elif low >= 0.0 and high <= 1.0 and pixel_values.shape[0] > 1:
+            warnings.warn(
+                f"{what} all lie in [0, 1] ({low:.3g} … {high:.3g}): rescaled but not normalized? Most image "
+                f"processors normalize to values around 0 (ignore this if yours has do_normalize=False). "
+                f"{_PROCESSOR_HINT}",
+                UnnormalizedImagesWarning,
+                stacklevel=3,
+            )

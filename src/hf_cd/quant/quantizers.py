@@ -101,6 +101,23 @@ def fake_quantize_asymmetric(
     return codes.sub_(zero_point).mul_(scale).to(x.dtype)
 
 
+def fake_quantize_dynamic_per_token(
+    x: torch.Tensor, bits: int, clip_ratio: torch.Tensor | float = 1.0
+) -> torch.Tensor:
+    """Asymmetric ``b``-bit fake quantization with one range per row of the last dimension, taken at run time.
+
+    Each row's ``[min, max]`` (widened to contain 0, times ``clip_ratio``) is spread over the codes
+    ``0 … 2^b − 1``: no calibration, and a token's outliers cost only that token's resolution.
+    """
+    values = _compute_dtype(x)
+    ratio = torch.as_tensor(clip_ratio, dtype=values.dtype, device=values.device)
+    minimum = values.amin(dim=-1, keepdim=True).clamp(max=0.0) * ratio
+    maximum = values.amax(dim=-1, keepdim=True).clamp(min=0.0) * ratio
+    scale = ((maximum - minimum) / (2**bits - 1)).clamp(min=SCALE_EPS)
+    zero_point = torch.round(-minimum / scale)
+    return fake_quantize_asymmetric(values, scale, zero_point, bits).to(x.dtype)
+
+
 def fake_quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize to ``b``-bit narrow-range signed codes and back, in ``x``'s dtype."""
     low, high = symmetric_range(bits)

@@ -12,6 +12,9 @@ these are never renamed):
 ``classifier_bits`` classifier weight and input bits (``repq_vit``: the weight's; the input is at ``a_bits``)
 ``protocol``        the bit protocol of patch embedding and classifier (`hf_cd.quant.config.PROTOCOLS`):
                     ``deploy`` or ``repq_vit`` (RepQ-ViT's published one); ``None`` for full precision
+``activation_mode`` how encoder activations are quantized: ``static_per_tensor`` (calibrated ranges, what
+                    an integer runtime's static graph runs) or ``dynamic_per_token`` (ranges per token
+                    at run time: ``rotate``'s option, torchao's int8); ``None`` for full precision
 ``accuracy``        top-1 accuracy in percent (0–100)
 ``accuracy_drop``   full-precision accuracy minus this one, in points (0 for full precision)
 ``num_eval``        images evaluated
@@ -19,6 +22,9 @@ these are never renamed):
 ``seed``            seed of the calibration draw
 ``quantize_seconds`` wall time of `quantize` (copy, calibration, weight quantization)
 ``eval_seconds``    wall time of the evaluation pass
+``fingerprint``     only when results are persisted (``results_file`` / ``done_rows`` / ``on_row``):
+                    a hash of the model weights, evaluation and calibration data and the row's
+                    settings; a row with the same fingerprint is reused instead of measured again
 ==================  ============================================================================
 
 Real-runtime rows (``runtime`` ``onnxruntime`` / ``torchao``) add these; ``<B>`` is a batch size
@@ -50,6 +56,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "embedding_bits",
     "classifier_bits",
     "protocol",
+    "activation_mode",
     "accuracy",
     "accuracy_drop",
     "num_eval",
@@ -77,6 +84,7 @@ def result_row(
     eval_seconds: float,
     reference_accuracy: float | None = None,
     protocol: str | None = None,
+    activation_mode: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """One row in `RESULT_COLUMNS` order; ``reference_accuracy`` (full precision) gives ``accuracy_drop``.
@@ -91,6 +99,7 @@ def result_row(
         "embedding_bits": int(embedding_bits),
         "classifier_bits": int(classifier_bits),
         "protocol": protocol,
+        "activation_mode": activation_mode,
         "accuracy": float(accuracy),
         "accuracy_drop": None if reference_accuracy is None else float(reference_accuracy) - float(accuracy),
         "num_eval": int(num_eval),
@@ -112,6 +121,8 @@ class QuantResults(Table):
             added = dict.fromkeys(key for row in rows for key in row if key not in RESULT_COLUMNS)
             columns = [*RESULT_COLUMNS, *added]
         super().__init__(rows, columns)
+        self.num_reused = 0
+        """Rows `evaluate_quantized` took from an earlier run instead of measuring them."""
 
     def accuracy(self, pipeline: str, w_bits: int | None = None, a_bits: int | None = None) -> float:
         """The accuracy of one row, e.g. ``results.accuracy("repq", 4, 4)`` or ``results.accuracy("full_precision")``."""

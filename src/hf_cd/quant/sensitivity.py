@@ -148,7 +148,7 @@ def sensitivity(
     base = QuantConfig(
         **{**base.__dict__, "w_bits": w_bits, "a_bits": base_bits, "pipeline": pipeline, "progress": False}
     )
-    images = calibration_images_for(base, calib_data)
+    images = calibration_images_for(base, calib_data, model)
     stats = site_statistics(model, images)
     num_blocks = len(resolve_blocks(unwrap_model(model)))
     cases: list[tuple[str, int | None, list[str], set[int] | None]] = [(BASELINE_GROUP, None, [], None)]

@@ -613,11 +613,11 @@ def onnx_metadata(
     model: nn.Module, config: QuantConfig | None, settings: OnnxRuntimeInt8Config | None, num_calibration: int
 ) -> dict[str, Any]:
     """What a deployment needs beside the graph: labels, input size, and how the int8 copy was made."""
-    import hf_cd
+    from hf_cd._version import __version__
 
     model_config = unwrap_model(model).config
     metadata: dict[str, Any] = {
-        "hf_cd_version": hf_cd.__version__,
+        "hf_cd_version": __version__,
         "model_type": model_config.model_type,
         "id2label": {str(k): v for k, v in getattr(model_config, "id2label", {}).items()},
         "image_size": model_config.image_size,

@@ -1,0 +1,164 @@
+"""What the recipe measures besides training: accuracy, alignment / outlier diagnostics, quantized accuracy."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import EvalPrediction
+
+from hf_cd import quant
+from hf_cd.config import CDConfig
+from hf_cd.diagnostics import (
+    activation_stats,
+    alignment_by_block,
+    alignment_summary,
+    measure_alignment,
+    outlier_summary,
+)
+from hf_cd.recipe.arguments import QuantArguments, RecipeArgumentError
+from hf_cd.table import Table
+
+logger = logging.getLogger(__name__)
+
+
+def predictions_from_logits(logits, labels):
+    """Keep the argmax only, so evaluation does not hold every logit (SUN397 has 397 classes)."""
+    if isinstance(logits, (tuple, list)):  # DeiT with teacher: (logits, cls_logits, distillation_logits)
+        logits = logits[0]
+    return logits.argmax(dim=-1)
+
+
+def accuracy_metric(prediction: EvalPrediction) -> dict[str, float]:
+    predictions = np.asarray(prediction.predictions)
+    labels = np.asarray(prediction.label_ids)
+    return {"accuracy": 100.0 * float((predictions == labels).mean())}  # percent, as hf_cd.quant rows
+
+
+# --- diagnostics, quantization -------------------------------------------------------------------
+
+
+@dataclass
+class Diagnostics:
+    """Pair alignment and activation outliers of one model state (before or after training)."""
+
+    alignment: Table
+    activations: Table
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "alignment": alignment_summary(self.alignment),
+            "alignment_by_block": {
+                kind: {str(block): value for block, value in blocks.items()}
+                for kind, blocks in alignment_by_block(self.alignment).items()
+            },
+            "outliers": outlier_summary(self.activations),
+        }
+
+
+def measure_diagnostics(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], training_args: CDConfig
+) -> Diagnostics:
+    """The pairs CD decays (the same kinds / explicit pairs / layer-scale folding) and the outliers on ``batch``."""
+    alignment = measure_alignment(
+        model,
+        training_args.cd_kinds,
+        pairs=training_args.cd_pairs,
+        fold_layer_scale=training_args.cd_fold_layer_scale,
+        fold_norm=training_args.cd_fold_norm,
+    )
+    return Diagnostics(alignment, activation_stats(model, batch))
+
+
+def check_quant_arguments(quant_args: QuantArguments, seed: int) -> None:
+    """Fail before training, not after it, on an unknown pipeline or unsupported bit width."""
+    if not quant_args.quant_eval:
+        return
+    for pipeline in quant_args.quant_pipelines:
+        for w_bits, a_bits in quant_args.bit_pairs():
+            try:
+                quant.QuantConfig(
+                    w_bits=w_bits,
+                    a_bits=a_bits,
+                    pipeline=pipeline,
+                    num_calibration=quant_args.quant_num_calibration,
+                    batch_size=quant_args.quant_batch_size,
+                    seed=seed,
+                )
+            except ValueError as error:
+                raise RecipeArgumentError(
+                    f"--quant_pipelines {pipeline} at W{w_bits}A{a_bits}: {error} "
+                    "(--no_quant_eval skips the quantized evaluation)"
+                ) from error
+
+
+def run_quantized_evaluation(
+    model: torch.nn.Module,
+    eval_dataset,
+    calibration_dataset,
+    quant_args: QuantArguments,
+    seed: int,
+    progress: bool = True,
+    done_rows: Sequence[Mapping[str, Any]] = (),
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Quantize the trained model with each pipeline and bit width and evaluate it; a record for results.json.
+
+    ``calibration_dataset`` is the (eval-transformed) train split: `hf_cd.quant` draws
+    ``quant_num_calibration`` images from it with ``seed``. Accuracies in the rows are percentages.
+    ``on_record`` receives the record (status ``running``) after each finished row, so the caller can
+    write it out; rows in ``done_rows`` (an earlier run's) for the same model, settings and data are
+    reused instead of measured again, and the record counts them in ``reused_rows``.
+    """
+    record: dict[str, Any] = {
+        "pipelines": list(quant_args.quant_pipelines),
+        "bits": list(quant_args.quant_bits),
+        "num_calibration": min(quant_args.quant_num_calibration, len(calibration_dataset)),
+        "eval_samples": len(eval_dataset),
+        "protocol": quant.DEFAULT_PROTOCOL,  # the bit protocol of every row: what a runtime would deploy
+        "rows": [],
+    }
+    if not quant_args.quant_eval:
+        return {**record, "status": "skipped", "reason": "--no_quant_eval"}
+    config = quant.QuantConfig(
+        num_calibration=quant_args.quant_num_calibration,
+        batch_size=quant_args.quant_batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    logger.info(
+        "Quantized evaluation: %d pipelines × %d bit widths on %d test images.",
+        len(quant_args.quant_pipelines),
+        len(quant_args.quant_bits),
+        len(eval_dataset),
+    )
+    table = quant.evaluate_quantized(
+        model,
+        eval_dataset,
+        calibration_dataset,
+        pipelines=list(quant_args.quant_pipelines),
+        bits=quant_args.bit_pairs(),
+        config=config,
+        done_rows=[dict(row) for row in done_rows],
+        on_row=None
+        if on_record is None
+        else lambda rows: on_record({**record, "status": "running", "rows": rows}),
+    )
+    if table.num_reused:
+        logger.info(
+            "Quantized evaluation: %d of %d rows were already in results.json for this model, settings and "
+            "data; they were not measured again.",
+            table.num_reused,
+            len(table.rows) - 1,
+        )
+    return {
+        **record,
+        "status": "done",
+        "reason": None,
+        "rows": table.to_dicts(),
+        "reused_rows": table.num_reused,
+    }
