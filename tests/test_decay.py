@@ -200,3 +200,16 @@ def test_warm_started_spectral_norms_stay_within_one_percent_while_training():
                 exact = torch.linalg.matrix_norm(matrices, ord=2)
                 worst = max(worst, ((estimate - exact).abs() / exact).max().item())
     assert worst < 0.01, f"spectral norm estimate off by {worst:.2%}"
+
+
+def test_flops_per_step_matches_the_matrix_products_a_warm_step_runs():
+    """The FLOP floor the overhead benchmark states is what torch counts for a step (both routes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _vit(dtype=torch.float32)
+    decay = ColinearityDecay(model, find_pairs(model, ["ffn", "value_output"]), power_tol=None, power_iters=3)
+    decay.step(1e-3, 1.0)  # cold start: converged power iteration, not part of the per-step floor
+    with FlopCounterMode(display=False) as counter:
+        decay.step(1e-3, 1.0)
+    assert {g.a_shape[0] < g.a_shape[1] for g in decay.groups} == {True, False}  # Gram and M routes
+    assert decay.flops_per_step() == counter.get_total_flops()

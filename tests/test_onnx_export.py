@@ -175,6 +175,34 @@ def test_int8_graph_keeps_norms_softmax_gelu_and_attention_float(tmp_path):
     assert all(s[0] == "DequantizeLinear" for t, s in nodes if t == "MatMul")
 
 
+def _optimized_op_counts(path, tmp_path) -> dict[str, int]:
+    """Op types of the graph ONNX Runtime really runs after its fusions."""
+    import collections
+
+    import onnx
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / f"{path.stem}-optimized.onnx")
+    options.log_severity_level = 3
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_linear_outputs_stay_float_so_ort_runs_matmul_integer_to_float(tmp_path):
+    model = make_model("vit")
+    float_path = export_onnx(model, tmp_path / "float.onnx")
+    default = ort_module.quantize_onnx_int8(float_path, tmp_path / "int8.onnx", images(16))
+    ops = _optimized_op_counts(default, tmp_path)
+    assert ops["MatMulIntegerToFloat"] == 6 * 2 and ops["QLinearMatMul"] == 0  # every encoder linear
+    assert ops["DequantizeLinear"] < 6 * 2  # no linear output is dequantized again
+    settings = OnnxRuntimeInt8Config(quantize_linear_outputs=True)
+    placed = ort_module.quantize_onnx_int8(float_path, tmp_path / "placed.onnx", images(16), settings)
+    ops = _optimized_op_counts(placed, tmp_path)
+    assert ops["QLinearMatMul"] == 6 * 2 and ops["MatMulIntegerToFloat"] == 0
+    assert ops["DequantizeLinear"] >= 6 * 2  # each uint8 output goes back to float for the op after it
+
+
 def test_unsupported_architecture_is_refused(tmp_path):
     config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], num_labels=3)
     resnet = ResNetForImageClassification(config).eval()

@@ -29,6 +29,7 @@ from hf_cd.recipe import (
     SeededAugmentation,
     format_summary,
     parse_recipe_args,
+    run_recipe,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def test_config_file_sets_defaults_and_command_line_flags_override_it(tmp_path):
     assert args.data.max_train_samples == 100 and args.data.crop_scale == [0.8, 1.0]
     assert args.quant.bit_pairs() == [(4, 4)]
     assert args.training.output_dir == str(tmp_path / "from_yaml")
-    assert args.data.flip_probability == 0.5  # neither: the dataclass default
+    assert args.data.flip_probability == 0.0  # neither: the dataclass default (no flips unless asked)
     assert args.training.remove_unused_columns is False
 
     file_only = parse_recipe_args(["--config", str(config)])
@@ -104,20 +105,62 @@ def test_config_file_sets_defaults_and_command_line_flags_override_it(tmp_path):
     assert without_file.training.learning_rate == 5e-5 and without_file.training.cd_strength == 1.0
 
 
-def test_help_lists_every_option_group(capsys):
+def test_help_lists_every_option_group(capsys, monkeypatch):
+    from hf_cd import quant
+    from hf_cd.quant.registry import PIPELINES
+
+    class Rotation:  # a pipeline registered after hf_cd.recipe was imported must still be listed
+        name, runtime = "my_rotation", "fake_quant"
+
+        def __call__(self, model, config, calibration_images):
+            return model
+
+    monkeypatch.setitem(PIPELINES, "my_rotation", Rotation())
     with pytest.raises(SystemExit) as exit_info:
         parse_recipe_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in (
-        "--config",
-        "--model_preset",
-        "--dataset_name",
-        "--cd_strength",
-        "--quant_bits",
-        "--learning_rate",
-    ):
-        assert flag in text, flag
+    assert text.startswith("usage: ") and len(text.split("\n", 1)[0]) < 100  # not 150 flags in the usage line
+    headings = [
+        "options:",
+        "Model:",
+        "Data:",
+        "Colinearity Decay:",
+        "Quantized evaluation:",
+        "Trainer arguments:",
+    ]
+    positions = [text.index(f"\n{heading}\n") for heading in headings]
+    assert positions == sorted(positions), "groups out of order"
+    sections = dict(zip(headings, [text[a:b] for a, b in zip(positions, [*positions[1:], len(text)])]))
+    expected = {
+        "options:": ["--config", "--debug"],
+        "Model:": ["--model_preset", "--model_name_or_path", "--image_size", "--use_lora"],
+        "Data:": ["--dataset_name", "--flip_probability", "--crop_scale"],
+        "Colinearity Decay:": ["--cd_strength", "--cd_kinds", "--cd_mode", "--tweo_weight"],
+        "Quantized evaluation:": ["--quant_pipelines", "--quant_bits", "--quant_num_calibration"],
+        "Trainer arguments:": ["--learning_rate", "--output_dir", "--num_train_epochs"],
+    }
+    for heading, flags in expected.items():
+        for flag in flags:
+            assert f"  {flag} " in sections[heading], (heading, flag)
+    assert (
+        "--cd_strength" not in sections["Trainer arguments:"] and "--learning_rate" not in sections["Model:"]
+    )
+    # the pipelines come from the registry, the bit range from hf_cd.quant
+    pipelines = " ".join(sections["Quantized evaluation:"].split())
+    for name in quant.available_pipelines():
+        assert name in pipelines.replace("- ", "-"), name
+    assert "my_rotation" in pipelines and "2..8 to quantize, or ≥ 16" in pipelines
+    # one default per option: no "(default 224). (default: None)"
+    assert "(default: None)" not in text
+    for option in text.split("\n  --"):
+        prose, _, added = " ".join(option.split()).partition("(default: ")
+        assert not added or "default" not in prose.lower(), option  # the help says it, or argparse does
+    assert (
+        "examples:" in text
+        and "fashion_mnist_vit_tiny_cpu.yaml" in text
+        and "--dataset_name path/to/folder" in text
+    )
 
 
 def test_shipped_configs_parse(tmp_path):
@@ -131,7 +174,10 @@ def test_shipped_configs_parse(tmp_path):
     }
     for path in configs:
         # TrainingArguments refuses bf16 without a GPU at parse time; switch it off so the GPU configs parse here
-        args = parse_recipe_args(["--config", str(path), "--output_dir", str(tmp_path), "--bf16", "false"])
+        folder = ["--dataset_name", str(tmp_path)] if path.name.startswith("imagefolder") else []
+        args = parse_recipe_args(
+            ["--config", str(path), "--output_dir", str(tmp_path), "--bf16", "false", *folder]
+        )
         assert args.training.cd_strength > 0, path.name
         assert args.training.save_strategy != "no", f"{path.name}: an interrupted run must be resumable"
 
@@ -160,6 +206,169 @@ def test_bad_input_is_refused_with_a_message_that_says_what_to_do(tmp_path, argv
         parse_recipe_args([*argv, "--output_dir", str(tmp_path)])
 
 
+@pytest.mark.parametrize(
+    ("source", "needle"),
+    [
+        ("{tmp}/no_such_model", r"no such directory \(.*no_such_model\)"),
+        ("./my-vit", r"'./my-vit': no such directory"),
+        ("{tmp}", "a directory without a config.json"),
+        ("bad id!", "is not a Hub id"),
+    ],
+)
+def test_a_model_source_that_cannot_exist_is_named_at_parse_time(tmp_path, source, needle):
+    with pytest.raises(RecipeArgumentError, match=needle):
+        parse_recipe_args(
+            ["--model_name_or_path", source.format(tmp=tmp_path), "--output_dir", str(tmp_path)]
+        )
+
+
+def test_a_hub_id_that_cannot_be_loaded_fails_before_any_data_loads(tmp_path, monkeypatch):
+    import hf_cd.recipe.run
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the model source was checked")
+
+    monkeypatch.setattr(hf_cd.recipe.run, "load_recipe_data", no_data)
+    args = parse_recipe_args(
+        ["--model_name_or_path", "someone/no-such-model", *QUICK, "--output_dir", str(tmp_path)]
+    )
+    with pytest.raises(RecipeArgumentError, match=r"'someone/no-such-model': no local directory.*Hub id"):
+        run_recipe(args)  # the tests run with HF_HUB_OFFLINE=1 (conftest)
+
+
+def test_a_model_source_on_the_command_line_replaces_the_config_files(tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    cpu_config = str(CONFIGS / "fashion_mnist_vit_tiny_cpu.yaml")
+    for clear in (
+        [],
+        ["--model_preset", "none"],
+        ["--model_preset", "None"],
+        ["--model_preset", "null"],
+        ["--model_preset", ""],
+    ):
+        args = parse_recipe_args(
+            [
+                "--config",
+                cpu_config,
+                *clear,
+                "--model_name_or_path",
+                str(checkpoint),
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+        assert args.model.model_preset is None and args.model.model_name_or_path == str(checkpoint), clear
+        # the preset's shape and normalization went with it; the image size applies to both and stays
+        assert (
+            args.model.patch_size is None
+            and args.model.image_mean is None
+            and args.model.num_hidden_layers is None
+        )
+        assert args.model.image_size == 28 and args.data.max_train_samples == 24000
+    dashed = parse_recipe_args(
+        ["--config", cpu_config, f"--model-name-or-path={checkpoint}", "--output_dir", str(tmp_path)]
+    )
+    assert dashed.model.model_preset is None and dashed.model.model_name_or_path == str(checkpoint)
+    # a flag given on the command line stays (and is then refused, because it shapes a preset only)
+    with pytest.raises(RecipeArgumentError, match="patch_size shape a model trained from scratch"):
+        parse_recipe_args(["--config", cpu_config, "--model_name_or_path", str(checkpoint), "--patch_size", "4",
+                           "--output_dir", str(tmp_path)])  # fmt: skip
+
+    checkpoint_config = tmp_path / "checkpoint.yaml"
+    checkpoint_config.write_text(f"model_name_or_path: {checkpoint}\noutput_dir: {tmp_path}\n")
+    args = parse_recipe_args(["--config", str(checkpoint_config), "--model_preset", "vit_tiny"])
+    assert args.model.model_preset == "vit_tiny" and args.model.model_name_or_path is None
+    with pytest.raises(RecipeArgumentError, match="exactly one model source, got neither"):
+        parse_recipe_args(["--config", cpu_config, "--model_preset", "none", "--output_dir", str(tmp_path)])
+
+
+def _image_folder(
+    root: Path, colours: dict[str, tuple[int, int, int]], per_class: int = 6, size: int = 8
+) -> Path:
+    """An imagefolder tree (one sub-folder per class) of flat-coloured PNGs with known pixel statistics."""
+    from PIL import Image as PILImage
+
+    for name, colour in colours.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            PILImage.new("RGB", (size, size), colour).save(root / name / f"{i}.png")
+    return root
+
+
+def test_channel_statistics_of_an_image_folder_are_its_pixels_mean_and_std(tmp_path):
+    from hf_cd.data import channel_statistics
+
+    folder = _image_folder(tmp_path / "images", {"dark": (51, 102, 0), "light": (153, 102, 255)})
+    train = load_image_dataset(folder, seed=0, validation_fraction=0.25)["train"]
+    stats = channel_statistics(train, 3)
+    labels = train["label"]
+    share_light = sum(labels) / len(labels)  # label 1 = "light"
+    expected_mean = [51 / 255 + share_light * 102 / 255, 102 / 255, share_light]
+    expected_std = [
+        (102 / 255) * (share_light * (1 - share_light)) ** 0.5,
+        1.0,  # a constant channel is left unscaled
+        (share_light * (1 - share_light)) ** 0.5,
+    ]
+    assert stats.num_images == len(train)
+    assert stats.mean == pytest.approx(expected_mean, abs=1e-3) and stats.std == pytest.approx(
+        expected_std, abs=1e-3
+    )
+    gray = channel_statistics(train, 1)  # converted as a 1-channel model sees the images
+    assert len(gray.mean) == 1 and 0 < gray.mean[0] < 1
+
+
+def test_imagefolder_config_normalizes_with_the_training_split_and_does_not_flip(tmp_path):
+    from hf_cd.recipe import build_model, load_recipe_data
+    from hf_cd.recipe.model import describe_normalization, preset_normalization
+
+    folder = _image_folder(tmp_path / "images", {"a": (10, 20, 30), "b": (200, 180, 160), "c": (90, 90, 90)})
+    args = parse_recipe_args(
+        ["--config", str(CONFIGS / "imagefolder_vit_tiny_cpu.yaml"), "--dataset_name", str(folder),
+         "--output_dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert args.data.flip_probability == 0.0 and args.model.image_mean is None
+    raw = load_recipe_data(args.data, seed=0)
+    from hf_cd.data import channel_statistics, label_mapping
+
+    normalization = preset_normalization(args.model, raw["train"], seed=0)
+    expected = channel_statistics(raw["train"], 3)
+    _, processor = build_model(args.model, label_mapping(raw), normalization)
+    assert list(processor.image_mean) == pytest.approx(list(expected.mean))
+    assert list(processor.image_std) == pytest.approx(list(expected.std))
+    assert processor.image_mean != [0.5, 0.5, 0.5]
+    record = describe_normalization(processor, args.model, normalization)
+    assert record["source"] == f"computed from {len(raw['train'])} training images"
+
+    # given values win; a checkpoint keeps its own processor's
+    given = parse_recipe_args(
+        ["--config", str(CONFIGS / "fashion_mnist_vit_tiny_cpu.yaml"), "--output_dir", str(tmp_path / "out")]
+    )
+    assert preset_normalization(given.model, raw["train"], seed=0) is None
+    assert given.data.flip_probability == 0.5  # Fashion-MNIST's config asks for flips explicitly
+
+
+def test_a_run_with_few_optimizer_steps_is_warned_about(tmp_path):
+    from hf_cd.recipe.run import few_steps_warning, planned_optimizer_steps
+
+    def training(*flags):
+        return parse_recipe_args(["--model_preset", "vit_tiny", "--output_dir", str(tmp_path), "--use_cpu", "true",
+                                  *flags]).training  # fmt: skip
+
+    one_epoch = training("--num_train_epochs", "1", "--per_device_train_batch_size", "128")
+    assert planned_optimizer_steps(1400, one_epoch) == 11  # the digits folder of the report
+    message = few_steps_warning(1400, one_epoch)
+    assert "Only 11 optimizer steps (1 epoch(s) of 1,400 images at 128 per step)" in message
+    assert "--num_train_epochs" in message
+    assert few_steps_warning(1400 * 30, one_epoch) is None  # 329 steps
+    assert planned_optimizer_steps(24000, one_epoch) == 188  # make run
+    assert "--max_steps 6" in few_steps_warning(24000, training("--max_steps", "6"))
+    accumulated = training("--num_train_epochs", "2", "--per_device_train_batch_size", "10",
+                           "--gradient_accumulation_steps", "4")  # fmt: skip
+    assert planned_optimizer_steps(1000, accumulated) == 50
+
+
 def test_presets_have_the_standard_shapes():
     shapes = {
         name: (p.hidden_size, p.num_hidden_layers, p.num_attention_heads) for name, p in MODEL_PRESETS.items()
@@ -169,12 +378,69 @@ def test_presets_have_the_standard_shapes():
 
 def test_unknown_quantization_pipeline_fails_before_training(tmp_path):
     finetune = load_finetune()
-    with pytest.raises(ValueError, match="no_such_pipeline"):
+    with pytest.raises(RecipeArgumentError, match="no_such_pipeline"):
         finetune.main(
             [*TINY_PRESET, *QUICK, "--output_dir", str(tmp_path), "--max_steps", "1", "--max_train_samples", "20",
-             "--quant_pipelines", "no_such_pipeline"]
+             "--quant_pipelines", "no_such_pipeline", "--debug"]
         )  # fmt: skip
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_a_misspelt_flag_gets_a_did_you_mean():
+    with pytest.raises(
+        RecipeArgumentError, match=r"Unknown option\(s\) --cd_strenght \(did you mean --cd_strength\?\)"
+    ):
+        parse_recipe_args(["--model_preset", "vit_tiny", "--cd_strenght", "2"])
+    with pytest.raises(RecipeArgumentError, match=r"--learnig_rate \(did you mean --learning_rate\?\)"):
+        parse_recipe_args(["--model_preset", "vit_tiny", "--learnig_rate=1e-3"])
+    with pytest.raises(RecipeArgumentError, match="Unexpected argument"):
+        parse_recipe_args(["--model_preset", "vit_tiny", "stray"])
+
+
+def test_bare_debug_is_the_recipes_and_debug_with_values_the_trainers(tmp_path):
+    from hf_cd.recipe.arguments import split_debug_flag
+
+    assert split_debug_flag(["--debug", "--model_preset", "vit_tiny"]) == (
+        True,
+        ["--model_preset", "vit_tiny"],
+    )
+    assert split_debug_flag(["--model_preset", "vit_tiny", "--debug"]) == (
+        True,
+        ["--model_preset", "vit_tiny"],
+    )
+    args = parse_recipe_args(
+        ["--model_preset", "vit_tiny", "--debug", "underflow_overflow", "--output_dir", str(tmp_path)]
+    )
+    assert [str(option.value) for option in args.training.debug] == ["underflow_overflow"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--cd_strenght", "2"], "did you mean --cd_strength?"),
+        (["--quant_bits", "W9A9"], "--quant_pipelines minmax at W9A9: w_bits=9 is out of range"),
+        (["--resume_from_checkpoint", "latest"], "holds no checkpoint"),
+        (["--config", "no_such.yaml"], "--config 'no_such.yaml': no such file"),
+    ],
+)  # fmt: skip
+def test_bad_input_on_the_command_line_is_one_line_and_exit_status_2(
+    tmp_path, capsys, monkeypatch, argv, needle
+):
+    monkeypatch.delenv("HF_CD_DEBUG", raising=False)
+    finetune = load_finetune()
+    command = [*TINY_PRESET, *QUICK, "--output_dir", str(tmp_path), "--quant_pipelines", "minmax", *argv]
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(command)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err and "Traceback" not in err, err
+    assert "--debug or HF_CD_DEBUG=1 shows the traceback" in err
+    # --debug, or HF_CD_DEBUG=1, lets the exception through (with its traceback)
+    with pytest.raises(RecipeArgumentError):
+        finetune.main([*command, "--debug"])
+    monkeypatch.setenv("HF_CD_DEBUG", "1")
+    with pytest.raises(RecipeArgumentError):
+        finetune.main(command)
 
 
 # --- end to end -----------------------------------------------------------------------------------
@@ -201,6 +467,10 @@ def test_recipe_trains_evaluates_quantizes_and_saves_a_model_that_reloads(tmp_pa
     results = json.loads((out / "results.json").read_text())
     assert results == json.loads(json.dumps(run.results))
 
+    normalization = results["dataset"].pop("normalization")
+    assert normalization["source"] == "computed from 200 training images"  # a preset without --image_mean
+    assert abs(normalization["mean"][0] - 0.286) < 0.03 and abs(normalization["std"][0] - 0.353) < 0.03
+    assert any("Only 6 optimizer steps (--max_steps 6)" in w for w in results["warnings"])
     assert results["dataset"] == {
         "name": "fashion_mnist",
         "label": None,
@@ -370,7 +640,15 @@ def test_resume_latest_without_a_checkpoint_says_so(tmp_path):
     finetune = load_finetune()
     with pytest.raises(RecipeArgumentError, match="holds no checkpoint"):
         finetune.main(
-            [*TINY_PRESET, *QUICK, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"]
+            [
+                *TINY_PRESET,
+                *QUICK,
+                "--output_dir",
+                str(tmp_path),
+                "--resume_from_checkpoint",
+                "latest",
+                "--debug",
+            ]
         )
 
 

@@ -11,6 +11,7 @@ from hf_cd.config import CDConfig
 from hf_cd.decay import ColinearityDecay, NonFiniteWeightsError
 from hf_cd.diagnostics import (
     activation_stats,
+    alignment_by_block,
     alignment_summary,
     measure_alignment,
     outlier_profile,
@@ -39,6 +40,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "__version__",
     "activation_stats",
+    "alignment_by_block",
     "alignment_summary",
     "find_pairs",
     "measure_alignment",

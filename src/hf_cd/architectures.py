@@ -43,6 +43,15 @@ class BlockLayout:
     """Relative to the base model: the (1, prefix + grid², width) learned position embeddings."""
     final_norm: str = "layernorm"
     """Relative to the base model."""
+    residual_tokens: tuple[str, ...] = (
+        "embeddings.cls_token",
+        "embeddings.distillation_token",
+        "embeddings.register_tokens",
+        "embeddings.mask_token",
+    )
+    """Relative to the base model: learned vectors written into the residual stream as (or in place
+    of) tokens; those that exist are used. Rotation-based PTQ centres and rotates them with the
+    position embeddings and the patch embedding (`hf_cd.quant.pipelines.rotate`)."""
     classifiers: tuple[str, ...] = ("classifier",)
     """Relative to the top-level model; those that exist are used (DeiT with teacher has two)."""
     prefix_tokens: int = 1
@@ -238,6 +247,37 @@ def patch_embedding(model: nn.Module) -> nn.Module:
     layout = get_layout(model)
     base = getattr(model, getattr(model, "base_model_prefix", ""), model)
     return _get(base, layout.patch_embedding)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The backbone (``model.base_model_prefix``, e.g. ``vit`` / ``dinov2``), or the model itself."""
+    model = unwrap_model(model)
+    prefix = getattr(model, "base_model_prefix", "")
+    return _get(model, prefix) if prefix and _has(model, prefix) else model
+
+
+def residual_stream_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The learned vectors added to the residual stream before the first block, by qualified name:
+    the layout's `BlockLayout.residual_tokens` that exist and its position embeddings."""
+    model = unwrap_model(model)
+    layout = get_layout(model)
+    base = base_model(model)
+    prefix = "" if base is model else model.base_model_prefix + "."
+    found = {}
+    for path in (*layout.residual_tokens, layout.position_embeddings):
+        value = _get(base, path) if _has(base, path) else None
+        if isinstance(value, nn.Parameter):
+            found[prefix + path] = value
+    return found
+
+
+def final_norm(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    """``(parent, attribute, norm)`` of the norm after the last block, so it can be read or replaced."""
+    layout = get_layout(unwrap_model(model))
+    base = base_model(model)
+    parent_path, _, attribute = layout.final_norm.rpartition(".")
+    parent = _get(base, parent_path) if parent_path else base
+    return parent, attribute, getattr(parent, attribute)
 
 
 def classifiers(model: nn.Module) -> dict[str, nn.Module]:

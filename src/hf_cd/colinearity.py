@@ -102,6 +102,28 @@ def _use_gram_route(r: int, m: int, n: int) -> bool:
     return 2 * r * (m + n) < 3 * m * n
 
 
+def direction_flops(batch: int, r: int, m: int, n: int) -> int:
+    """Matrix-product flops (2 per multiply-add) of `colinearity_directions` on ``batch`` pairs A (r×n), B (m×r).
+
+    Counts the route it takes (`_use_gram_route`); the element-wise terms of the modes are O(size)
+    and left out. Used to state CD's arithmetic floor against a training step's.
+    """
+    if _use_gram_route(r, m, n):
+        return batch * 4 * r * r * (m + n)  # A·Aᵀ, B·(A·Aᵀ), Bᵀ·B, (Bᵀ·B)·A
+    return batch * 6 * m * r * n  # M = B·A, Bᵀ·M, M·Aᵀ
+
+
+def power_iteration_flops(
+    batch: int, rows: int, cols: int, iterations: int, block_size: int = POWER_BLOCK_SIZE
+) -> int:
+    """Matrix-product flops of `power_iteration` on ``batch`` matrices (rows×cols): A·V, Aᵀ·(A·V), the k×k Gram.
+
+    The QR and the k×k eigenvalue problem (k = the block size) are O(cols·k²) and left out.
+    """
+    k = min(block_size, cols)
+    return batch * iterations * (4 * rows * cols * k + 2 * rows * k * k)
+
+
 CD_MODES: tuple[str, ...] = ("plain", "outlier_rows", "balanced")
 
 

@@ -22,8 +22,10 @@ from hf_cd.colinearity import (
     CD_MODES,
     colinearity_directions,
     converged_power_iteration,
+    direction_flops,
     normalized_alignment,
     power_iteration,
+    power_iteration_flops,
 )
 from hf_cd.pairs import MatrixPair, factor_gradients, factor_heads, head_shapes
 from hf_cd.weights import is_trainable, pull_back, read_weights, weight_sources
@@ -185,6 +187,20 @@ class ColinearityDecay:
                     dict.fromkeys(n for n in self.sources[name].params if self.params[n].requires_grad)
                 )
         return list(names)
+
+    def flops_per_step(self) -> int:
+        """Matrix-product flops of one warm `step` (``power_iters`` iterations, no adaptive extra ones).
+
+        The arithmetic floor of CD, to set against a training step's; element-wise work, the small
+        QR / eigenvalue problems and LoRA's effective weights are not counted.
+        """
+        total = 0
+        for group in self.groups:
+            (r, n), (m, _) = group.a_shape, group.b_shape
+            total += direction_flops(group.size, r, m, n)
+            total += power_iteration_flops(group.size, r, n, self.power_iters)
+            total += power_iteration_flops(group.size, m, r, self.power_iters)
+        return total
 
     # -- the step ---------------------------------------------------------------------------
 

@@ -200,55 +200,133 @@ def _labelled(tables: Table | Mapping[str, Table]) -> dict[str, Table]:
     return {"model": tables} if isinstance(tables, Table) else dict(tables)
 
 
-def plot_alignment(tables: Table | Mapping[str, Table], path: str | Path) -> Path:
-    """Mean alignment per block and kind, one line per model (e.g. ``{"baseline": t0, "cd": t1}``)."""
+def alignment_by_block(table: Table) -> dict[str, dict[int, float]]:
+    """Mean alignment (over heads) per pair kind and block: where a summary's mean hides a block that rose."""
+    result: dict[str, dict[int, float]] = {}
+    for kind in dict.fromkeys(table.column("kind")):
+        rows = table.where(kind=kind)
+        result[kind] = {
+            block: sum(values) / len(values)
+            for block in sorted(set(rows.column("block")))
+            if (values := rows.where(block=block).column("alignment"))
+        }
+    return result
+
+
+EMBEDDINGS_TICK = "emb"
+"""The x label of block −1 in activation plots: the embeddings' output, i.e. the input of block 0."""
+
+
+def _block_axis(ax, blocks: Sequence[int]) -> None:
+    """Integer block ticks (no 0.5, 1.5), with the embeddings (block −1) labelled as such."""
+    blocks = sorted(set(blocks))
+    step = max(1, -(-len(blocks) // 12))  # at most ~12 labels on deep models
+    shown = blocks[::step]
+    ax.set_xticks(shown)
+    ax.set_xticklabels([EMBEDDINGS_TICK if b < 0 else str(b) for b in shown])
+    ax.set_xlabel(
+        "block" + (f" ({EMBEDDINGS_TICK} = embeddings, the input of block 0)" if min(blocks) < 0 else "")
+    )
+
+
+def _log_y_axis(ax) -> None:
+    """A log axis labelled in plain numbers (4.5, not 4.5×10⁰): most panels span less than a decade."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+
+
+def plot_alignment(tables: Table | Mapping[str, Table], path: str | Path, title: str | None = None) -> Path:
+    """Mean alignment per block and kind, one line per model (e.g. ``{"before": t0, "after": t1}``).
+
+    ``title`` names the run above the panels; each panel carries its own axis labels and legend.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tables = _labelled(tables)
-    kinds = list(dict.fromkeys(k for t in tables.values() for k in t.column("kind")))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.4), squeeze=False)
+    per_block = {label: alignment_by_block(table) for label, table in tables.items()}
+    kinds = list(dict.fromkeys(k for blocks in per_block.values() for k in blocks))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.8 * len(kinds), 3.8), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        for label, table in tables.items():
-            rows = table.where(kind=kind)
-            blocks = sorted(set(rows.column("block")))
-            means = [sum(rows.where(block=b).column("alignment")) / len(rows.where(block=b)) for b in blocks]
-            ax.plot(blocks, means, marker="o", label=label)
-        ax.set_title(f"{kind} alignment")
-        ax.set_xlabel("block")
-        ax.set_yscale("log")
+        blocks: list[int] = []
+        for label, by_kind in per_block.items():
+            means = by_kind.get(kind, {})
+            ax.plot(list(means), list(means.values()), marker="o", label=label)
+            blocks += list(means)
+        ax.set_title(f"{kind} alignment (mean over heads)")
+        _block_axis(ax, blocks)
+        ax.set_ylabel(r"$\Vert BA\Vert_F^2\ /\ (\Vert B\Vert_F^2\ \Vert A\Vert_2^2)$")
+        _log_y_axis(ax)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("‖BA‖²/(‖B‖²‖A‖₂²)")
-    axes[0][-1].legend()
+        ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_activation_stats(tables: Table | Mapping[str, Table], path: str | Path) -> Path:
-    """Max |x| per block: residual stream and each linear input, one line per model."""
+def _distinct_sites(tables: Mapping[str, Table]) -> list[tuple[str, list[str]]]:
+    """Sites in order, those that read the same tensor merged (ViT's q, k and v share one input).
+
+    Returns ``(title, sites)`` pairs; sites merge when their values agree in every table.
+    """
+    signatures: dict[tuple, list[str]] = {}
+    for site in dict.fromkeys(s for t in tables.values() for s in t.column("site")):
+        signature = tuple(
+            (label, tuple((row["block"], round(row["max_abs"], 6)) for row in table.where(site=site)))
+            for label, table in tables.items()
+        )
+        signatures.setdefault(signature, []).append(site)
+    merged = []
+    for sites in signatures.values():
+        if len(sites) == 1:
+            merged.append((sites[0], sites))
+            continue
+        stems = [site.removesuffix("_input") for site in sites]
+        merged.append((f"{' = '.join(stems)} input (one shared tensor)", sites))
+    return merged
+
+
+def plot_activation_stats(
+    tables: Table | Mapping[str, Table], path: str | Path, title: str | None = None
+) -> Path:
+    """Max |x| per block: residual stream and each linear input, one line per model.
+
+    Linear inputs that are one tensor (q, k and v read the same normalized residual) are drawn
+    once. ``title`` names the run; each panel carries its own axis labels and legend.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tables = _labelled(tables)
-    sites = list(dict.fromkeys(s for t in tables.values() for s in t.column("site")))
-    columns = min(4, len(sites))
+    sites = _distinct_sites(tables)
+    columns = min(3, len(sites))
     rows_needed = -(-len(sites) // columns)
-    fig, axes = plt.subplots(rows_needed, columns, figsize=(4 * columns, 3 * rows_needed), squeeze=False)
-    for ax, site in zip(axes.flat, sites):
+    fig, axes = plt.subplots(rows_needed, columns, figsize=(4.8 * columns, 3.4 * rows_needed), squeeze=False)
+    for ax, (site_title, names) in zip(axes.flat, sites):
+        blocks: list[int] = []
         for label, table in tables.items():
-            rows = table.where(site=site)
+            rows = table.where(site=names[0])
             ax.plot(rows.column("block"), rows.column("max_abs"), marker="o", label=label)
-        ax.set_title(site)
-        ax.set_yscale("log")
+            blocks += rows.column("block")
+        ax.set_title(site_title)
+        _block_axis(ax, blocks)
+        ax.set_ylabel("max |x| over the batch")
+        _log_y_axis(ax)
         ax.grid(alpha=0.3)
+        ax.legend()
     for ax in list(axes.flat)[len(sites) :]:
         ax.axis("off")
-    axes.flat[0].set_ylabel("max |x|")
-    axes.flat[0].legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
 

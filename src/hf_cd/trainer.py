@@ -7,8 +7,10 @@ and records the settings on ``model.config.hf_cd`` so every checkpoint states ho
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
@@ -25,6 +27,32 @@ from hf_cd.locking import OutputDirLock
 from hf_cd.tweo import BlockOutputCollector, tweo_penalty
 
 logger = logging.getLogger(__name__)
+
+
+def respect_umask(folder: str | os.PathLike, pattern: str = "*.safetensors") -> None:
+    """Give weight files the mode every other file gets (0644 under the usual umask 022).
+
+    Why: safetensors writes through a private temporary file, so ``model.safetensors`` lands with
+    mode 0600 while ``config.json`` beside it gets 0644, and a shared or served folder cannot be read.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).glob(pattern):
+        os.chmod(path, 0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def no_transformers_progress_bars():
+    """Silence transformers' own bars (e.g. "Writing model shards") inside a run that draws its own."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _as_cd_config(args: TrainingArguments | None) -> CDConfig:
@@ -285,6 +313,13 @@ class CDTrainer(Trainer):
         if self._plain_checkpoint(self.state.best_model_checkpoint):
             return self._load_converted_weights(self.state.best_model_checkpoint)
         return super()._load_best_model()
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # every checkpoint and the final model: no nested "Writing model shards" bar under the
+        # training bar, and weights readable like the config beside them
+        with no_transformers_progress_bars():
+            super()._save(output_dir, state_dict)
+        respect_umask(output_dir if output_dir is not None else self.args.output_dir)
 
     # -- model card ----------------------------------------------------------------------------
 

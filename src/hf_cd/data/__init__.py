@@ -19,6 +19,7 @@ from hf_cd.data.images import CorruptImage, decode_image, find_corrupt_images
 from hf_cd.data.labels import label_mapping, set_label_mapping
 from hf_cd.data.loading import SPLITS, load_image_dataset, stratified_split_indices
 from hf_cd.data.registry import DATASETS, ImageDatasetSpec, register_dataset
+from hf_cd.data.statistics import ChannelStatistics, channel_statistics
 from hf_cd.data.transforms import (
     ImageClassificationTransform,
     ImagePreprocessing,
@@ -32,6 +33,7 @@ __all__ = [
     "DEBIAN_FASHION_MNIST_DIR",
     "FASHION_MNIST_CLASSES",
     "SPLITS",
+    "ChannelStatistics",
     "CorruptImage",
     "CorruptImageError",
     "DatasetSchemaError",
@@ -41,6 +43,7 @@ __all__ = [
     "ImagePreprocessing",
     "UnknownDatasetError",
     "build_image_transforms",
+    "channel_statistics",
     "collate_fn",
     "decode_image",
     "fashion_mnist_available",

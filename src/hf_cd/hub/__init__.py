@@ -8,6 +8,7 @@ for programs, and `read_quantized_results` parses it back into rows::
     from hf_cd.hub import load_cd_checkpoint, push_cd_model, read_quantized_results, write_model_card
 
     write_model_card(output_dir, results)                     # README.md beside the safetensors weights
+    write_model_card(output_dir, evaluate_quantized(...))     # or the quantized table alone
     push_cd_model(output_dir, "user/vit-cd", dry_run=True)    # the exact files and card it would upload
     model, processor, results = load_cd_checkpoint("user/vit-cd")
     results.accuracy("repq", 4, 4)
@@ -29,6 +30,7 @@ from hf_cd.hub.card import (
     CARD_TAGS,
     build_model_card,
     card_template,
+    results_from_table,
     trainer_results,
     write_model_card,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "load_cd_checkpoint",
     "push_cd_model",
     "read_quantized_results",
+    "results_from_table",
     "trainer_results",
     "write_model_card",
 ]

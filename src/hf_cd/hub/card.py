@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from hf_cd._version import __version__
 from hf_cd.quant.config import DEFAULT_PROTOCOL
@@ -86,9 +86,61 @@ def build_model_card(
     )
 
 
+def results_from_table(
+    table: Iterable[Mapping[str, Any]], output_dir: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """A ``results.json``-shaped dict around the table `hf_cd.quant.evaluate_quantized` returns.
+
+    Why: in a notebook the natural call is ``write_model_card(output_dir, table)`` right after
+    evaluating. The rows become the card's quantized section; the CD settings and the model's shape
+    come from ``output_dir/config.json`` when the model was saved there (`CDTrainer` records its
+    settings in ``config.hf_cd``).
+    """
+    rows = table.to_dicts() if hasattr(table, "to_dicts") else list(table)
+    if not all(isinstance(row, Mapping) for row in rows):
+        raise TypeError(
+            "write_model_card takes a results dict (results.json) or a sequence of row dicts, as "
+            f"hf_cd.quant.evaluate_quantized returns; got rows of type {type(rows[0]).__name__}."
+        )
+    rows = [dict(row) for row in rows]
+    measured = [row for row in rows if not is_full_precision(row)]
+    results: dict[str, Any] = {
+        "quantized": {
+            "status": "done",
+            "rows": rows,
+            "eval_samples": next((row.get("num_eval") for row in rows if row.get("num_eval")), None),
+            "num_calibration": next(
+                (row.get("num_calibration") for row in measured if row.get("num_calibration")), None
+            ),
+        }
+    }
+    config_path = Path(output_dir) / CONFIG_NAME if output_dir is not None else None
+    if config_path is not None and config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if isinstance(config.get("hf_cd"), Mapping):
+            results["cd_settings"] = dict(config["hf_cd"])
+        results["model"] = {
+            "architecture": (config.get("architectures") or [None])[0],
+            "model_type": config.get("model_type"),
+            "source": config.get("_name_or_path") or None,
+            **{
+                key: config.get(key)
+                for key in (
+                    "hidden_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "image_size",
+                    "patch_size",
+                    "num_channels",
+                )
+            },
+        }
+    return results
+
+
 def write_model_card(
     output_dir: str | os.PathLike,
-    results: Mapping[str, Any],
+    results: Mapping[str, Any] | Iterable[Mapping[str, Any]],
     *,
     repo_id: str | None = None,
     license: str | None = None,
@@ -97,11 +149,16 @@ def write_model_card(
 ) -> Path:
     """Write ``README.md`` beside the weights in ``output_dir`` and return its path.
 
+    ``results`` is a recipe ``results.json`` dict, or the table `hf_cd.quant.evaluate_quantized`
+    returns (see `results_from_table`).
+
     Without ``repo_id`` the loading snippets name the folder. `push_cd_model` rewrites the card with
     the repo id and keeps the ``license``, ``language`` and extra ``tags`` written here.
     """
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    if not isinstance(results, Mapping):
+        results = results_from_table(results, folder)
     card = build_model_card(
         results, repo_id or folder.resolve().name, license=license, language=language, tags=tags
     )
@@ -319,6 +376,11 @@ def _measured_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: not is_full_precision(row))  # stable: keeps the pipelines' order
 
 
+DYNAMIC_ACTIVATIONS = "dynamic_per_token"
+"""``activation_mode`` of rows whose encoder activations get per-token ranges at run time; the
+others are static per-tensor (`hf_cd.quant.results`). Fake-quant rows in this mode are labelled apart."""
+
+
 def row_protocol(row: Mapping[str, Any]) -> str | None:
     """The bit protocol of a quantized row (``None`` for full precision).
 
@@ -347,6 +409,8 @@ def _row_label(row: Mapping[str, Any]) -> tuple[str, str]:
     protocol = row_protocol(row)
     if protocol not in (None, DEFAULT_PROTOCOL):
         name, config = f"{name}, {protocol} protocol", f"{config}-{protocol}"
+    if row.get("activation_mode") == DYNAMIC_ACTIVATIONS and runtime in (None, "float", "fake_quant"):
+        name, config = f"{name}, dynamic per-token activations", f"{config}-{DYNAMIC_ACTIVATIONS}"
     return name, config
 
 
@@ -368,6 +432,7 @@ def _eval_result(row: Mapping[str, Any], dataset: Mapping[str, Any] | None) -> E
         "embedding_bits": row.get("embedding_bits"),
         "classifier_bits": row.get("classifier_bits"),
         "protocol": row_protocol(row),
+        "activation_mode": row.get("activation_mode"),
         "num_eval": row.get("num_eval"),
         "runtime": row.get("runtime"),
     }
@@ -478,6 +543,7 @@ def _accuracy_values(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
         "embedding_bits": _distinct([row.get("embedding_bits") for row in deploy]),
         "classifier_bits": _distinct([row.get("classifier_bits") for row in deploy]) or "unrecorded",
         "protocols": list(dict.fromkeys(row_protocol(row) for row in quantized)),
+        "activation_modes": list(dict.fromkeys(row.get("activation_mode") for row in quantized)),
         "real_runtimes": list(
             dict.fromkeys(
                 row["runtime"] for row in quantized if row.get("runtime") not in (None, "fake_quant")

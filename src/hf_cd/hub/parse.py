@@ -93,7 +93,14 @@ def parse_card(text: str, label: str) -> QuantResults:
                 row = _row_from_metric(_as_mapping(metric, metric_where, label), metric_where, label)
                 if row is None:
                     continue
-                key = (row["pipeline"], row["w_bits"], row["a_bits"], row["runtime"], row["protocol"])
+                key = (
+                    row["pipeline"],
+                    row["w_bits"],
+                    row["a_bits"],
+                    row["runtime"],
+                    row["protocol"],
+                    row["activation_mode"],
+                )
                 if key in seen:
                     raise ModelCardError(
                         f"{label}: `{metric_where}` repeats the row of `{seen[key]}` "
@@ -156,10 +163,13 @@ def _row_from_metric(metric: Mapping[str, Any], where: str, label: str) -> dict[
     args_where = f"{where}.args"
     pipeline = _required(args, "pipeline", args_where, label)
     runtime, protocol = args.get("runtime"), args.get("protocol")
+    activation_mode = args.get("activation_mode")
     if not isinstance(pipeline, str) or any(
-        v is not None and not isinstance(v, str) for v in (runtime, protocol)
+        v is not None and not isinstance(v, str) for v in (runtime, protocol, activation_mode)
     ):
-        raise ModelCardError(f"{label}: `{args_where}.pipeline`, `.runtime` and `.protocol` must be strings.")
+        raise ModelCardError(
+            f"{label}: `{args_where}.pipeline`, `.runtime`, `.protocol` and `.activation_mode` must be strings."
+        )
     return {
         "pipeline": pipeline,
         "runtime": runtime,
@@ -168,6 +178,7 @@ def _row_from_metric(metric: Mapping[str, Any], where: str, label: str) -> dict[
         "embedding_bits": _int_field(args, "embedding_bits", args_where, label, required=False),
         "classifier_bits": _int_field(args, "classifier_bits", args_where, label, required=False),
         "protocol": protocol,
+        "activation_mode": activation_mode,
         "accuracy": float(value),
         "accuracy_drop": None,
         "num_eval": _int_field(args, "num_eval", args_where, label, required=False),

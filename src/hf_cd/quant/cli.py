@@ -39,6 +39,18 @@ def _bits_pair(text: str) -> tuple[int, int]:
     return w_bits, a_bits
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(
+            f'--extra must be a JSON object, e.g. \'{{"rotate_solver": "gptaq"}}\': {error}'
+        ) from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--extra must be a JSON object (key: value), got {text!r}.")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hf_cd.quant",
@@ -68,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--embedding-bits", type=int, default=8, help="patch-embedding bits (deploy protocol)"
     )
     parser.add_argument("--classifier-bits", type=int, default=8, help="classifier bits (deploy protocol)")
+    parser.add_argument(
+        "--extra",
+        type=_json_object,
+        default={},
+        help="pipeline options as a JSON object (QuantConfig.extra), e.g. "
+        '\'{"rotate_activations": "dynamic_per_token", "rotate_solver": "gptaq"}\'',
+    )
     parser.add_argument("--num-calibration", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -202,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        extra=args.extra,
     )
     eval_split, calibration_split = load_splits(args, model)
     results = evaluate_quantized(
@@ -211,9 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     provenance = _provenance(device, argv)
     if args.output is not None:
-        settings = {
-            k: v for k, v in config.to_dict().items() if k not in ("w_bits", "a_bits", "pipeline", "extra")
-        }
+        settings = {k: v for k, v in config.to_dict().items() if k not in ("w_bits", "a_bits", "pipeline")}
         payload = {
             **provenance,
             "model": str(args.model),

@@ -280,6 +280,8 @@ def evaluate_quantized(
             finished(dict(done[fingerprint]), fingerprint)
             continue
         pipeline = get_pipeline(row_config.pipeline)
+        describe = getattr(pipeline, "row_fields", None)
+        fields = describe(row_config) if callable(describe) else {}
         evaluate_itself = getattr(pipeline, "evaluate", None)
         if callable(evaluate_itself):  # a real runtime measures itself: accuracy and latency vs its own float
             row_images = images if row_config.quantizes_activations else None
@@ -291,7 +293,7 @@ def evaluate_quantized(
                     seed=row_config.seed,
                     reference_accuracy=reference,
                     protocol=row_config.protocol,
-                    **measured,
+                    **{**fields, **measured},
                 ),
                 fingerprint,
             )
@@ -332,6 +334,7 @@ def evaluate_quantized(
                 quantize_seconds=quantize_seconds,
                 eval_seconds=eval_seconds,
                 reference_accuracy=reference,
+                **fields,
                 **cosine,
             ),
             fingerprint,

@@ -2,8 +2,11 @@
 
 Each observer turns what it saw into `QuantParams`. Those that pick a range by minimum squared
 error take two passes over the calibration images: the first keeps only the tails needed for the
-candidate percentiles (so nothing close to the whole activation is held), the second sums the
-error of every candidate. Observers compute in float32 on the device the activations live on.
+candidate percentiles, the second sums the error of every candidate. The second pass runs on
+copies of the first pass's activations when they fit in the group's `ReplayBudget`
+(`hf_cd.quant.calibration.REPLAY_BYTES`), which halves the calibration forwards; otherwise the
+images are forwarded again and nothing close to the whole activation is held. Observers compute
+in float32 on the device the activations live on.
 """
 
 from __future__ import annotations
@@ -28,6 +31,27 @@ class NoCalibrationDataError(RuntimeError):
     """An activation site saw no data during calibration (its module never ran)."""
 
 
+class ReplayBudget:
+    """Bytes that the observers of one calibration group may hold to replay their later passes.
+
+    An observer that needs more than one pass keeps what it sees in the first pass while the budget
+    lasts; if all of it fit, it runs its later passes on those copies and the group skips the extra
+    forwards (the activations are the same: nothing is quantized while its group is observed).
+    """
+
+    def __init__(self, total_bytes: int) -> None:
+        self.left = int(total_bytes)
+
+    def take(self, nbytes: int) -> bool:
+        if nbytes > self.left:
+            return False
+        self.left -= nbytes
+        return True
+
+    def give_back(self, nbytes: int) -> None:
+        self.left += nbytes
+
+
 class Observer:
     """Base class: counts passes and images; subclasses say how many passes they need and what to keep."""
 
@@ -39,18 +63,50 @@ class Observer:
         self.pass_index = -1
         self.num_images = 0
         self.seen = [0] * self.num_passes
+        self.replayed = False  # the later passes ran on copies of the first pass's activations
+        self._budget: ReplayBudget | None = None
+        self._recorded: list[torch.Tensor] | None = None
+        self._recorded_bytes = 0
+
+    def needs_pass(self, pass_index: int) -> bool:
+        """Whether calibration must forward the images for pass ``pass_index`` of this observer."""
+        return pass_index < self.num_passes and not self.replayed
+
+    def record_for_replay(self, budget: ReplayBudget) -> None:
+        """Keep the first pass's activations (within ``budget``) to run the later passes on them."""
+        if self.num_passes > 1:
+            self._budget, self._recorded, self._recorded_bytes = budget, [], 0
 
     def begin_pass(self, pass_index: int, num_images: int) -> None:
         """Start pass ``pass_index`` over ``num_images`` images (each pass sees the same images)."""
-        self.pass_index, self.num_images = pass_index, num_images
+        if not self.replayed:
+            self.pass_index, self.num_images = pass_index, num_images
 
     def observe(self, x: torch.Tensor) -> None:
-        if self.pass_index >= self.num_passes:
+        if self.pass_index >= self.num_passes or self.replayed:
             return  # another site of the same calibration group needs more passes than this one
+        if self.pass_index == 0 and self._recorded is not None:
+            self._record(x)
         self.seen[self.pass_index] += x.shape[0] if x.ndim else 1
         self._observe(x.detach().float(), self.pass_index)
 
+    def _record(self, x: torch.Tensor) -> None:
+        nbytes = x.numel() * 4
+        if self._budget.take(nbytes):
+            # a copy: the model may change its activations in place after the hook has run
+            self._recorded.append(x.detach().to(torch.float32, copy=True))
+            self._recorded_bytes += nbytes
+        else:  # over budget: forget what was kept; the later passes forward the images again
+            self._drop_recording()
+
+    def _drop_recording(self) -> None:
+        if self._budget is not None:
+            self._budget.give_back(self._recorded_bytes)
+        self._budget, self._recorded, self._recorded_bytes = None, None, 0
+
     def end_pass(self) -> None:
+        if self.replayed:
+            return
         if self.pass_index < self.num_passes and self.seen[self.pass_index] == 0:
             raise NoCalibrationDataError(
                 f"Activation site {self.name or '?'} saw no data in calibration pass {self.pass_index}: its "
@@ -59,6 +115,21 @@ class Observer:
             )
         if self.pass_index < self.num_passes:
             self._end_pass(self.pass_index)
+        if self.pass_index == 0 and self._recorded is not None:
+            self._replay()
+
+    def _replay(self) -> None:
+        """Run passes 1… on the recorded activations, exactly as forwards would feed them."""
+        recorded = self._recorded
+        self._recorded = None  # `observe` must not record again
+        for pass_index in range(1, self.num_passes):
+            self.begin_pass(pass_index, self.num_images)
+            for x in recorded:
+                self.observe(x)
+            self.end_pass()
+        self.replayed = True
+        self._recorded = recorded
+        self._drop_recording()
 
     def params(self) -> QuantParams:
         raise NotImplementedError

@@ -7,12 +7,26 @@ from typing import Literal
 
 import torch
 
-from hf_cd.quant.quantizers import fake_quantize_asymmetric, fake_quantize_log_sqrt2, fake_quantize_symmetric
+from hf_cd.quant.quantizers import (
+    fake_quantize_asymmetric,
+    fake_quantize_dynamic_per_token,
+    fake_quantize_log_sqrt2,
+    fake_quantize_symmetric,
+)
 
-Scheme = Literal["asymmetric", "symmetric", "log_sqrt2", "log_sqrt2_zero_code"]
-SCHEMES: tuple[str, ...] = ("asymmetric", "symmetric", "log_sqrt2", "log_sqrt2_zero_code")
+Scheme = Literal["asymmetric", "symmetric", "log_sqrt2", "log_sqrt2_zero_code", "dynamic_per_token"]
+SCHEMES: tuple[str, ...] = (
+    "asymmetric",
+    "symmetric",
+    "log_sqrt2",
+    "log_sqrt2_zero_code",
+    "dynamic_per_token",
+)
 """``log_sqrt2`` is RepQ-ViT's (2^b levels and a zero outside them); ``log_sqrt2_zero_code`` gives
-zero one of the 2^b codes (`hf_cd.quant.quantizers.fake_quantize_log_sqrt2`)."""
+zero one of the 2^b codes (`hf_cd.quant.quantizers.fake_quantize_log_sqrt2`). ``dynamic_per_token``
+is not calibrated: every row of the last dimension (a token; per head inside attention) gets its
+own asymmetric range from its own min and max at run time (QuaRot's activations); its ``scale``
+holds a clip ratio of that range (1: none)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,8 @@ def fake_quantize(
         return fake_quantize_asymmetric(x, scale, zero_point, bits)
     if scheme == "symmetric":
         return fake_quantize_symmetric(x, scale, bits)
+    if scheme == "dynamic_per_token":
+        return fake_quantize_dynamic_per_token(x, bits, scale)
     if scheme in ("log_sqrt2", "log_sqrt2_zero_code"):
         return fake_quantize_log_sqrt2(x, scale, bits, reserve_zero_code=scheme == "log_sqrt2_zero_code")
     raise ValueError(f"Unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}.")

@@ -101,6 +101,23 @@ def fake_quantize_asymmetric(
     return codes.sub_(zero_point).mul_(scale).to(x.dtype)
 
 
+def fake_quantize_dynamic_per_token(
+    x: torch.Tensor, bits: int, clip_ratio: torch.Tensor | float = 1.0
+) -> torch.Tensor:
+    """Asymmetric ``b``-bit fake quantization with one range per row of the last dimension, taken at run time.
+
+    Each row's ``[min, max]`` (widened to contain 0, times ``clip_ratio``) is spread over the codes
+    ``0 … 2^b − 1``: no calibration, and a token's outliers cost only that token's resolution.
+    """
+    values = _compute_dtype(x)
+    ratio = torch.as_tensor(clip_ratio, dtype=values.dtype, device=values.device)
+    minimum = values.amin(dim=-1, keepdim=True).clamp(max=0.0) * ratio
+    maximum = values.amax(dim=-1, keepdim=True).clamp(min=0.0) * ratio
+    scale = ((maximum - minimum) / (2**bits - 1)).clamp(min=SCALE_EPS)
+    zero_point = torch.round(-minimum / scale)
+    return fake_quantize_asymmetric(values, scale, zero_point, bits).to(x.dtype)
+
+
 def fake_quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize to ``b``-bit narrow-range signed codes and back, in ``x``'s dtype."""
     low, high = symmetric_range(bits)
@@ -191,6 +208,39 @@ def sorted_quantile(sorted_rows: torch.Tensor, q: float) -> torch.Tensor:
     return torch.lerp(low, high, position - lower)
 
 
+def row_tails(rows: torch.Tensor, lowest_quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest values of each row ascending and its largest descending: all `tail_quantile` needs.
+
+    Enough for every quantile in ``[1 − q, q]`` outside ``(1 − lowest_quantile, lowest_quantile)``;
+    two partial selections instead of sorting every row (a weight row has thousands of values, the
+    tails a handful), and the very same values, so the same quantiles.
+    """
+    columns = rows.shape[1]
+    keep = min(columns, int((1.0 - lowest_quantile) * (columns - 1)) + 2)
+    if 4 * keep >= columns:  # wide tails: one sort is cheaper than two selections
+        ordered = rows.sort(dim=1).values
+        return ordered, ordered.flip(1)
+    return rows.topk(keep, dim=1, largest=False).values, rows.topk(keep, dim=1, largest=True).values
+
+
+def tail_quantile(low_tail: torch.Tensor, high_tail: torch.Tensor, columns: int, q: float) -> torch.Tensor:
+    """`sorted_quantile` of rows of ``columns`` values from `row_tails`: ``(rows, 1)``."""
+    position = q * (columns - 1)
+    lower = int(position)
+    upper = min(lower + 1, columns - 1)
+    keep = low_tail.shape[1]
+
+    def value(index: int) -> torch.Tensor:  # the index-th smallest value of each row
+        if index < keep:
+            return low_tail[:, index : index + 1]
+        from_top = columns - 1 - index
+        if from_top >= high_tail.shape[1]:
+            raise ValueError(f"quantile {q} lies outside the kept tails of {keep} values per row.")
+        return high_tail[:, from_top : from_top + 1]
+
+    return torch.lerp(value(lower), value(upper), position - lower)
+
+
 def asymmetric_weight_params(
     weight: torch.Tensor, bits: int, percentiles: Sequence[float], include_zero: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,11 +251,14 @@ def asymmetric_weight_params(
     ``channel_wise=True`` does; no zero is forced into the range, as there.
     """
     rows = _rows(weight)
-    ordered = rows.sort(dim=1).values
+    low_tail, high_tail = row_tails(rows, min(percentiles))
     best_error = best_scale = best_zero_point = None
     for p in percentiles:
         scale, zero_point = asymmetric_params(
-            sorted_quantile(ordered, 1.0 - p), sorted_quantile(ordered, p), bits, include_zero=include_zero
+            tail_quantile(low_tail, high_tail, rows.shape[1], 1.0 - p),
+            tail_quantile(low_tail, high_tail, rows.shape[1], p),
+            bits,
+            include_zero=include_zero,
         )
         error = quantization_mse(rows, fake_quantize_asymmetric(rows, scale, zero_point, bits), dim=1)
         if best_error is None:

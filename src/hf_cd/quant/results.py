@@ -12,6 +12,9 @@ these are never renamed):
 ``classifier_bits`` classifier weight and input bits (``repq_vit``: the weight's; the input is at ``a_bits``)
 ``protocol``        the bit protocol of patch embedding and classifier (`hf_cd.quant.config.PROTOCOLS`):
                     ``deploy`` or ``repq_vit`` (RepQ-ViT's published one); ``None`` for full precision
+``activation_mode`` how encoder activations are quantized: ``static_per_tensor`` (calibrated ranges, what
+                    an integer runtime's static graph runs) or ``dynamic_per_token`` (ranges per token
+                    at run time: ``rotate``'s option, torchao's int8); ``None`` for full precision
 ``accuracy``        top-1 accuracy in percent (0–100)
 ``accuracy_drop``   full-precision accuracy minus this one, in points (0 for full precision)
 ``num_eval``        images evaluated
@@ -53,6 +56,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "embedding_bits",
     "classifier_bits",
     "protocol",
+    "activation_mode",
     "accuracy",
     "accuracy_drop",
     "num_eval",
@@ -80,6 +84,7 @@ def result_row(
     eval_seconds: float,
     reference_accuracy: float | None = None,
     protocol: str | None = None,
+    activation_mode: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """One row in `RESULT_COLUMNS` order; ``reference_accuracy`` (full precision) gives ``accuracy_drop``.
@@ -94,6 +99,7 @@ def result_row(
         "embedding_bits": int(embedding_bits),
         "classifier_bits": int(classifier_bits),
         "protocol": protocol,
+        "activation_mode": activation_mode,
         "accuracy": float(accuracy),
         "accuracy_drop": None if reference_accuracy is None else float(reference_accuracy) - float(accuracy),
         "num_eval": int(num_eval),

@@ -14,7 +14,8 @@ Where each part lives:
 - `hf_cd.recipe.data`: the raw splits and the seeded, resumable train augmentation;
 - `hf_cd.recipe.evaluation`: accuracy, before/after diagnostics, the quantized evaluation;
 - `hf_cd.recipe.run`: `run_recipe`, one run end to end, and checkpoint resolution;
-- `hf_cd.recipe.report`: ``results.json``, the model card and the end-of-run summary.
+- `hf_cd.recipe.report`: ``results.json``, the model card and the end-of-run summary;
+- `hf_cd.recipe.cli`: the command line (``recipes/finetune.py``): one-line errors, ``--debug``.
 """
 
 from hf_cd.recipe.arguments import (
@@ -23,12 +24,14 @@ from hf_cd.recipe.arguments import (
     LORA_ADAPTER_DIR,
     LORA_TARGETS,
     MODEL_PRESETS,
+    PRESET_ONLY_OPTIONS,
     DataArguments,
     ModelArguments,
     ModelPreset,
     QuantArguments,
     RecipeArgumentError,
     RecipeArguments,
+    check_model_source,
     load_config_file,
     parse_recipe_args,
     recipe_argument_parser,
@@ -51,6 +54,7 @@ from hf_cd.recipe.evaluation import (
 from hf_cd.recipe.model import (
     add_lora,
     build_model,
+    checkpoint_config,
     describe_model,
 )
 from hf_cd.recipe.report import (
@@ -58,7 +62,10 @@ from hf_cd.recipe.report import (
     ALIGNMENT_PLOT,
     RESULTS_FILE,
     format_summary,
+    moment_labels,
+    plot_title,
     quantized_accuracy_table,
+    rounded,
     write_json_atomic,
     write_model_card,
 )
@@ -77,6 +84,7 @@ __all__ = [
     "LORA_ADAPTER_DIR",
     "LORA_TARGETS",
     "MODEL_PRESETS",
+    "PRESET_ONLY_OPTIONS",
     "RESULTS_FILE",
     "RESUME_LATEST",
     "DataArguments",
@@ -91,8 +99,10 @@ __all__ = [
     "accuracy_metric",
     "add_lora",
     "build_model",
+    "check_model_source",
     "check_quant_arguments",
     "check_resumable_augmentation",
+    "checkpoint_config",
     "describe_model",
     "eval_transformed",
     "first_batch",
@@ -100,11 +110,14 @@ __all__ = [
     "load_config_file",
     "load_recipe_data",
     "measure_diagnostics",
+    "moment_labels",
     "parse_recipe_args",
+    "plot_title",
     "predictions_from_logits",
     "quantized_accuracy_table",
     "recipe_argument_parser",
     "resolve_checkpoint",
+    "rounded",
     "run_quantized_evaluation",
     "run_recipe",
     "write_json_atomic",

@@ -7,7 +7,9 @@ command line are one vocabulary, and tests / benchmarks build the same objects w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
+import logging
 import os
 import re
 import sys
@@ -24,6 +26,10 @@ from hf_cd.data import (
     DATASETS,
     UnknownDatasetError,
 )
+
+logger = logging.getLogger(__name__)
+
+DEBUG_FLAG = "--debug"
 
 DEFAULT_QUANT_PIPELINES = ("minmax", "percentile", "repq", "per_tensor")
 DEFAULT_QUANT_BITS = ("W8A8", "W6A6", "W4A4")
@@ -69,6 +75,65 @@ LORA_TARGETS: tuple[str, ...] = (
 
 class RecipeArgumentError(ValueError):
     """A recipe option (or combination of options) that cannot work; the message says how to fix it."""
+
+
+PRESET_ONLY_OPTIONS: tuple[str, ...] = (
+    "patch_size",
+    "num_channels",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_mean",
+    "image_std",
+)
+"""Options that shape a model trained from scratch; a checkpoint brings its own."""
+
+UNSET_VALUES = ("", "none", "null")
+
+
+def _none_if_unset(value: str | None) -> str | None:
+    return None if value is None or str(value).strip().lower() in UNSET_VALUES else value
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """``./x``, ``../x``, ``/x``, ``~/x``, ``x/`` or ``a/b/c``: a Hub id is ``name`` or ``namespace/name``."""
+    return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name
+
+
+def check_model_source(name: str) -> None:
+    """Refuse a ``--model_name_or_path`` that is neither a checkpoint directory nor a Hub id, before any data loads.
+
+    Why here: transformers would say "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"
+    about a mistyped directory, and only after the whole dataset has loaded.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RecipeArgumentError(
+                f"--model_name_or_path {name!r} is a directory without a config.json, so not a transformers "
+                "checkpoint: give the folder that save_pretrained() wrote (config.json + model.safetensors)."
+            )
+        return
+    if path.exists():
+        raise RecipeArgumentError(
+            f"--model_name_or_path {name!r} is a file: give the checkpoint's directory (the one holding "
+            "config.json) or a Hub id."
+        )
+    if _looks_like_a_path(name):
+        raise RecipeArgumentError(
+            f"--model_name_or_path {name!r}: no such directory ({path.resolve()}). Check the path, or give a "
+            "Hub id such as facebook/dinov2-small."
+        )
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as error:
+        raise RecipeArgumentError(
+            f"--model_name_or_path {name!r} is not a Hub id (namespace/name, letters, digits, '-', '_', '.') and "
+            f"no such directory exists ({path.resolve()}): {str(error).splitlines()[0]}"
+        ) from None
 
 
 # --- arguments -----------------------------------------------------------------------------------
@@ -117,11 +182,16 @@ class ModelArguments:
     )
     image_mean: list[float] | None = field(
         default=None,
-        metadata={"help": "Preset only: per-channel normalization mean of the saved image processor (0.5)."},
+        metadata={
+            "help": "Preset only: per-channel normalization mean of the saved image processor. By default "
+            "it is computed from the training split (up to 2,000 images); a checkpoint uses its own processor's."
+        },
     )
     image_std: list[float] | None = field(
         default=None,
-        metadata={"help": "Preset only: per-channel normalization std of the saved image processor (0.5)."},
+        metadata={
+            "help": "Preset only: per-channel normalization std. By default computed from the training split."
+        },
     )
     hidden_dropout_prob: float | None = field(
         default=None,
@@ -163,6 +233,9 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
+        # `--model_preset none` (or null, '') on the command line clears a source that a config file set
+        self.model_name_or_path = _none_if_unset(self.model_name_or_path)
+        self.model_preset = _none_if_unset(self.model_preset)
         if bool(self.model_name_or_path) == bool(self.model_preset):
             given = "both" if self.model_name_or_path else "neither"
             raise RecipeArgumentError(
@@ -175,19 +248,9 @@ class ModelArguments:
             raise RecipeArgumentError(
                 f"Unknown model_preset {self.model_preset!r}; choose one of {', '.join(MODEL_PRESETS)}.{hint}"
             )
-        preset_only = [
-            name
-            for name in (
-                "patch_size",
-                "num_channels",
-                "hidden_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "image_mean",
-                "image_std",
-            )
-            if getattr(self, name) is not None
-        ]
+        if self.model_name_or_path:
+            check_model_source(self.model_name_or_path)
+        preset_only = [name for name in PRESET_ONLY_OPTIONS if getattr(self, name) is not None]
         if self.model_name_or_path and preset_only:
             raise RecipeArgumentError(
                 f"{', '.join(preset_only)} shape a model trained from scratch and apply only with --model_preset; "
@@ -256,7 +319,11 @@ class DataArguments:
         metadata={"help": "Random-resized-crop aspect-ratio range (low high)."},
     )
     flip_probability: float = field(
-        default=0.5, metadata={"help": "Probability of a horizontal flip during training (0 disables)."}
+        default=0.0,
+        metadata={
+            "help": "Probability of a horizontal flip during training (default 0: off). 0.5 suits classes that "
+            "look the same mirrored (clothes, scenes, aircraft); digits and text do not."
+        },
     )
     diagnostics_samples: int = field(
         default=64,
@@ -361,17 +428,124 @@ def _escape_percent(help_text: str) -> str:
     return re.sub(r"%%|%\(|%", lambda m: m.group(0) if m.group(0) != "%" else "%%", help_text)
 
 
+USAGE = "%(prog)s [-h] [--config FILE.yaml] [--debug] [--OPTION VALUE ...]"
+DESCRIPTION = """\
+Train a ViT / DeiT / Dinov2 with Colinearity Decay (from a preset or a checkpoint), evaluate it at full
+precision and quantized, and save the model, results.json, plots and a model card. A YAML --config sets
+any option below (without its dashes); flags on the command line override it."""
+EPILOG = """examples:
+  # Fashion-MNIST, a small ViT from scratch on 2 CPU cores (what `make run` does)
+  python recipes/finetune.py --config recipes/configs/fashion_mnist_vit_tiny_cpu.yaml
+
+  # your own images: one sub-folder per class (add train/ and test/ levels to fix the splits)
+  python recipes/finetune.py --config recipes/configs/imagefolder_vit_tiny_cpu.yaml \\
+      --dataset_name path/to/folder --output_dir outputs/my_run --num_train_epochs 30
+"""
+
+OPTION_GROUPS: tuple[tuple[str, str], ...] = (
+    ("Model", "What to train: a preset from scratch or a checkpoint to fine-tune (one of the two)."),
+    ("Data", "Which images, how many, and how they are augmented."),
+    ("Colinearity Decay", "The decoupled update that keeps weight pairs from aligning (hf_cd.CDConfig)."),
+    ("Quantized evaluation", "The post-training quantized copies measured after training (hf_cd.quant)."),
+    ("Trainer arguments", "transformers.TrainingArguments, as the Trainer documents them."),
+)
+
+
+class RecipeHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the epilog's line breaks, and add "(default: …)" only where the help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text.lower()
+            or action.default in (None, "", argparse.SUPPRESS)
+            or any(option.startswith(("--no_", "--no-")) for option in action.option_strings)
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _group_of(dest: str) -> str:
+    fields_of = {
+        cls: {f.name for f in dataclasses.fields(cls)}
+        for cls in (ModelArguments, DataArguments, QuantArguments)
+    }
+    if dest in fields_of[ModelArguments]:
+        return "Model"
+    if dest in fields_of[DataArguments]:
+        return "Data"
+    if dest in fields_of[QuantArguments]:
+        return "Quantized evaluation"
+    if dest in _cd_options():
+        return "Colinearity Decay"
+    return "Trainer arguments"
+
+
+def _cd_options() -> set[str]:
+    from transformers import TrainingArguments
+
+    trainer = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {f.name for f in dataclasses.fields(CDConfig) if f.name not in trainer}
+
+
+def _quant_help() -> dict[str, str]:
+    """Help that names what `hf_cd.quant` offers now, so a newly registered pipeline is listed by itself."""
+    from hf_cd import quant
+    from hf_cd.quant.quantizers import FLOAT_BITS, MAX_BITS, MIN_BITS
+
+    return {
+        "quant_pipelines": (
+            f"Quantization pipelines to compare, any of: {', '.join(quant.available_pipelines())} "
+            f"(default: {' '.join(DEFAULT_QUANT_PIPELINES)})."
+        ),
+        "quant_bits": (
+            "Encoder bit widths as WxAy (x bits for weights, y for activations), e.g. W8A8 W4A4 W4A8; each "
+            f"{MIN_BITS}..{MAX_BITS} to quantize, or ≥ {FLOAT_BITS} to leave that tensor in floating point "
+            f"(W4A{FLOAT_BITS}: weights only). Default: {' '.join(DEFAULT_QUANT_BITS)}."
+        ),
+    }
+
+
 def recipe_argument_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((ModelArguments, DataArguments, CDConfig, QuantArguments))
+    """Every recipe option as a flag, in groups: model, data, CD, quantization, then the Trainer's own."""
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, CDConfig, QuantArguments),
+        usage=USAGE,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=RecipeHelpFormatter,
+    )
+    quant_help = _quant_help()
     for action in parser._actions:
+        if action.dest in quant_help:
+            action.help = quant_help[action.dest]
+        if DEBUG_FLAG in action.option_strings:  # TrainingArguments.debug takes values; bare, it is ours
+            action.help = (
+                "Alone: show the traceback of an option, data or model error instead of one line and exit "
+                "status 2 (HF_CD_DEBUG=1 does the same). With values: the Trainer's debug features "
+                "(underflow_overflow, tpu_metrics_debug)."
+            )
         if action.help:
             action.help = _escape_percent(action.help)
     parser.add_argument(
         "--config",
         default=None,
+        metavar="FILE.yaml",
         help="YAML file of recipe options (any other flag, without its dashes); flags on the command line "
         "override it.",
     )
+    groups = {title: parser.add_argument_group(title, description) for title, description in OPTION_GROUPS}
+    general = parser._optionals
+    for action in list(general._group_actions):
+        if action.dest == "debug":  # after --config, with -h: it concerns the command line itself
+            action.metavar = "FEATURE"
+            general._group_actions.remove(action)
+            general._group_actions.append(action)
+        if action.dest in ("help", "config", "debug"):
+            continue
+        title = _group_of(action.dest)
+        general._group_actions.remove(action)
+        groups[title]._group_actions.append(action)
     return parser
 
 
@@ -379,7 +553,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a recipe YAML file into a flat ``{option: value}`` dict."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Recipe config {str(path)!r} does not exist.")
+        raise RecipeArgumentError(f"--config {str(path)!r}: no such file.")
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, Mapping):
         raise RecipeArgumentError(
@@ -406,14 +580,86 @@ def _apply_config_defaults(parser: HfArgumentParser, values: Mapping[str, Any], 
     parser.set_defaults(**values)
 
 
+def _given_on_command_line(argv: Sequence[str], name: str) -> bool:
+    """Whether ``--name`` (or HfArgumentParser's ``--name-with-dashes`` alias) is among ``argv``."""
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+    return any(arg.split("=", 1)[0] in flags for arg in argv)
+
+
+def _command_line_model_source_wins(
+    values: Mapping[str, Any], argv: Sequence[str], source: str
+) -> dict[str, Any]:
+    """A model source given as a flag replaces the config file's other source (and a preset's shape options).
+
+    Why: ``--config tiny_cpu.yaml --model_name_or_path my-vit`` means "this recipe, that checkpoint";
+    the file's ``model_preset`` and its patch / width / normalization options describe a model that
+    is no longer trained. ``image_size`` applies to both kinds of source and is kept.
+    """
+    values = dict(values)
+    dropped = []
+    if _given_on_command_line(argv, "model_name_or_path") and "model_preset" in values:
+        dropped = ["model_preset"] + [
+            name for name in PRESET_ONLY_OPTIONS if name in values and not _given_on_command_line(argv, name)
+        ]
+    elif _given_on_command_line(argv, "model_preset") and "model_name_or_path" in values:
+        dropped = ["model_name_or_path"]
+    for name in dropped:
+        values.pop(name)
+    if dropped:
+        logger.info("The command line's model source replaces %s's %s.", source, ", ".join(dropped))
+    return values
+
+
+def split_debug_flag(argv: Sequence[str]) -> tuple[bool, list[str]]:
+    """Whether a bare ``--debug`` (no value after it) was given, and the arguments without it.
+
+    Why bare only: ``--debug underflow_overflow`` is TrainingArguments' own option and goes to the Trainer.
+    """
+    argv = list(argv)
+    bare = [
+        i
+        for i, arg in enumerate(argv)
+        if arg == DEBUG_FLAG and (i + 1 == len(argv) or argv[i + 1].startswith("-"))
+    ]
+    return bool(bare), [arg for i, arg in enumerate(argv) if i not in bare]
+
+
 def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeArguments:
     """Parse ``--config file.yaml`` plus command-line flags (which override the file) into the four dataclasses."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _, argv = split_debug_flag(argv)  # hf_cd.recipe.cli reads it
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
     parser = recipe_argument_parser()
     if known.config:
-        _apply_config_defaults(parser, load_config_file(known.config), known.config)
-    outputs = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
+        values = _command_line_model_source_wins(load_config_file(known.config), rest, known.config)
+        _apply_config_defaults(parser, values, known.config)
+    _, unknown = parser.parse_known_args(rest)
+    if unknown:
+        raise RecipeArgumentError(unknown_arguments_message(parser, unknown))
+    try:
+        outputs = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
+    except (RecipeArgumentError, UnknownDatasetError):
+        raise
+    except ValueError as error:  # TrainingArguments' own checks: the message names the option
+        raise RecipeArgumentError(str(error)) from error
     return RecipeArguments(*outputs[:4])
+
+
+def unknown_arguments_message(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
+    """Name each unknown flag with the closest real one, as the YAML path does for unknown keys."""
+    flags = [option for action in parser._actions for option in action.option_strings]
+    hints = []
+    for argument in unknown:
+        if not argument.startswith("-"):
+            continue  # the value of an unknown flag, or a stray word: named below if nothing else is
+        name = argument.split("=", 1)[0]
+        close = difflib.get_close_matches(name, flags, n=1, cutoff=0.75)
+        hints.append(name + (f" (did you mean {close[0]}?)" if close else ""))
+    if not hints:
+        return (
+            f"Unexpected argument(s) {' '.join(unknown)!r}: every option is a --flag value pair "
+            "(`python recipes/finetune.py --help` lists them)."
+        )
+    return f"Unknown option(s) {', '.join(hints)}. `python recipes/finetune.py --help` lists them all."

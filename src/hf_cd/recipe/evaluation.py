@@ -15,11 +15,12 @@ from hf_cd import quant
 from hf_cd.config import CDConfig
 from hf_cd.diagnostics import (
     activation_stats,
+    alignment_by_block,
     alignment_summary,
     measure_alignment,
     outlier_summary,
 )
-from hf_cd.recipe.arguments import QuantArguments
+from hf_cd.recipe.arguments import QuantArguments, RecipeArgumentError
 from hf_cd.table import Table
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ class Diagnostics:
     def summary(self) -> dict[str, Any]:
         return {
             "alignment": alignment_summary(self.alignment),
+            "alignment_by_block": {
+                kind: {str(block): value for block, value in blocks.items()}
+                for kind, blocks in alignment_by_block(self.alignment).items()
+            },
             "outliers": outlier_summary(self.activations),
         }
 
@@ -75,14 +80,20 @@ def check_quant_arguments(quant_args: QuantArguments, seed: int) -> None:
         return
     for pipeline in quant_args.quant_pipelines:
         for w_bits, a_bits in quant_args.bit_pairs():
-            quant.QuantConfig(
-                w_bits=w_bits,
-                a_bits=a_bits,
-                pipeline=pipeline,
-                num_calibration=quant_args.quant_num_calibration,
-                batch_size=quant_args.quant_batch_size,
-                seed=seed,
-            )
+            try:
+                quant.QuantConfig(
+                    w_bits=w_bits,
+                    a_bits=a_bits,
+                    pipeline=pipeline,
+                    num_calibration=quant_args.quant_num_calibration,
+                    batch_size=quant_args.quant_batch_size,
+                    seed=seed,
+                )
+            except ValueError as error:
+                raise RecipeArgumentError(
+                    f"--quant_pipelines {pipeline} at W{w_bits}A{a_bits}: {error} "
+                    "(--no_quant_eval skips the quantized evaluation)"
+                ) from error
 
 
 def run_quantized_evaluation(

@@ -14,6 +14,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from hf_cd.data.statistics import ChannelStatistics, channel_statistics
 from hf_cd.pretrained import adapt_to_resolution
 from hf_cd.recipe.arguments import (
     MODEL_PRESETS,
@@ -35,10 +36,61 @@ def _image_processor_class():
     return ViTImageProcessorPil
 
 
-def build_model(model_args: ModelArguments, labels: Mapping[str, Any]) -> tuple[PreTrainedModel, Any]:
+def preset_normalization(model_args: ModelArguments, train_split, seed: int) -> ChannelStatistics | None:
+    """The training split's own pixel mean / std for a preset that was not given ``--image_mean`` / ``--image_std``.
+
+    ``None`` for a checkpoint (its image processor brings the statistics it was trained with) and
+    for a preset given both. Why not 0.5 or another dataset's numbers: see `hf_cd.data.statistics`.
+    """
+    if not model_args.model_preset or (model_args.image_mean and model_args.image_std):
+        return None
+    return channel_statistics(train_split, model_args.num_channels or 3, seed=seed)
+
+
+def describe_normalization(
+    image_processor: Any, model_args: ModelArguments, normalization: ChannelStatistics | None
+) -> dict[str, Any]:
+    """The mean / std the model's inputs are normalized with, and where they came from (for results.json)."""
+    if model_args.model_name_or_path:
+        source = "the checkpoint's image processor"
+    elif normalization is None:
+        source = "--image_mean / --image_std"
+    else:
+        source = f"computed from {normalization.num_images:,} training images"
+    return {
+        "mean": [float(v) for v in image_processor.image_mean],
+        "std": [float(v) for v in image_processor.image_std],
+        "source": source,
+    }
+
+
+def checkpoint_config(model_args: ModelArguments, **overrides: Any):
+    """The checkpoint's config, or a one-line error saying why it cannot be had.
+
+    `run_recipe` calls it before loading any data, so a Hub id that does not exist (or a Hub that
+    cannot be reached) fails in seconds, not after the dataset has loaded.
+    """
+    name = model_args.model_name_or_path
+    try:
+        return AutoConfig.from_pretrained(
+            name, revision=model_args.model_revision, cache_dir=model_args.cache_dir, **overrides
+        )
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RecipeArgumentError(
+            f"--model_name_or_path {name!r}: no local directory of that name, and it cannot be loaded as a Hub "
+            f"id ({reason}). Check the spelling, the network (or HF_HUB_OFFLINE), or give a local checkpoint."
+        ) from error
+
+
+def build_model(
+    model_args: ModelArguments, labels: Mapping[str, Any], normalization: ChannelStatistics | None = None
+) -> tuple[PreTrainedModel, Any]:
     """The model (new classifier for ``labels``) and its image processor, from a preset or a checkpoint.
 
     ``labels`` is `hf_cd.data.label_mapping` of the dataset: ``num_labels``, ``id2label``, ``label2id``.
+    ``normalization`` (a preset's mean / std, see `preset_normalization`) fills in whichever of
+    ``--image_mean`` / ``--image_std`` was not given; without it, they default to 0.5.
     """
     if model_args.model_preset:
         preset = MODEL_PRESETS[model_args.model_preset]
@@ -68,8 +120,8 @@ def build_model(model_args: ModelArguments, labels: Mapping[str, Any]) -> tuple[
             **labels,
         )
         model = ViTForImageClassification(config)
-        mean = model_args.image_mean or [0.5] * num_channels
-        std = model_args.image_std or [0.5] * num_channels
+        mean = model_args.image_mean or (list(normalization.mean) if normalization else [0.5] * num_channels)
+        std = model_args.image_std or (list(normalization.std) if normalization else [0.5] * num_channels)
         for name, values in (("image_mean", mean), ("image_std", std)):
             if len(values) not in (1, num_channels):
                 raise RecipeArgumentError(
@@ -91,7 +143,7 @@ def build_model(model_args: ModelArguments, labels: Mapping[str, Any]) -> tuple[
         for key in ("hidden_dropout_prob", "attention_probs_dropout_prob")
         if (value := getattr(model_args, key)) is not None
     }
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub, **labels, **overrides)
+    config = checkpoint_config(model_args, **labels, **overrides)
     model = AutoModelForImageClassification.from_pretrained(
         model_args.model_name_or_path,
         config=config,

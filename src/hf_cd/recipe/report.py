@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,33 @@ ALIGNMENT_PLOT = "alignment.png"
 ACTIVATION_PLOT = "activation_max.png"
 
 
+SIGNIFICANT_DIGITS = 6
+"""Floats in results.json keep this many significant digits: 77.76, not 77.75999999999999."""
+
+
+def rounded(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
+    """``value`` with every float (in nested dicts, lists and tuples) cut to ``digits`` significant digits.
+
+    Why: accuracies are means over at most a few thousand images and timings vary run to run, so
+    digits past the sixth are noise that only makes the file harder to read.
+    """
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if not math.isfinite(value) else float(f"{value:.{digits}g}")
+    if isinstance(value, Mapping):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item, digits) for item in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        return rounded(value.item(), digits)
+    return value
+
+
 def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> Path:
-    """Write JSON through a temporary file, so an interrupted run never leaves a half-written results.json."""
+    """Write JSON (floats `rounded`) through a temporary file, so an interrupted run never leaves half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(rounded(payload), indent=2, default=_json_default) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -34,8 +57,11 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def write_model_card(output_dir: Path, results: Mapping[str, Any]) -> Path:
-    """Write ``README.md``: the card with the quantized accuracy, CD settings and diagnostics (`hf_cd.hub`)."""
+def write_model_card(output_dir: Path, results: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> Path:
+    """Write ``README.md``: the card with the quantized accuracy, CD settings and diagnostics (`hf_cd.hub`).
+
+    ``results`` is a run's results dict, or the table `hf_cd.quant.evaluate_quantized` returns.
+    """
     return hub.write_model_card(output_dir, results)
 
 
@@ -77,6 +103,67 @@ def _change(before: float, after: float) -> str:
     ratio = before / after if after else float("inf")
     direction = f"÷{ratio:.1f}" if ratio >= 1 else f"×{1 / ratio:.1f}"
     return f"{before:.4g} → {after:.4g}  ({direction})"
+
+
+def moment_labels(results: Mapping[str, Any]) -> tuple[str, str]:
+    """What "before" and "after" training are for this run: a random initialization, or a checkpoint."""
+    from_scratch = str(results.get("model", {}).get("source", "")).startswith("preset ")
+    return ("at initialization", "trained") if from_scratch else ("pretrained", "fine-tuned")
+
+
+def plot_title(results: Mapping[str, Any]) -> str:
+    """The run a plot belongs to: dataset, model, CD setting (the plots leave the output folder)."""
+    cd = results.get("cd_settings") or {}
+    cd_text = f"CD λ={cd['strength']:g}" if cd.get("strength") else "CD off"
+    return f"{results['dataset']['name']} · {results['model']['source']} · {cd_text}"
+
+
+def _block_changes(before: Mapping[str, float], after: Mapping[str, float]) -> str:
+    """Which blocks' mean alignment rose: the per-block view that a mean over blocks can hide."""
+    rose = [
+        (block, before[block], value)
+        for block, value in after.items()
+        if block in before and value > before[block]
+    ]
+    if not rose:
+        return "fell in every block"
+    if len(rose) == len(after):
+        return "rose in every block"
+    shown = ", ".join(f"{block} ({b:.3g} → {a:.3g})" for block, b, a in rose[:4])
+    more = f" and {len(rose) - 4} more" if len(rose) > 4 else ""
+    return f"rose in block{'s' if len(rose) > 1 else ''} {shown}{more}; fell in the other {len(after) - len(rose)}"
+
+
+def _diagnostics_lines(results: Mapping[str, Any]) -> list[str]:
+    diagnostics = results["diagnostics"]
+    before, after = diagnostics["before"], diagnostics["after"]
+    start, end = moment_labels(results)
+    lines = [f"alignment and outliers, {start} → {end} ({diagnostics['num_images']} validation images):"]
+    for kind, values in after["alignment"].items():
+        if kind not in before["alignment"]:
+            continue
+        lines.append(
+            f"  {kind + ' alignment (mean)':<34}{_change(before['alignment'][kind]['mean'], values['mean'])}"
+        )
+        by_block_before = (before.get("alignment_by_block") or {}).get(kind)
+        by_block_after = (after.get("alignment_by_block") or {}).get(kind)
+        if by_block_before and by_block_after:
+            lines.append(f"  {'':<34}{_block_changes(by_block_before, by_block_after)}")
+    names = {
+        "residual_max": "residual max |x|",
+        "residual_max_last_block": "residual max |x|, last block",
+        "linear_input_max": "linear-input max |x|",
+        "residual_kurtosis_max": "residual kurtosis (max)",
+    }
+    for key, name in names.items():
+        if key in after["outliers"] and key in before["outliers"]:
+            lines.append(f"  {name:<34}{_change(before['outliers'][key], after['outliers'][key])}")
+    if start == "at initialization":
+        lines.append("  (from scratch, 'before' is the random initialization, whose activations are small:")
+        lines.append(
+            "  |x| growing with training is normal. A run with --cd_strength 0 shows what CD changes.)"
+        )
+    return lines
 
 
 def format_summary(results: Mapping[str, Any]) -> str:
@@ -131,25 +218,12 @@ def format_summary(results: Mapping[str, Any]) -> str:
 
     diagnostics = results.get("diagnostics", {})
     if "before" in diagnostics and "after" in diagnostics:
-        before, after = diagnostics["before"], diagnostics["after"]
         lines.append("")
-        lines.append(
-            f"alignment and outliers, before → after training ({diagnostics['num_images']} validation images):"
-        )
-        for kind, values in after["alignment"].items():
-            if kind in before["alignment"]:
-                lines.append(
-                    f"  {kind + ' alignment (mean)':<34}{_change(before['alignment'][kind]['mean'], values['mean'])}"
-                )
-        names = {
-            "residual_max": "residual max |x|",
-            "residual_max_last_block": "residual max |x|, last block",
-            "linear_input_max": "linear-input max |x|",
-            "residual_kurtosis_max": "residual kurtosis (max)",
-        }
-        for key, name in names.items():
-            if key in after["outliers"] and key in before["outliers"]:
-                lines.append(f"  {name:<34}{_change(before['outliers'][key], after['outliers'][key])}")
+        lines.extend(_diagnostics_lines(results))
+
+    for warning in results.get("warnings") or []:
+        lines.append("")
+        lines.append(f"warning    {warning}")
 
     lines.append("")
     out = results["output_dir"]

@@ -50,15 +50,25 @@ from hf_cd.recipe.evaluation import (
     predictions_from_logits,
     run_quantized_evaluation,
 )
-from hf_cd.recipe.model import add_lora, build_model, describe_model
+from hf_cd.recipe.model import (
+    add_lora,
+    build_model,
+    checkpoint_config,
+    describe_model,
+    describe_normalization,
+    preset_normalization,
+)
 from hf_cd.recipe.report import (
     ACTIVATION_PLOT,
     ALIGNMENT_PLOT,
     RESULTS_FILE,
+    moment_labels,
+    plot_title,
+    rounded,
     write_json_atomic,
     write_model_card,
 )
-from hf_cd.trainer import CDTrainer
+from hf_cd.trainer import CDTrainer, no_transformers_progress_bars, respect_umask
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +171,8 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
     check_quant_arguments(quant_args, data_seed)
     check_resumable_augmentation(training_args)
 
+    if model_args.model_name_or_path:
+        checkpoint_config(model_args)  # a missing model fails now, not after the data has loaded
     raw = load_recipe_data(data_args, data_seed)
     labels = label_mapping(raw)
     logger.info(
@@ -170,7 +182,8 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
         " / ".join(f"{split} {len(raw[split]):,}" for split in raw),
     )
     set_seed(training_args.seed)  # the same initial weights on every rank and on resume
-    model, image_processor = build_model(model_args, labels)
+    normalization = preset_normalization(model_args, raw["train"], data_seed)
+    model, image_processor = build_model(model_args, labels, normalization)
     num_channels = model.config.num_channels
     evaluation = with_image_transforms(
         DatasetDict({"validation": raw["validation"], "test": raw["test"]}), image_processor, num_channels
@@ -183,6 +196,9 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
         flip_probability=data_args.flip_probability,
         seed=data_seed,
     )
+    run_warnings = [w for w in (few_steps_warning(len(train_dataset), training_args),) if w]
+    for warning in run_warnings if is_main else ():
+        logger.warning(warning)
     diagnostics_batch = first_batch(evaluation["validation"], data_args.diagnostics_samples)
     before = measure_diagnostics(model, diagnostics_batch, training_args) if is_main else None
     described_model = describe_model(model, model_args)
@@ -217,7 +233,9 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
     if model_args.use_lora:
         # What deploys is the merged model: it is quantized, diagnosed and saved like any other.
         model = trainer.model.merge_and_unload()
-        model.save_pretrained(output_dir)
+        with no_transformers_progress_bars():
+            model.save_pretrained(output_dir)
+        respect_umask(output_dir)
         image_processor.save_pretrained(output_dir)
 
     state = trainer.state
@@ -230,6 +248,7 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
             "train_samples": len(raw["train"]),
             "validation_samples": len(raw["validation"]),
             "test_samples": len(raw["test"]),
+            "normalization": describe_normalization(image_processor, model_args, normalization),
             **(
                 {  # only when asked for, so default runs keep their results.json as it was
                     "corrupt_images_skipped": {
@@ -258,6 +277,7 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
         "test": {"accuracy": test_metrics["test_accuracy"], "loss": test_metrics["test_loss"]},
         "validation": _last_validation(state.log_history),
         "quantized": {"status": "pending", "earlier_rows": earlier_rows},
+        "warnings": run_warnings,
         "diagnostics": {"num_images": len(diagnostics_batch["pixel_values"]), "before": before.summary()},
         "output_dir": str(output_dir),
         "model_card": None,
@@ -289,19 +309,20 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
 
     after = measure_diagnostics(model, diagnostics_batch, training_args)
     results["diagnostics"]["after"] = after.summary()
+    title, (start, end) = plot_title(results), moment_labels(results)
     results["plots"] = {
         "alignment": str(
             plot_alignment(
-                {"before": before.alignment, "after": after.alignment}, output_dir / ALIGNMENT_PLOT
+                {start: before.alignment, end: after.alignment}, output_dir / ALIGNMENT_PLOT, title
             )
         ),
         "activation_max": str(
             plot_activation_stats(
-                {"before": before.activations, "after": after.activations}, output_dir / ACTIVATION_PLOT
+                {start: before.activations, end: after.activations}, output_dir / ACTIVATION_PLOT, title
             )
         ),
     }
-    card = write_model_card(output_dir, results)
+    card = write_model_card(output_dir, rounded(results))  # the card shows results.json's numbers
     results["model_card"] = None if card is None else str(card)
     results["wall_time_s"]["total"] = time.perf_counter() - started
     write_json_atomic(results_path, results)
@@ -314,7 +335,43 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
             private=bool(training_args.hub_private_repo),
             token=training_args.hub_token,
         )
-    return RecipeRun(trainer, results)
+    return RecipeRun(trainer, rounded(results))  # as results.json holds them
+
+
+FEW_OPTIMIZER_STEPS = 100
+"""Below this many optimizer steps a run warns: a ViT from scratch is barely past warm-up by then."""
+
+
+def planned_optimizer_steps(num_train_samples: int, training_args: CDConfig) -> int:
+    """The optimizer steps the Trainer will take (``max_steps``, or epochs × batches per epoch)."""
+    if training_args.max_steps is not None and training_args.max_steps > 0:
+        return int(training_args.max_steps)
+    per_step = training_args.per_device_train_batch_size * max(training_args.world_size, 1)
+    batches = (
+        num_train_samples // per_step
+        if training_args.dataloader_drop_last
+        else math.ceil(num_train_samples / per_step)
+    )
+    return math.ceil(
+        training_args.num_train_epochs * max(batches // training_args.gradient_accumulation_steps, 1)
+    )
+
+
+def few_steps_warning(num_train_samples: int, training_args: CDConfig) -> str | None:
+    """A warning when the run is too short to train much, saying which options lengthen it."""
+    steps = planned_optimizer_steps(num_train_samples, training_args)
+    if steps >= FEW_OPTIMIZER_STEPS:
+        return None
+    how = (
+        f"--max_steps {training_args.max_steps}"
+        if training_args.max_steps is not None and training_args.max_steps > 0
+        else f"{training_args.num_train_epochs:g} epoch(s) of {num_train_samples:,} images at "
+        f"{training_args.per_device_train_batch_size * max(training_args.world_size, 1)} per step"
+    )
+    return (
+        f"Only {steps} optimizer steps ({how}): too few to train a model well (a ViT from scratch needs "
+        f"hundreds). Raise --num_train_epochs or lower --per_device_train_batch_size."
+    )
 
 
 def _last_validation(log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ from hf_cd.quant.pipelines.minmax import MinMaxPipeline
 from hf_cd.quant.pipelines.per_tensor import PerTensorPipeline
 from hf_cd.quant.pipelines.percentile import PercentilePipeline
 from hf_cd.quant.pipelines.repq import RepQPipeline
+from hf_cd.quant.pipelines.rotate import RotatePipeline
 from hf_cd.quant.registry import register_pipeline
 
 _BUILTINS = (
@@ -19,6 +20,9 @@ _BUILTINS = (
     GPTAQPipeline(),
     MARRPipeline(),
     MARRGridPipeline(),
+    RotatePipeline(),
+    RotatePipeline("rotate_gptq", solver="gptq"),
+    RotatePipeline("rotate_gptaq", solver="gptaq"),
 )
 for _pipeline in _BUILTINS:
     register_pipeline(_pipeline, overwrite=True)
@@ -34,4 +38,5 @@ __all__ = [
     "PercentilePipeline",
     "ReconstructionPipeline",
     "RepQPipeline",
+    "RotatePipeline",
 ]

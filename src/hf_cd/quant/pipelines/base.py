@@ -97,5 +97,9 @@ class FakeQuantPipeline:
     def check(self, config: QuantConfig) -> None:
         """Reject bad pipeline options in ``config`` before `evaluate_quantized` runs any row (none here)."""
 
+    def row_fields(self, config: QuantConfig) -> dict:
+        """Keys every result row of this pipeline adds (`hf_cd.quant.results`): at least ``activation_mode``."""
+        return {"activation_mode": "static_per_tensor"}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -48,6 +48,12 @@ class RuntimePipeline:
     def require(self, config: QuantConfig) -> None:
         """Raise `RuntimeUnavailableError` (with the fix) when the runtime cannot run here."""
 
+    activation_mode: str = "static_per_tensor"
+    """How the runtime quantizes activations, recorded in every row (`hf_cd.quant.results`)."""
+
+    def row_fields(self, config: QuantConfig) -> dict[str, Any]:
+        return {"activation_mode": self.activation_mode}
+
     def evaluate(
         self,
         model: nn.Module,

@@ -16,8 +16,12 @@ real integer runtime, and how much faster it runs there.
   transformers. The attention matmuls (both inputs are activations) stay float by default:
   ORT's QDQ quantizer ignores ``MatMulConstBOnly`` (only its QOperator path reads it), so they are
   excluded by node name.
+* Only the inputs and weights of the linear layers get QDQ pairs, not their outputs (ORT's default
+  adds those too): ORT then fuses each linear into ``MatMulIntegerToFloat`` with a float32 output
+  instead of ``QLinearMatMul`` whose uint8 output the float op after it dequantizes again
+  (``quantize_linear_outputs=True`` restores ORT's placement).
 * Activations are uint8 by default (U8S8): on x86 with AVX2, ORT fuses every U8S8 QDQ linear into
-  ``QLinearMatMul``, while with int8 activations a third of them stayed DequantizeLinear + float
+  an integer kernel, while with int8 activations a third of them stayed DequantizeLinear + float
   MatMul (ViT-S/16 on this project's AVX2 CPU: 1.56× vs 1.14× faster than float at batch 1). ORT
   notes U8S8 can saturate without VNNI; ``reduce_range=True`` or ``activation_type="int8"`` are the
   remedies if accuracy drops.
@@ -104,6 +108,12 @@ class OnnxRuntimeInt8Config:
     per_channel: bool = True
     quantize_attention_matmuls: bool = False
     """Also quantize Q·Kᵀ and P·V (both inputs activations); off by default, as ORT advises."""
+    quantize_linear_outputs: bool = False
+    """Also put a QDQ pair on every linear's *output* (ORT's default placement), so ORT fuses
+    ``QLinearMatMul`` with a uint8 output that the float bias Add, GELU or residual Add right after
+    it must dequantize again. Off (ours): inputs and weights only, the output stays float32 and ORT
+    fuses ``MatMulIntegerToFloat``: one requantization fewer per linear, faster and closer to float
+    (bench/results/int8_cpu.md)."""
     op_types: tuple[str, ...] = SUPPORTED_OP_TYPES
     preprocess: bool = True
     """Run `quant_pre_process` (shape inference and graph clean-up) before quantizing."""
@@ -422,6 +432,9 @@ def quantize_onnx_int8(
             # Read by ORT's QOperator path only; the QDQ path honours the node exclusions above.
             "MatMulConstBOnly": not settings.quantize_attention_matmuls,
         }
+        if not settings.quantize_linear_outputs:
+            # The Conv (patch embedding) keeps its output QDQ: QLinearConv needs it, and it is one node.
+            extra_options["OpTypesToExcludeOutputQuantization"] = ["MatMul", "Gemm"]
         if settings.calibration_method == "percentile":
             extra_options["CalibPercentile"] = settings.percentile
         # ORT's histogram calibrators print progress to stdout.

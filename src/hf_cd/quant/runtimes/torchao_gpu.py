@@ -215,6 +215,7 @@ class TorchaoInt8Pipeline(TorchaoPipeline):
     """W8A8 int8: per-token dynamic activations, per-channel weights (torchao's ``Int8DynamicActivationInt8WeightConfig``)."""
 
     name = "torchao-int8"
+    activation_mode = "dynamic_per_token"
     description = "torchao Int8DynamicActivationInt8WeightConfig + torch.compile, CUDA"
 
     def require(self, config: QuantConfig):
@@ -229,6 +230,7 @@ class TorchaoFloat8Pipeline(TorchaoPipeline):
     """W8A8 float8 (e4m3) with per-row scales, on compute capability ≥ 8.9."""
 
     name = "torchao-fp8"
+    activation_mode = "dynamic_per_token"
     description = "torchao Float8DynamicActivationFloat8WeightConfig(PerRow) + torch.compile, CUDA sm_89+"
     float8 = True
 
