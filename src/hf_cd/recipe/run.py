@@ -249,9 +249,17 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
             "validation_samples": len(raw["validation"]),
             "test_samples": len(raw["test"]),
             "normalization": describe_normalization(image_processor, model_args, normalization),
-            "corrupt_images_skipped": {
-                split: len(images) for split, images in getattr(raw, "corrupt_images", {}).items() if images
-            },
+            **(
+                {  # only when asked for, so default runs keep their results.json as it was
+                    "corrupt_images_skipped": {
+                        split: len(found)
+                        for split, found in getattr(raw, "corrupt_images", {}).items()
+                        if found
+                    }
+                }
+                if data_args.skip_corrupt_images
+                else {}
+            ),
         },
         "model": described_model,
         "training": {
