@@ -478,8 +478,7 @@ def test_recipe_trains_evaluates_quantizes_and_saves_a_model_that_reloads(tmp_pa
         "train_samples": 200,
         "validation_samples": 60,
         "test_samples": 100,
-        "corrupt_images_skipped": {},
-    }
+    }  # corrupt_images_skipped appears only with --skip_corrupt_images
     assert results["model"]["source"] == "preset vit_tiny" and results["model"]["hidden_size"] == 32
     assert results["training"]["global_step"] == 6 and results["training"]["resumed_from"] is None
     assert results["cd_settings"]["strength"] == 5.0 and results["cd_settings"]["kinds"] == [
