@@ -37,6 +37,17 @@ CARD_COLUMNS: tuple[str, ...] = tuple(c for c in RESULT_COLUMNS if not c.endswit
 machine, not the model."""
 
 
+# The model's shape as the card records it, from a config.json dict or a live config alike.
+MODEL_SHAPE_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+    "num_channels",
+)
+
+
 def card_template() -> str:
     """The Jinja template of the card, read from the installed package.
 
@@ -123,17 +134,7 @@ def results_from_table(
             "architecture": (config.get("architectures") or [None])[0],
             "model_type": config.get("model_type"),
             "source": config.get("_name_or_path") or None,
-            **{
-                key: config.get(key)
-                for key in (
-                    "hidden_size",
-                    "num_hidden_layers",
-                    "num_attention_heads",
-                    "image_size",
-                    "patch_size",
-                    "num_channels",
-                )
-            },
+            **{key: config.get(key) for key in MODEL_SHAPE_KEYS},
         }
     return results
 
@@ -211,17 +212,7 @@ def trainer_results(trainer, dataset: str | None = None, finetuned_from: str | N
             "architecture": type(model).__name__,
             "model_type": getattr(config, "model_type", None),
             "num_parameters": sum(p.numel() for p in model.parameters()),
-            **{
-                key: getattr(config, key, None)
-                for key in (
-                    "hidden_size",
-                    "num_hidden_layers",
-                    "num_attention_heads",
-                    "image_size",
-                    "patch_size",
-                    "num_channels",
-                )
-            },
+            **{key: getattr(config, key, None) for key in MODEL_SHAPE_KEYS},
         },
         "training": {
             "global_step": state.global_step,

@@ -49,6 +49,15 @@ def options_from_extra(
     return values
 
 
+def check_option(options: Any, condition: bool, key: str, expected: str) -> None:
+    """Raise, naming the ``QuantConfig.extra`` key, its value and what it must be, unless ``condition``.
+
+    Shared by every pipeline's options dataclass, so a bad option reads the same whichever pipeline owns it.
+    """
+    if not condition:
+        raise ValueError(f"QuantConfig.extra[{key!r}] must be {expected}, got {getattr(options, key)!r}.")
+
+
 def parse_bits(entry: Any) -> tuple[int, int]:
     """``"W4A8"`` (the recipe's form) or ``(4, 8)`` → ``(4, 8)``: encoder weight and activation bits."""
     if isinstance(entry, str):

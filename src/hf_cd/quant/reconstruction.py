@@ -45,6 +45,7 @@ against the float model on held-out images with the same relative error.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -55,7 +56,7 @@ from tqdm.auto import tqdm
 
 from hf_cd.architectures import unwrap_model
 from hf_cd.quant.calibration import calibrate, forward_images, load_presets, model_device_and_dtype
-from hf_cd.quant.config import QuantConfig, options_from_extra
+from hf_cd.quant.config import QuantConfig, check_option, options_from_extra
 from hf_cd.quant.gptq import InputStatistics, SolverSettings
 from hf_cd.quant.marr import DEFAULT_GRID
 from hf_cd.quant.prepare import ActivationSite, WeightSite, quantization_state
@@ -130,11 +131,7 @@ class ReconstructionOptions:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        def check(condition: bool, key: str, expected: str) -> None:
-            if not condition:
-                raise ValueError(
-                    f"QuantConfig.extra[{key!r}] must be {expected}, got {getattr(self, key)!r}."
-                )
+        check = functools.partial(check_option, self)
 
         def positive_int(value: Any) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value >= 1

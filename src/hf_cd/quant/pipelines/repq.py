@@ -42,6 +42,7 @@ ranges are calibrated after folding, block by block (``QuantConfig.sequential``)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -49,7 +50,7 @@ import torch
 from torch import nn
 
 from hf_cd.quant.calibration import calibrate
-from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, QuantConfig, options_from_extra
+from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, QuantConfig, check_option, options_from_extra
 from hf_cd.quant.observers import LogSqrt2Observer, Observer, PercentileObserver
 from hf_cd.quant.params import QuantParams
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
@@ -81,11 +82,7 @@ class RepQOptions:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        def check(condition: bool, key: str, expected: str) -> None:
-            if not condition:
-                raise ValueError(
-                    f"QuantConfig.extra[{key!r}] must be {expected}, got {getattr(self, key)!r}."
-                )
+        check = functools.partial(check_option, self)
 
         check(self.repq_weights in WEIGHT_SCHEMES, "repq_weights", " or ".join(map(repr, WEIGHT_SCHEMES)))
         check(

@@ -59,6 +59,7 @@ online (after RoPE) and leaves queries unquantized; here both are quantized at `
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -73,7 +74,7 @@ from hf_cd.architectures import (
     residual_stream_parameters,
     unwrap_model,
 )
-from hf_cd.quant.config import QuantConfig, options_from_extra
+from hf_cd.quant.config import QuantConfig, check_option, options_from_extra
 from hf_cd.quant.observers import Observer
 from hf_cd.quant.params import QuantParams
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
@@ -119,11 +120,7 @@ class RotateOptions:
         return cls(**{**defaults, **values})
 
     def __post_init__(self) -> None:
-        def check(condition: bool, key: str, expected: str) -> None:
-            if not condition:
-                raise ValueError(
-                    f"QuantConfig.extra[{key!r}] must be {expected}, got {getattr(self, key)!r}."
-                )
+        check = functools.partial(check_option, self)
 
         check(self.rotate_solver in SOLVERS, "rotate_solver", " or ".join(map(repr, SOLVERS)))
         check(
