@@ -1,12 +1,14 @@
 """Real int8 on the CPU: the real checkpoint through ``onnxruntime-int8`` against ONNX Runtime float32.
 
 DINOv2-S/14 (the offline real checkpoint, position embeddings resampled once to ``--image-size``,
-224 by default), exported once and quantized by `OnnxRuntimeInt8Pipeline` (static QDQ, U8S8,
-per-channel weights, MinMax calibration on 32 Fashion-MNIST training images, seed 0). Latency at
-batch 1, 8 and 32 with ``--threads`` intra-op threads, float and int8 sessions called alternately
-(median of ``--runs`` pairs per batch size). Which operators ran in int8: the op types of ONNX
-Runtime's optimized graph of both sessions, and the time per op type from one profiled int8 run at
-the largest batch (ORT's own profiler).
+224 by default), exported and quantized by `OnnxRuntimeInt8Pipeline` (static QDQ, U8S8, per-channel
+weights, MinMax calibration on 32 Fashion-MNIST training images, seed 0). Each int8 variant is timed
+against the float32 graph of its own export: the default export (eager attention, opset 20) and the
+former one (SDPA with the exporter's softmax NaN guard, opset 18), all sessions called in turn in
+every round (median of ``--runs`` rounds per batch size at 1, 8 and 32; the quartiles of the
+per-round ratios show the spread). Which operators ran in int8: the op types of ONNX Runtime's
+optimized graph of every session, and the time per op type from one profiled run at the largest
+batch (ORT's own profiler).
 
     /work/heavy python bench/int8_cpu.py --threads 2
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -76,11 +79,18 @@ def profile_op_times(
 def write_markdown(json_path: Path) -> Path:
     """``int8_cpu.md`` from the JSON record: the rows, the int8 ops ORT ran, and where the time went."""
     payload = json.loads(json_path.read_text())
-    columns = ["pipeline", "latency_ms_batch1", "float_latency_ms_batch1", "speedup_vs_float_batch1",
-               "latency_ms_batch8", "float_latency_ms_batch8", "speedup_vs_float_batch8", "latency_ms_batch32",
-               "float_latency_ms_batch32", "speedup_vs_float_batch32", "logits_max_abs_diff_vs_torch"]  # fmt: skip
+    columns = ["pipeline", "float_graph", "latency_ms_batch1", "speedup_vs_float_batch1", "latency_ms_batch8",
+               "speedup_vs_float_batch8", "latency_ms_batch32", "float_latency_ms_batch32", "speedup_vs_float_batch32",
+               "speedup_round_quartiles_batch32", "speedup_vs_default_float_batch32",
+               "logits_max_abs_diff_vs_torch"]  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in payload["rows"]]
+    float_rows = payload.get("float_rows", [])
+    if float_rows:
+        float_columns = list(float_rows[0])
+        lines += ["", "Float32 graphs (ms):", "", "| " + " | ".join(float_columns) + " |",
+                  "|" + "---|" * len(float_columns)]  # fmt: skip
+        lines += ["| " + " | ".join(str(row[c]) for c in float_columns) + " |" for row in float_rows]
     ops = payload["optimized_graph_op_types"]
     shares = payload["kernel_time_share"]
     op_lines = []
@@ -109,7 +119,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--runs", type=int, nargs="+", default=[40, 12, 8], help="timed pairs per batch size")
+    parser.add_argument(
+        "--runs", type=int, nargs="+", default=[40, 12, 12], help="timed rounds per batch size"
+    )
     parser.add_argument("--activation-type", default="uint8", choices=["uint8", "int8"])
     parser.add_argument("--output", default=str(RESULTS_DIR / "int8_cpu.json"))
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md of --output's record")
@@ -132,77 +144,121 @@ def main(argv=None) -> None:
     from quant_speed_cpu import load
 
     model, images = load(args.image_size, 32)
-    variants = {  # the default placement, and ORT's own (a QDQ pair on every linear's output too)
-        "onnxruntime-int8": OnnxRuntimeInt8Config(
-            num_threads=args.threads, activation_type=args.activation_type
+    # Every variant is one int8 graph, timed against the float graph of the same export.
+    # The former export (SDPA decomposed with a NaN guard after every softmax, opset 18: GELU as an
+    # unfused Div/Erf/Add/Mul/Mul chain) is kept beside the default for the side-by-side ratio.
+    former_export = {"attention_implementation": "sdpa", "opset": 18}
+    common = {"num_threads": args.threads, "activation_type": args.activation_type}
+    variants = {
+        "onnxruntime-int8": OnnxRuntimeInt8Config(**common),
+        "onnxruntime-int8:export_sdpa_opset18": OnnxRuntimeInt8Config(**common, **former_export),
+        "onnxruntime-int8:quantize_linear_outputs": OnnxRuntimeInt8Config(**common, quantize_linear_outputs=True),
+        "onnxruntime-int8:quantize_attention_matmuls": OnnxRuntimeInt8Config(
+            **common, quantize_attention_matmuls=True
         ),
-        "onnxruntime-int8:quantize_linear_outputs": OnnxRuntimeInt8Config(
-            num_threads=args.threads, activation_type=args.activation_type, quantize_linear_outputs=True
-        ),
-    }
-    sessions, quantize_seconds, paths = {}, {}, {}
-    float_path = None
+    }  # fmt: skip
+    export_of = {name: (s.attention_implementation, s.opset) for name, s in variants.items()}
+    float_name = {export: f"float:{export[0]}_opset{export[1]}" for export in set(export_of.values())}
+    sessions, quantize_seconds, paths, float_paths = {}, {}, {}, {}
     for name, settings in variants.items():
         config = QuantConfig(pipeline="onnxruntime-int8", progress=False, extra={"onnxruntime": settings})
+        export = export_of[name]
         start = time.perf_counter()
-        if float_path is None:  # the pipeline as a user calls it: export + quantize
+        if float_name[export] not in float_paths:  # the pipeline as a user calls it: export + quantize
             classifier = OnnxRuntimeInt8Pipeline()(model, config, images)
-            float_path = classifier.float_onnx_path
-        else:  # the same float export, quantized with the other placement
-            path = quantize_onnx_int8(float_path, Path(float_path).parent / "placed.onnx", images, settings)
+            float_paths[float_name[export]] = classifier.float_onnx_path
+        else:  # the same float export, quantized with other settings
+            path = quantize_onnx_int8(
+                float_paths[float_name[export]], Path(classifier.onnx_path).parent / f"{len(paths)}.onnx",
+                images, settings,
+            )  # fmt: skip
             classifier = OnnxRuntimeClassifier(path, num_threads=args.threads)
         quantize_seconds[name] = time.perf_counter() - start
         sessions[name], paths[name] = classifier, classifier.onnx_path
         print(f"{name}: export + quantize {quantize_seconds[name]:.1f} s", flush=True)
-    float_model = OnnxRuntimeClassifier(float_path, num_threads=args.threads)
+    float_models = {
+        name: OnnxRuntimeClassifier(path, num_threads=args.threads) for name, path in float_paths.items()
+    }
+    everything = {**float_models, **sessions}  # fmt: skip
     latencies: dict[str, dict[int, dict[str, float]]] = {name: {} for name in variants}
+    float_latencies: dict[str, dict[int, float]] = {name: {} for name in float_models}
+    round_ratios: dict[str, dict[int, list[float]]] = {name: {} for name in variants}
     for batch_size, runs in zip(args.batch_sizes, args.runs):
         inputs = {INPUT_NAME: tile_images(images, batch_size).float().numpy()}
-        runners = {"float": lambda inputs=inputs: float_model.session.run([OUTPUT_NAME], inputs)}
-        for name, classifier in sessions.items():
-            runners[name] = lambda inputs=inputs, c=classifier: c.session.run([OUTPUT_NAME], inputs)
-        medians = interleaved_median_ms(runners, runs=runs, warmup=2)
+        runners = {
+            name: (lambda inputs=inputs, c=classifier: c.session.run([OUTPUT_NAME], inputs))
+            for name, classifier in everything.items()
+        }
+        samples: dict[str, list[float]] = {}
+        medians = interleaved_median_ms(runners, runs=runs, warmup=2, samples_ms=samples)
+        for name in float_models:
+            float_latencies[name][batch_size] = round(medians[name], 4)
         for name in variants:
-            latencies[name][batch_size] = {"float": medians["float"], "quantized": medians[name]}
-        print(batch_size, medians, flush=True)
+            reference = float_name[export_of[name]]
+            latencies[name][batch_size] = {"float": medians[reference], "quantized": medians[name]}
+            round_ratios[name][batch_size] = [f / q for f, q in zip(samples[reference], samples[name])]
+        print(batch_size, {k: round(v, 1) for k, v in medians.items()}, flush=True)
     with torch.no_grad():
         probe = images[:8]
-        reference = model(pixel_values=probe).logits
-        float_logits = float_model(pixel_values=probe).logits
+        reference_logits = model(pixel_values=probe).logits
+        float_logits = {name: m(pixel_values=probe).logits for name, m in float_models.items()}
         logits = {name: classifier(pixel_values=probe).logits for name, classifier in sessions.items()}
     largest = {INPUT_NAME: tile_images(images, max(args.batch_sizes)).float().numpy()}
     with tempfile.TemporaryDirectory() as workdir:
         workdir = Path(workdir)
-        ops = {"float": optimized_op_types(Path(float_path), args.threads, workdir)}
-        op_time_share = {"float": profile_op_times(Path(float_path), largest, args.threads, workdir)}
-        for name, path in paths.items():
+        ops, op_time_share = {}, {}
+        for name, path in {**float_paths, **paths}.items():
             ops[name] = optimized_op_types(Path(path), args.threads, workdir)
             op_time_share[name] = profile_op_times(Path(path), largest, args.threads, workdir)
+    default_float = float_name[export_of["onnxruntime-int8"]]
     rows = []
-    for name in variants:
-        rows.append(
+    for name, settings in variants.items():
+        columns = latency_columns(latencies[name])
+        row = {
+            "pipeline": name,
+            "runtime": "onnxruntime",
+            "w_bits": 8,
+            "a_bits": 8,
+            "activation_type": args.activation_type,
+            "export_attention_implementation": settings.attention_implementation,
+            "export_opset": settings.opset,
+            "float_graph": float_name[export_of[name]],
+            "image_size": args.image_size,
+            "num_calibration": int(images.shape[0]),
+            "quantize_seconds": round(quantize_seconds[name], 3),
+            **{k: round(v, 4) for k, v in columns.items()},
+        }
+        for batch_size in args.batch_sizes:
+            ratios = sorted(round_ratios[name][batch_size])
+            quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+            row[f"speedup_round_quartiles_batch{batch_size}"] = [round(q, 4) for q in quartiles]
+            row[f"speedup_vs_default_float_batch{batch_size}"] = round(
+                float_latencies[default_float][batch_size] / latencies[name][batch_size]["quantized"], 4
+            )
+        row.update(
             {
-                "pipeline": name,
-                "runtime": "onnxruntime",
-                "w_bits": 8,
-                "a_bits": 8,
-                "activation_type": args.activation_type,
-                "image_size": args.image_size,
-                "num_calibration": int(images.shape[0]),
-                "quantize_seconds": round(quantize_seconds[name], 3),
-                **{k: round(v, 4) for k, v in latency_columns(latencies[name]).items()},
                 "num_threads": args.threads,
                 f"int8_kernel_time_share_batch{max(args.batch_sizes)}": round(
                     sum(v for k, v in op_time_share[name].items() if k in INT8_OPS), 4
                 ),
-                "logits_max_abs_diff_vs_torch": round(float((logits[name] - reference).abs().max()), 5),
-                "float_logits_max_abs_diff_vs_torch": round(float((float_logits - reference).abs().max()), 7),
+                "logits_max_abs_diff_vs_torch": round(
+                    float((logits[name] - reference_logits).abs().max()), 5
+                ),
+                "float_logits_max_abs_diff_vs_torch": round(
+                    float((float_logits[float_name[export_of[name]]] - reference_logits).abs().max()), 7
+                ),
             }
         )
+        rows.append(row)
+    float_rows = [
+        {"graph": name, **{f"latency_ms_batch{b}": v for b, v in float_latencies[name].items()}}
+        for name in float_models
+    ]
     env = environment("cpu")
     env["device"] = f"{cpu_flags()}; shared machine (2 cores, runs serialized by a lock)"
     payload = {**env, "threads": args.threads, "targets": {"speedup_vs_float_batch32": TARGET_SPEEDUP_BATCH32},
-               "rows": rows, "optimized_graph_op_types": ops, "kernel_time_share": op_time_share}  # fmt: skip
+               "rows": rows, "float_rows": float_rows, "optimized_graph_op_types": ops,
+               "kernel_time_share": op_time_share}  # fmt: skip
     Path(args.output).write_text(json.dumps(payload, indent=2) + "\n")
     write_markdown(Path(args.output))
     print(json.dumps(rows, indent=1))

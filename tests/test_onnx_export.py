@@ -66,6 +66,33 @@ def test_onnx_runtime_float_logits_match_pytorch(kind, tmp_path):
     assert session.get_inputs()[0].shape[0] != 2  # a symbolic dimension
 
 
+def _op_types(path) -> set[str]:
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+@pytest.mark.parametrize("kind", ["vit", "deit", "dinov2"])
+def test_default_export_has_no_softmax_nan_guard_and_one_gelu_op(kind, tmp_path):
+    """The graph ORT runs fast: eager attention (no IsNaN + Where after softmax) and opset 20's Gelu."""
+    model = make_model(kind)
+    assert model.config._attn_implementation == "sdpa"  # the user's model keeps SDPA
+    default = export_onnx(model, tmp_path / "default.onnx", parity_images=images(3))
+    assert "IsNaN" not in _op_types(default) and "Gelu" in _op_types(default)
+    assert not {"Erf", "Div"} & _op_types(default)
+    assert model.config._attn_implementation == "sdpa"
+    # the former export, for comparison: SDPA decomposed with its NaN guard, GELU through Erf
+    former = export_onnx(model, tmp_path / "former.onnx", opset=18, attn_implementation="sdpa")
+    assert {"IsNaN", "Erf"} <= _op_types(former) and "Gelu" not in _op_types(former)
+
+
+def test_export_attention_implementation_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="attention_implementation must be one of"):
+        OnnxRuntimeInt8Config(attention_implementation="flash")
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        export_onnx(make_model("vit"), tmp_path / "x.onnx", attn_implementation="flash")
+
+
 def test_torchscript_exporter_fallback_matches_too(tmp_path):
     model = make_model("vit")
     path = export_onnx(model, tmp_path / "vit-torchscript.onnx", dynamo=False, check_parity=False)

@@ -26,6 +26,8 @@ from hf_cd.quant.config import QuantConfig
 from hf_cd.quant.runtimes.base import settings_from_extra
 from hf_cd.quant.runtimes.onnxruntime_int8 import (
     CALIBRATION_METHODS,
+    DEFAULT_OPSET,
+    EXPORT_ATTENTION_IMPLEMENTATIONS,
     ONNX_EXTRA_KEY,
     OnnxRuntimeInt8Config,
     OnnxRuntimeInt8Pipeline,
@@ -67,7 +69,12 @@ def export_model(
     output = Path(output)
     if not int8:
         path = export_onnx(
-            model, output, opset=settings.opset, dynamo=settings.dynamo, atol=settings.parity_atol
+            model,
+            output,
+            opset=settings.opset,
+            dynamo=settings.dynamo,
+            attn_implementation=settings.attention_implementation,
+            atol=settings.parity_atol,
         )
         add_metadata(path, onnx_metadata(model, None, None, 0))
         return path
@@ -108,7 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--classifier-bits", type=int, default=8, help="8, or 16+ to keep the classifier float"
     )
-    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (20: GELU as one op ORT fuses)"
+    )
+    parser.add_argument(
+        "--attention-implementation",
+        choices=[name for name in EXPORT_ATTENTION_IMPLEMENTATIONS if name],
+        default="eager",
+        help="transformers attention the exported copy runs (eager: no softmax NaN guard in the graph)",
+    )
     parser.add_argument(
         "--torchscript-exporter", action="store_true", help="use torch's deprecated TorchScript exporter"
     )
@@ -144,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         calibration_method=args.calibration_method,
         activation_type=args.activation_type,
         opset=args.opset,
+        attention_implementation=args.attention_implementation,
         dynamo=not args.torchscript_exporter,
     )
     config = QuantConfig(

@@ -109,12 +109,16 @@ def settings_from_extra(config: QuantConfig, key: str, settings_type: type, defa
 
 
 def interleaved_median_ms(
-    runners: Mapping[str, Callable[[], None]], runs: int, warmup: int
+    runners: Mapping[str, Callable[[], None]],
+    runs: int,
+    warmup: int,
+    samples_ms: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
     """Median wall time in milliseconds of each runner, run in alternating rounds.
 
     Alternating float and int8 calls in every round means CPU frequency changes and other
-    processes on a shared machine hit both alike, so their ratio stays meaningful.
+    processes on a shared machine hit both alike, so their ratio stays meaningful. Pass a dict as
+    ``samples_ms`` to get every round's times too (per-round ratios show the spread).
     """
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be ≥ 1 and warmup ≥ 0, got runs={runs}, warmup={warmup}.")
@@ -127,6 +131,8 @@ def interleaved_median_ms(
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
+    if samples_ms is not None:
+        samples_ms.update({name: [1e3 * value for value in values] for name, values in times.items()})
     return {name: 1e3 * statistics.median(values) for name, values in times.items()}
 
 
