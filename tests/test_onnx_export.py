@@ -354,3 +354,18 @@ def test_export_cli_writes_a_float_model_with_metadata(tmp_path):
         main(["--model", str(tmp_path / "model"), "--int8", "--output", str(output)])
     with pytest.raises(ValueError, match="Unknown export format"):
         export_model(model, output, format="tflite")
+
+
+def test_interleaved_timing_returns_every_rounds_samples_in_call_order():
+    """The int8 benchmark's spread (per-round ratios) rests on the samples matching the medians."""
+    import statistics
+
+    from hf_cd.quant.runtimes.base import interleaved_median_ms
+
+    calls: list[str] = []
+    runners = {"float": lambda: calls.append("float"), "int8": lambda: calls.append("int8")}
+    samples: dict[str, list[float]] = {}
+    medians = interleaved_median_ms(runners, runs=5, warmup=1, samples_ms=samples)
+    assert calls == ["float", "int8"] * 6  # alternating, warm-up round first
+    assert {name: len(values) for name, values in samples.items()} == {"float": 5, "int8": 5}
+    assert medians == {name: statistics.median(values) for name, values in samples.items()}
