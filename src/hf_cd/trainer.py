@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
@@ -21,24 +20,13 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from hf_cd._version import __version__
 from hf_cd.architectures import unwrap_model
 from hf_cd.callback import CDCallback
+from hf_cd.checkpoints import respect_umask
 from hf_cd.config import CDConfig
 from hf_cd.decay import NonFiniteWeightsError
 from hf_cd.locking import OutputDirLock
 from hf_cd.tweo import BlockOutputCollector, tweo_penalty
 
 logger = logging.getLogger(__name__)
-
-
-def respect_umask(folder: str | os.PathLike, pattern: str = "*.safetensors") -> None:
-    """Give weight files the mode every other file gets (0644 under the usual umask 022).
-
-    Why: safetensors writes through a private temporary file, so ``model.safetensors`` lands with
-    mode 0600 while ``config.json`` beside it gets 0644, and a shared or served folder cannot be read.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in Path(folder).glob(pattern):
-        os.chmod(path, 0o666 & ~umask)
 
 
 @contextlib.contextmanager
