@@ -2,9 +2,10 @@
 
 DINOv2-S/14 (the offline real checkpoint, position embeddings resampled once to ``--image-size``,
 224 by default), exported and quantized by `OnnxRuntimeInt8Pipeline` (static QDQ, U8S8, per-channel
-weights, MinMax calibration on 32 Fashion-MNIST training images, seed 0). Each int8 variant is timed
-against the float32 graph of its own export: the default export (eager attention, opset 20) and the
-former one (SDPA with the exporter's softmax NaN guard, opset 18), all sessions called in turn in
+weights, MinMax calibration on 32 Fashion-MNIST training images, seed 0; by default each int8 linear
+then written as ``MatMulIntegerToFloat`` with its bias inside). Each int8 variant is timed against
+the float32 graph of its own export: the default export (eager attention, opset 20) and the former
+one (SDPA with the exporter's softmax NaN guard, opset 18), all sessions called in turn in
 every round (median of ``--runs`` rounds per batch size at 1, 8 and 32; the quartiles of the
 per-round ratios show the spread). Which operators ran in int8: the op types of ONNX Runtime's
 optimized graph of every session, and the time per op type from one profiled run at the largest
@@ -144,14 +145,15 @@ def main(argv=None) -> None:
     from quant_speed_cpu import load
 
     model, images = load(args.image_size, 32)
-    # Every variant is one int8 graph, timed against the float graph of the same export.
-    # The former export (SDPA decomposed with a NaN guard after every softmax, opset 18: GELU as an
-    # unfused Div/Erf/Add/Mul/Mul chain) is kept beside the default for the side-by-side ratio.
-    former_export = {"attention_implementation": "sdpa", "opset": 18}
+    # Every variant is one int8 graph, timed against the float graph of the same export. The former
+    # default (SDPA decomposed with a NaN guard after every softmax; opset 18, where GELU is an unfused
+    # Div/Erf/Add/Mul/Mul chain; pure QDQ, the bias Add left to ORT) is kept for the side-by-side ratio.
+    former_default = {"attention_implementation": "sdpa", "opset": 18, "fuse_linear_bias": False}
     common = {"num_threads": args.threads, "activation_type": args.activation_type}
     variants = {
         "onnxruntime-int8": OnnxRuntimeInt8Config(**common),
-        "onnxruntime-int8:export_sdpa_opset18": OnnxRuntimeInt8Config(**common, **former_export),
+        "onnxruntime-int8:qdq_only": OnnxRuntimeInt8Config(**common, fuse_linear_bias=False),
+        "onnxruntime-int8:former_default": OnnxRuntimeInt8Config(**common, **former_default),
         "onnxruntime-int8:quantize_linear_outputs": OnnxRuntimeInt8Config(**common, quantize_linear_outputs=True),
         "onnxruntime-int8:quantize_attention_matmuls": OnnxRuntimeInt8Config(
             **common, quantize_attention_matmuls=True
@@ -222,6 +224,7 @@ def main(argv=None) -> None:
             "activation_type": args.activation_type,
             "export_attention_implementation": settings.attention_implementation,
             "export_opset": settings.opset,
+            "fuse_linear_bias": settings.fuse_linear_bias and not settings.quantize_linear_outputs,
             "float_graph": float_name[export_of[name]],
             "image_size": args.image_size,
             "num_calibration": int(images.shape[0]),

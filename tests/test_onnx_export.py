@@ -183,7 +183,8 @@ def _inputs_by_producer(path) -> list[tuple[str, list[str]]]:
 def test_int8_graph_keeps_norms_softmax_gelu_and_attention_float(tmp_path):
     model = make_model("vit")
     float_path = export_onnx(model, tmp_path / "float.onnx")
-    default = ort_module.quantize_onnx_int8(float_path, tmp_path / "int8.onnx", images(16))
+    qdq_only = OnnxRuntimeInt8Config(fuse_linear_bias=False)  # the QDQ graph before our bias pass
+    default = ort_module.quantize_onnx_int8(float_path, tmp_path / "int8.onnx", images(16), qdq_only)
     nodes = _inputs_by_producer(default)
     for op_type, sources in nodes:
         if op_type in ("LayerNormalization", "Softmax", "Erf", "Gelu"):
@@ -228,6 +229,32 @@ def test_linear_outputs_stay_float_so_ort_runs_matmul_integer_to_float(tmp_path)
     ops = _optimized_op_counts(placed, tmp_path)
     assert ops["QLinearMatMul"] == 6 * 2 and ops["MatMulIntegerToFloat"] == 0
     assert ops["DequantizeLinear"] >= 6 * 2  # each uint8 output goes back to float for the op after it
+
+
+@pytest.mark.parametrize("kind", ["vit", "deit", "dinov2"])
+def test_int8_linears_carry_their_bias_and_keep_the_logits(kind, tmp_path):
+    """Our pass: every encoder linear becomes one MatMulIntegerToFloat with its bias; logits unchanged."""
+    import onnx
+
+    model = make_model(kind)
+    float_path = export_onnx(model, tmp_path / "float.onnx")
+    calibration = images(16)
+    fused = ort_module.quantize_onnx_int8(float_path, tmp_path / "fused.onnx", calibration)
+    qdq = ort_module.quantize_onnx_int8(
+        float_path, tmp_path / "qdq.onnx", calibration, OnnxRuntimeInt8Config(fuse_linear_bias=False)
+    )
+    fused_nodes, qdq_nodes = onnx.load(str(fused)).graph.node, onnx.load(str(qdq)).graph.node
+    lowered = [n for n in fused_nodes if n.op_type == "MatMulIntegerToFloat"]
+    assert len(lowered) == 6 * 2 and all(n.domain == "com.microsoft" for n in lowered)
+    assert all(len(n.input) == 7 and n.input[6] for n in lowered)  # the bias is inside
+    assert not any(n.op_type == "MatMulIntegerToFloat" for n in qdq_nodes)
+    assert sum(n.op_type == "Add" for n in qdq_nodes) - sum(n.op_type == "Add" for n in fused_nodes) == 6 * 2
+    attention = [n.name for n in fused_nodes if n.op_type == "MatMul"]
+    assert len(attention) == 2 * 2 and sum(n.op_type == "MatMul" for n in qdq_nodes) == 2 * 2 + 6 * 2
+    probe = images(5, seed=7).numpy()
+    got = ort_module.ort_session(fused, 1).run(None, {"pixel_values": probe})[0]
+    expected = ort_module.ort_session(qdq, 1).run(None, {"pixel_values": probe})[0]
+    assert abs(got - expected).max() <= 1e-4 * max(1.0, abs(expected).max())
 
 
 def test_unsupported_architecture_is_refused(tmp_path):

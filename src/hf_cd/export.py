@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="transformers attention the exported copy runs (eager: no softmax NaN guard in the graph)",
     )
     parser.add_argument(
+        "--qdq-only",
+        action="store_true",
+        help="--int8 with standard ONNX ops only (QDQ), for runtimes other than ONNX Runtime; by default "
+        "each int8 linear is ONNX Runtime's MatMulIntegerToFloat with its bias inside (faster)",
+    )
+    parser.add_argument(
         "--torchscript-exporter", action="store_true", help="use torch's deprecated TorchScript exporter"
     )
     return parser
@@ -160,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         activation_type=args.activation_type,
         opset=args.opset,
         attention_implementation=args.attention_implementation,
+        fuse_linear_bias=not args.qdq_only,
         dynamo=not args.torchscript_exporter,
     )
     config = QuantConfig(

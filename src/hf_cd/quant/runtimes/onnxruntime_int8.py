@@ -28,6 +28,9 @@ real integer runtime, and how much faster it runs there.
   adds those too): ORT then fuses each linear into ``MatMulIntegerToFloat`` with a float32 output
   instead of ``QLinearMatMul`` whose uint8 output the float op after it dequantizes again
   (``quantize_linear_outputs=True`` restores ORT's placement).
+* Then each int8 linear is written as ``MatMulIntegerToFloat`` with its bias inside
+  (`hf_cd.quant.runtimes.onnx_graph`), since ORT's QDQ fusion leaves the bias Add as a separate
+  pass (``fuse_linear_bias=False`` keeps a pure QDQ file for runtimes other than ONNX Runtime).
 * Activations are uint8 by default (U8S8): on x86 with AVX2, ORT fuses every U8S8 QDQ linear into
   an integer kernel, while with int8 activations a third of them stayed DequantizeLinear + float
   MatMul (ViT-S/16 on this project's AVX2 CPU: 1.56× vs 1.14× faster than float at batch 1). ORT
@@ -68,6 +71,7 @@ from hf_cd.quant.runtimes.base import (
     settings_from_extra,
     tile_images,
 )
+from hf_cd.quant.runtimes.onnx_graph import INT8_LINEAR_OP, fuse_int8_linear_bias
 
 logger = logging.getLogger("hf_cd.quant")
 
@@ -121,6 +125,11 @@ class OnnxRuntimeInt8Config:
     per_channel: bool = True
     quantize_attention_matmuls: bool = False
     """Also quantize Q·Kᵀ and P·V (both inputs activations); off by default, as ORT advises."""
+    fuse_linear_bias: bool = True
+    """Ours: write each int8 linear as ONNX Runtime's ``MatMulIntegerToFloat`` with its bias inside
+    (ORT's own QDQ fusion leaves the bias Add as a separate float pass): 9% less int8 time on
+    DINOv2-S at batch 32, same logits. The file then needs ONNX Runtime (a ``com.microsoft`` op);
+    ``False`` keeps standard QDQ ops for other runtimes. Not used with ``quantize_linear_outputs``."""
     quantize_linear_outputs: bool = False
     """Also put a QDQ pair on every linear's *output* (ORT's default placement), so ORT fuses
     ``QLinearMatMul`` with a uint8 output that the float bias Add, GELU or residual Add right after
@@ -490,6 +499,21 @@ def quantize_onnx_int8(
                 use_external_data_format=large,
                 extra_options=extra_options,
             )
+    if settings.fuse_linear_bias and not settings.quantize_linear_outputs:
+        quantized = onnx.load(str(output_path))
+        report = fuse_int8_linear_bias(quantized)
+        logger.info(
+            "onnxruntime-int8: %d linears written as %s, %d with their bias inside",
+            report.linears,
+            INT8_LINEAR_OP,
+            report.with_bias,
+        )
+        if large:
+            onnx.save(
+                quantized, str(output_path), save_as_external_data=True, location=f"{output_path.name}.data"
+            )
+        else:
+            onnx.save(quantized, str(output_path))
     return output_path
 
 
