@@ -12,9 +12,10 @@ real integer runtime, and how much faster it runs there.
   float and int8 alike: the exporter decomposes SDPA with an ``IsNaN`` + ``Where`` guard after every
   softmax (14–17% of ORT's kernel time), and below opset 20 GELU becomes Div/Erf/Add/Mul/Mul, which
   ORT does not fuse, while opset 20 has a ``Gelu`` op that ORT fuses with the bias into
-  ``BiasGelu``. On DINOv2-S at batch 32 the int8 speed-up over ORT float32 went from 1.72× to ≥ 2×
-  (bench/results/int8_cpu.md). ``attention_implementation=None`` and ``opset=18`` restore the
-  former export (opset 20 needs ONNX Runtime ≥ 1.17).
+  ``BiasGelu``. On DINOv2-S at batch 32 the int8 speed-up over ORT float32 (each against the float
+  graph of its own export) went from 1.73× to 2.09× (bench/results/int8_cpu.md).
+  ``attention_implementation="sdpa"`` and ``opset=18`` restore the former export (opset 20 needs
+  ONNX Runtime ≥ 1.17).
 * Quantization: `onnxruntime.quantization.quantize_static` in QDQ format, per-channel symmetric int8
   weights, activations calibrated (MinMax, Percentile or Entropy) on the same calibration images
   the fake-quant pipelines draw, after `quant_pre_process`. Only the linear layers (``MatMul`` with
