@@ -19,7 +19,7 @@ from transformers import (
 from conftest import tiny_dinov2_config, tiny_vit_config
 from hf_cd import UnsupportedArchitectureError
 from hf_cd.export import export_model, main
-from hf_cd.quant import QuantConfig, RuntimeUnavailableError, evaluate_quantized, quantize
+from hf_cd.quant import QuantConfig, RuntimeUnavailableError, evaluate_quantized, get_pipeline, quantize
 from hf_cd.quant.inputs import select_calibration_images
 from hf_cd.quant.runtimes import (
     OnnxExportError,
@@ -298,6 +298,11 @@ def test_unknown_op_types_and_settings_are_refused():
         quantize(
             make_model("vit"), QuantConfig(pipeline="onnxruntime-int8", extra={"onnxruntime": 3}), images(4)
         )
+    misspelt = QuantConfig(
+        pipeline="onnxruntime-int8", extra={"onnxruntime": {"calibration_metod": "percentile"}}
+    )
+    with pytest.raises(ValueError, match=r"'calibration_metod' .* Did you mean 'calibration_method'"):
+        get_pipeline("onnxruntime-int8").check(misspelt)  # the check evaluate_quantized runs before any row
 
 
 def test_int8_runtimes_refuse_other_bit_widths():

@@ -428,6 +428,12 @@ def test_bare_debug_is_the_recipes_and_debug_with_values_the_trainers(tmp_path):
         (["--quant_bits", "W9A9"], "--quant_pipelines minmax at W9A9: w_bits=9 is out of range"),
         (["--resume_from_checkpoint", "latest"], "holds no checkpoint"),
         (["--config", "no_such.yaml"], "--config 'no_such.yaml': no such file"),
+        (["--quant_pipelines", "rotate_gptaq", "--quant_bits", "W4A4", "--quant_extra",
+          '{"rotate_activaton": "dynamic_per_token"}'],
+         "--quant_extra (pipeline rotate_gptaq at W4A4): Unknown rotate option 'rotate_activaton' in "
+         "QuantConfig.extra. Did you mean 'rotate_activations'?"),
+        (["--quant_extra", "{rotate_activations: dynamic_per_token}"], "--quant_extra is not valid JSON"),
+        (["--quant_extra", '["rotate_activations"]'], "--quant_extra must be a JSON object"),
     ],
 )  # fmt: skip
 def test_bad_input_on_the_command_line_is_one_line_and_exit_status_2(
@@ -448,6 +454,71 @@ def test_bad_input_on_the_command_line_is_one_line_and_exit_status_2(
     monkeypatch.setenv("HF_CD_DEBUG", "1")
     with pytest.raises(RecipeArgumentError):
         finetune.main(command)
+
+
+def test_quant_extra_from_yaml_or_command_line_reaches_the_quant_config_and_the_record(tmp_path, monkeypatch):
+    from hf_cd import quant
+    from hf_cd.recipe.evaluation import check_quant_arguments, run_quantized_evaluation
+
+    extra = {"rotate_activations": "dynamic_per_token", "rotate_seed": 3}
+    config_file = tmp_path / "recipe.yaml"
+    config_file.write_text(
+        yaml.safe_dump(
+            {"model_preset": "vit_tiny", "output_dir": str(tmp_path), "quant_pipelines": ["rotate_gptaq"],
+             "quant_bits": ["W4A4"], "quant_extra": extra}
+        )
+    )  # fmt: skip
+    from_yaml = parse_recipe_args(["--config", str(config_file)]).quant
+    from_cli = parse_recipe_args(
+        ["--model_preset", "vit_tiny", "--output_dir", str(tmp_path), "--quant_pipelines", "rotate_gptaq",
+         "--quant_bits", "W4A4", "--quant_extra", json.dumps(extra)]
+    ).quant  # fmt: skip
+    assert from_yaml.quant_extra == from_cli.quant_extra == extra
+    flag_wins = parse_recipe_args(["--config", str(config_file), "--quant_extra", '{"rotate_solver": "rtn"}'])
+    assert flag_wins.quant.quant_extra == {"rotate_solver": "rtn"}  # replaces the file's mapping, as any flag
+    assert (
+        parse_recipe_args(["--model_preset", "vit_tiny", "--output_dir", str(tmp_path)]).quant.quant_extra
+        == {}
+    )
+
+    class FakeTable:
+        num_reused = 0
+
+        def to_dicts(self):
+            return []
+
+    seen = []
+
+    def fake_evaluate_quantized(model, eval_data, calibration_data, *, pipelines, bits, config, **kwargs):
+        seen.append((pipelines, bits, config))
+        return FakeTable()
+
+    monkeypatch.setattr(quant, "evaluate_quantized", fake_evaluate_quantized)
+    for quant_args in (from_yaml, from_cli):
+        check_quant_arguments(quant_args, seed=0)  # known keys pass the parse-time check
+        record = run_quantized_evaluation(
+            torch.nn.Identity(), [0] * 4, [0] * 8, quant_args, seed=0, progress=False
+        )
+        assert record["pipelines"] == ["rotate_gptaq"] and record["bits"] == ["W4A4"]
+        assert record["extra"] == extra and record["status"] == "done"
+    assert [(p, b, c.extra) for p, b, c in seen] == [(["rotate_gptaq"], [(4, 4)], extra)] * 2
+
+
+def test_a_misspelt_runtime_setting_in_quant_extra_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.delenv("HF_CD_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        load_finetune().main(
+            [*TINY_PRESET, *QUICK, "--output_dir", str(tmp_path), "--quant_pipelines", "onnxruntime-int8",
+             "--quant_bits", "W8A8", "--quant_extra", '{"onnxruntime": {"calibration_metod": "percentile"}}']
+        )  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --quant_extra (pipeline onnxruntime-int8 at W8A8): ") and "\n" not in err, (
+        err
+    )
+    assert "'calibration_metod'" in err and "Did you mean 'calibration_method'?" in err, err
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "results.json").exists()
 
 
 # --- end to end -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import logging
 import os
 import re
@@ -392,12 +393,22 @@ class QuantArguments:
         },
     )
     quant_batch_size: int = field(default=64, metadata={"help": "Images per forward pass while quantizing."})
+    quant_extra: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Pipeline options (hf_cd.quant's QuantConfig.extra) for every quantized row: a JSON object on "
+            'the command line, e.g. \'{"rotate_activations": "dynamic_per_token"}\' or '
+            '\'{"onnxruntime": {"calibration_method": "percentile"}}\', a mapping in a YAML config. Each '
+            "pipeline reads its own keys; a misspelt one is refused before training."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.quant_pipelines, str):
             self.quant_pipelines = [self.quant_pipelines]
         if isinstance(self.quant_bits, str):
             self.quant_bits = [self.quant_bits]
+        self.quant_extra = parse_quant_extra(self.quant_extra)
         self.bit_pairs()  # validates
         for name in ("quant_num_calibration", "quant_batch_size"):
             if getattr(self, name) < 1:
@@ -414,6 +425,38 @@ class QuantArguments:
                 )
             pairs.append((int(match.group(1)), int(match.group(2))))
         return pairs
+
+
+QUANT_EXTRA_EXAMPLE = '\'{"rotate_activations": "dynamic_per_token"}\''
+
+
+def parse_quant_extra(value: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """``--quant_extra``'s JSON text (command line) or mapping (YAML) as a dict; unset is ``{}``.
+
+    Why a string field: HfArgumentParser cannot type a flag as a dict, so the command line gives JSON text,
+    while a YAML config's mapping arrives as it is (it becomes the parser's default, which argparse keeps).
+    """
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        if value.strip().lower() in UNSET_VALUES:
+            return {}
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise RecipeArgumentError(
+                f"--quant_extra is not valid JSON ({error}): give a JSON object of pipeline options, e.g. "
+                f"{QUANT_EXTRA_EXAMPLE}."
+            ) from None
+    if not isinstance(value, Mapping):
+        raise RecipeArgumentError(
+            f"--quant_extra must be a JSON object (a mapping in YAML) of pipeline options, got "
+            f"{type(value).__name__} {value!r}; e.g. {QUANT_EXTRA_EXAMPLE}."
+        )
+    keys = [key for key in value if not isinstance(key, str)]
+    if keys:
+        raise RecipeArgumentError(f"--quant_extra's option names are strings, got {keys!r}.")
+    return dict(value)
 
 
 class RecipeArguments(NamedTuple):

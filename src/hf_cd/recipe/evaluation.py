@@ -74,14 +74,25 @@ def measure_diagnostics(
     return Diagnostics(alignment, activation_stats(model, batch))
 
 
+def _check_pipeline(config: quant.QuantConfig) -> None:
+    """The pipeline's own check of ``config`` (its ``extra`` options, bits it cannot run), as `evaluate_quantized` does."""
+    check = getattr(quant.get_pipeline(config.pipeline), "check", None)
+    if callable(check):
+        check(config)
+
+
 def check_quant_arguments(quant_args: QuantArguments, seed: int) -> None:
-    """Fail before training, not after it, on an unknown pipeline or unsupported bit width."""
+    """Fail before training, not after it, on an unknown pipeline, unsupported bit width or misspelt option.
+
+    The rows are checked first without ``--quant_extra`` and then with it, so an error names the option
+    that caused it.
+    """
     if not quant_args.quant_eval:
         return
     for pipeline in quant_args.quant_pipelines:
         for w_bits, a_bits in quant_args.bit_pairs():
             try:
-                quant.QuantConfig(
+                config = quant.QuantConfig(
                     w_bits=w_bits,
                     a_bits=a_bits,
                     pipeline=pipeline,
@@ -89,10 +100,19 @@ def check_quant_arguments(quant_args: QuantArguments, seed: int) -> None:
                     batch_size=quant_args.quant_batch_size,
                     seed=seed,
                 )
+                _check_pipeline(config)
             except ValueError as error:
                 raise RecipeArgumentError(
                     f"--quant_pipelines {pipeline} at W{w_bits}A{a_bits}: {error} "
                     "(--no_quant_eval skips the quantized evaluation)"
+                ) from error
+            if not quant_args.quant_extra:
+                continue
+            try:
+                _check_pipeline(config.replace(extra=dict(quant_args.quant_extra)))
+            except (ValueError, TypeError) as error:
+                raise RecipeArgumentError(
+                    f"--quant_extra (pipeline {pipeline} at W{w_bits}A{a_bits}): {error}"
                 ) from error
 
 
@@ -117,6 +137,7 @@ def run_quantized_evaluation(
     record: dict[str, Any] = {
         "pipelines": list(quant_args.quant_pipelines),
         "bits": list(quant_args.quant_bits),
+        "extra": dict(quant_args.quant_extra),  # the pipelines' options (--quant_extra): which mode ran
         "num_calibration": min(quant_args.quant_num_calibration, len(calibration_dataset)),
         "eval_samples": len(eval_dataset),
         "protocol": quant.DEFAULT_PROTOCOL,  # the bit protocol of every row: what a runtime would deploy
@@ -129,6 +150,7 @@ def run_quantized_evaluation(
         batch_size=quant_args.quant_batch_size,
         seed=seed,
         progress=progress,
+        extra=dict(quant_args.quant_extra),
     )
     logger.info(
         "Quantized evaluation: %d pipelines × %d bit widths on %d test images.",

@@ -8,6 +8,8 @@ own float baseline (same runtime, same threads), which a returned ``nn.Module`` 
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -43,6 +45,9 @@ class RuntimePipeline:
         at once instead of after the rows before it. The default: 8-bit kernels and the runtime present.
         """
         check_int8_bits(self.name, config)
+        settings = getattr(self, "settings", None)
+        if callable(settings):
+            settings(config)  # a misspelt or bad ``config.extra`` setting fails here, not mid-run
         self.require(config)
 
     def require(self, config: QuantConfig) -> None:
@@ -101,6 +106,19 @@ def settings_from_extra(config: QuantConfig, key: str, settings_type: type, defa
     if isinstance(value, settings_type):
         return value
     if isinstance(value, Mapping):
+        known = (
+            [f.name for f in dataclasses.fields(settings_type)]
+            if dataclasses.is_dataclass(settings_type)
+            else []
+        )
+        for name in value:
+            if known and name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"Unknown {settings_type.__name__} setting {name!r} in QuantConfig.extra[{key!r}].{hint} "
+                    f"Known: {', '.join(known)}."
+                )
         return settings_type(**value)
     raise TypeError(
         f"QuantConfig.extra[{key!r}] must be a {settings_type.__name__} or a dict of its fields, got "
