@@ -31,7 +31,7 @@ def markdown(payload: dict) -> str:
     from hf_cd.table import Table
 
     rows = payload["rows"]
-    columns = ["run", "cd_strength", "seed", "steps", "variant", "w_bits", "a_bits", "activation_mode", "accuracy",
+    columns = ["run", "cd_strength", "training_seed", "steps", "variant", "w_bits", "a_bits", "activation_mode", "accuracy",
                "accuracy_drop", "keep_ratio", "feature_cosine", "quantize_seconds"]  # fmt: skip
     lines = [
         f"{len(payload['runs'])} fine-tuned models ({', '.join(payload['runs'])}); {payload['num_eval']} test "
@@ -110,7 +110,8 @@ def main() -> None:
             rows_file.write_text(json.dumps(done, indent=1))
         order = {spec: i for i, spec in enumerate(["full_precision", *args.pipelines])}
         for row in sorted(done, key=lambda r: (order.get(r["variant"], 99), -r["w_bits"], -r["a_bits"])):
-            all_rows.append({"run": name, "cd_strength": cd_strength, "seed": seed, "steps": steps,
+            # the row's own "seed" is the calibration draw; the run's training seed gets its own key
+            all_rows.append({"run": name, "cd_strength": cd_strength, "training_seed": seed, "steps": steps,
                              "recipe_test_accuracy": test_accuracy, **row})  # fmt: skip
     if args.no_report:
         return
