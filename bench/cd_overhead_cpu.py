@@ -42,7 +42,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment
+from common import RESULTS_DIR, environment, record_header
 from hf_cd import CDCallback
 from hf_cd.tweo import BlockOutputCollector, tweo_penalty
 
@@ -317,7 +317,7 @@ def aggregate(args) -> None:
         f"GFLOP per update against {base_floor['step_tflop']} TFLOP per step, a floor of "
         f"{100 * base_floor['flop_share']:.2f}% (the update does not grow with the batch; the step does)."
     )
-    header = "\n".join(f"- **{key}**: `{env[key]}`" for key in ("date", "commit", "device", "command"))
+    header = record_header(env)
     (RESULTS_DIR / "cd_overhead_cpu.md").write_text(
         f"# cd_overhead_cpu\n\n{header}\n\n{__doc__.split(chr(10) + chr(10), 1)[1].rsplit(chr(10) + chr(10), 1)[0]}\n\n"
         + "\n".join(lines)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment
+from common import RESULTS_DIR, environment, record_header
 from pretrained_ptq import load_tensors, parse_bits, parse_spec
 
 DEFAULT_PIPELINES = ("gptaq", "rotate_gptaq", "percentile", "rotate")
@@ -126,7 +126,7 @@ def main() -> None:
     }
     output = Path(args.output)
     output.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    header = "\n".join(f"- **{key}**: `{payload[key]}`" for key in ("date", "commit", "device", "command"))
+    header = record_header(payload)
     output.with_suffix(".md").write_text(f"# cd_under_rotation\n\n{header}\n\n{markdown(payload)}\n")
     print(output.with_suffix(".md").read_text())
 

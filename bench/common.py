@@ -48,6 +48,11 @@ def environment(device: str) -> dict:
     }
 
 
+def record_header(record: dict) -> str:
+    """The markdown lines every record opens with: date, commit, device and exact command."""
+    return "\n".join(f"- **{key}**: `{record[key]}`" for key in ("date", "commit", "device", "command"))
+
+
 def write_result(name: str, device: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     """Write ``bench/results/<name>-<date>-<device>.{json,md}``; returns both paths."""
     env = environment(device)
@@ -55,6 +60,5 @@ def write_result(name: str, device: str, payload: dict, markdown: str) -> tuple[
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     json_path, md_path = RESULTS_DIR / f"{stem}.json", RESULTS_DIR / f"{stem}.md"
     json_path.write_text(json.dumps({**env, **payload}, indent=2) + "\n")
-    header = "\n".join(f"- **{key}**: `{env[key]}`" for key in ("date", "commit", "device", "command"))
-    md_path.write_text(f"# {name}\n\n{header}\n\n{markdown.strip()}\n")
+    md_path.write_text(f"# {name}\n\n{record_header(env)}\n\n{markdown.strip()}\n")
     return json_path, md_path

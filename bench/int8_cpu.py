@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment
+from common import RESULTS_DIR, environment, record_header
 
 INT8_OPS = ("QLinearMatMul", "QGemm", "QLinearConv", "MatMulInteger", "MatMulIntegerToFloat",
             "DynamicQuantizeMatMul", "QLinearAdd", "QLinearMul", "QAttention", "ConvInteger")  # fmt: skip
@@ -101,7 +101,7 @@ def write_markdown(json_path: Path) -> Path:
         op_lines.append(
             f"- **{name}**: integer kernels {integer or 'none'}; kernel time at the largest batch: {top}"
         )
-    header = "\n".join(f"- **{key}**: `{payload[key]}`" for key in ("date", "commit", "device", "command"))
+    header = record_header(payload)
     markdown = (
         f"# int8_cpu\n\n{header}\n\n{__doc__.split(chr(10) + chr(10))[1]}\n\nTarget: ≥ "
         f"{payload['targets']['speedup_vs_float_batch32']}× float32 at batch 32.\n\n" + "\n".join(lines)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment
+from common import RESULTS_DIR, environment, record_header
 
 ALL_PIPELINES = (
     "minmax",
@@ -368,7 +368,7 @@ def main() -> None:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    header = "\n".join(f"- **{key}**: `{payload[key]}`" for key in ("date", "commit", "device", "command"))
+    header = record_header(payload)
     output.with_suffix(".md").write_text(f"# pretrained_ptq\n\n{header}\n\n{markdown(payload)}\n")
     print(output.with_suffix(".md").read_text())
 

