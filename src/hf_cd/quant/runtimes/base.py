@@ -45,10 +45,12 @@ class RuntimePipeline:
         at once instead of after the rows before it. The default: 8-bit kernels and the runtime present.
         """
         check_int8_bits(self.name, config)
-        settings = getattr(self, "settings", None)
-        if callable(settings):
-            settings(config)  # a misspelt or bad ``config.extra`` setting fails here, not mid-run
+        self.settings(config)  # a misspelt or bad ``config.extra`` setting fails here, not mid-run
         self.require(config)
+
+    def settings(self, config: QuantConfig) -> Any:
+        """The runtime's own settings, read (and checked) from ``config.extra``; none by default."""
+        return None
 
     def require(self, config: QuantConfig) -> None:
         """Raise `RuntimeUnavailableError` (with the fix) when the runtime cannot run here."""
