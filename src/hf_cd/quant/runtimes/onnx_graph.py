@@ -5,7 +5,7 @@ input and on the int8 weight, then MatMul) into its ``MatMulIntegerToFloat`` ker
 load, but leaves the bias ``Add`` after it as a separate float op: one more pass over every
 linear's output. ``MatMulIntegerToFloat`` takes the bias itself and adds it while it rescales the
 int32 accumulators, which is what ORT's own dynamic-quantization graphs use. Writing that node
-directly saved 9% of the int8 model's time on DINOv2-S at batch 32 (bench/results/int8_cpu.md).
+directly saved 4–11% of the int8 model's time on DINOv2-S at batch 32 (bench/results/int8_cpu.md).
 The float graph gains nothing from the like (a 2-D ``Gemm`` with the bias was slower than
 MatMul + Add there), so the float baseline keeps its own best form.
 """
