@@ -181,7 +181,7 @@ def main(argv=None) -> None:
     float_models = {
         name: OnnxRuntimeClassifier(path, num_threads=args.threads) for name, path in float_paths.items()
     }
-    everything = {**float_models, **sessions}  # fmt: skip
+    everything = {**float_models, **sessions}
     latencies: dict[str, dict[int, dict[str, float]]] = {name: {} for name in variants}
     float_latencies: dict[str, dict[int, float]] = {name: {} for name in float_models}
     round_ratios: dict[str, dict[int, list[float]]] = {name: {} for name in variants}

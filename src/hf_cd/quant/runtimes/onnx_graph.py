@@ -1,4 +1,4 @@
-"""Graph passes over a quantized ONNX model (pure functions of a ``ModelProto``).
+"""Graph passes over a quantized ONNX model: they rewrite a ``ModelProto`` in place (no files, no sessions).
 
 Why our own pass: ONNX Runtime turns each static-QDQ linear (DequantizeLinear on the uint8
 input and on the int8 weight, then MatMul) into its ``MatMulIntegerToFloat`` kernel at session
