@@ -31,12 +31,29 @@ def device_description(device: str) -> str:
     return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def tree_is_dirty() -> bool:
+    """Whether tracked code differs from HEAD. Records under bench/results/ do not count: a suite that
+    appends its own records as it goes stays at a clean commit."""
+    return bool(
+        _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)bench/results")
+    )
+
+
+def require_clean_tree(allow_dirty: bool = False) -> None:
+    """Refuse to record a benchmark from uncommitted code (its commit could not reproduce it)."""
+    if not allow_dirty and tree_is_dirty():
+        raise SystemExit(
+            "The working tree has uncommitted changes, so this record's commit would not reproduce it: "
+            "commit (or stash) them first, or pass --allow-dirty to record a `-dirty` commit on purpose."
+        )
+
+
 def environment(device: str) -> dict:
     import torch
     import transformers
 
     commit = _git("rev-parse", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    dirty = tree_is_dirty()
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit + ("-dirty" if dirty else ""),

