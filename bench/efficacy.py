@@ -337,6 +337,27 @@ def measure_rows(
     return on_test, on_validation
 
 
+def train_pretrained(method: Method, model: str, seed: int, output_root: Path) -> Path:
+    """Fine-tune DINOv2-S/14 with ``method``'s recipe flags (resuming an interrupted run); returns the folder.
+
+    A folder that already holds the finished model (its results.json) is returned as it is.
+    """
+    from hf_cd.pretrained import offline_dinov2_small
+    from hf_cd.recipe import parse_recipe_args, run_recipe
+
+    config, shapes, scale_flags = SCALES["pretrained-cpu"]
+    output_dir = output_root / f"{model}-{method.name}-seed{seed}"
+    if (output_dir / "results.json").is_file() and (output_dir / "model.safetensors").is_file():
+        return output_dir
+    argv = ["--config", str(ROOT / config), "--model_name_or_path", str(offline_dinov2_small()),
+            "--output_dir", str(output_dir), "--seed", str(seed), "--data_seed", str(seed),
+            "--disable_tqdm", "true", "--report_to", "none", *scale_flags, *shapes[model], *method.flags]  # fmt: skip
+    if any(output_dir.glob("checkpoint-*")):
+        argv += ["--resume_from_checkpoint", "latest"]  # an interrupted run continues, not restarts
+    run_recipe(parse_recipe_args(argv))
+    return output_dir
+
+
 def run_pretrained(method: Method, model: str, seed: int, output_root: Path, threads: int) -> dict:
     """Fine-tune DINOv2-S/14 with ``method`` (or take the linear probe), then measure it (test and validation)."""
     from datasets import DatasetDict
@@ -344,11 +365,7 @@ def run_pretrained(method: Method, model: str, seed: int, output_root: Path, thr
 
     from hf_cd.data import load_image_dataset, with_image_transforms
     from hf_cd.diagnostics import outlier_profile
-    from hf_cd.pretrained import offline_dinov2_small
-    from hf_cd.recipe import parse_recipe_args, run_recipe
 
-    config, shapes, scale_flags = SCALES["pretrained-cpu"]
-    output_dir = output_root / f"{model}-{method.name}-seed{seed}"
     started = time.perf_counter()
     train_s = 0.0
     if method.method == "pretrained":
@@ -356,13 +373,8 @@ def run_pretrained(method: Method, model: str, seed: int, output_root: Path, thr
             raise SystemExit(f"No linear probe in {PRETRAINED_PROBE_DIR}: run bench/pretrained_ptq.py first.")
         output_dir = PRETRAINED_PROBE_DIR
     else:
-        argv = ["--config", str(ROOT / config), "--model_name_or_path", str(offline_dinov2_small()),
-                "--output_dir", str(output_dir), "--seed", str(seed), "--data_seed", str(seed),
-                "--disable_tqdm", "true", "--report_to", "none", *scale_flags, *shapes[model], *method.flags]  # fmt: skip
-        if any(output_dir.glob("checkpoint-*")):
-            argv += ["--resume_from_checkpoint", "latest"]  # an interrupted run continues, not restarts
-        results = run_recipe(parse_recipe_args(argv)).results
-        train_s = results["wall_time_s"]["train"]
+        output_dir = train_pretrained(method, model, seed, output_root)
+        train_s = json.loads((output_dir / "results.json").read_text())["wall_time_s"]["train"]
     trained = AutoModelForImageClassification.from_pretrained(output_dir).eval()
     processor = AutoImageProcessor.from_pretrained(output_dir)
     test_split = load_image_dataset("fashion_mnist", seed=0, max_train_samples=64,
