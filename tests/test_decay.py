@@ -213,3 +213,25 @@ def test_flops_per_step_matches_the_matrix_products_a_warm_step_runs():
         decay.step(1e-3, 1.0)
     assert {g.a_shape[0] < g.a_shape[1] for g in decay.groups} == {True, False}  # Gram and M routes
     assert decay.flops_per_step() == counter.get_total_flops()
+
+
+@pytest.mark.parametrize("fold", ["layer_scale", "norm"])
+def test_a_folded_scale_does_not_change_the_rate_of_the_effective_matrix(fold):
+    """Folding a scale into a factor moves the effective matrix by the plain CD step: the row's rate
+    must not grow with the scale squared (Dinov2's layer scales span ~100×)."""
+    torch.manual_seed(0)
+    model = Dinov2ForImageClassification(tiny_dinov2_config()).double()
+    layer = model.dinov2.encoder.layer[0]
+    with torch.no_grad():
+        scale = layer.layer_scale2.lambda1 if fold == "layer_scale" else layer.norm2.weight
+        scale.copy_(torch.logspace(-1, 1, scale.numel(), dtype=torch.float64))
+    kwargs = {"fold_layer_scale": True} if fold == "layer_scale" else {"fold_norm": True}
+    pair = find_pairs(model, ["ffn"], **kwargs)[0]
+    tensors = {n: p.detach().clone() for n, p in model.named_parameters()}
+    a_eff, b_eff = factor_heads(pair.a, 1, tensors)[0], factor_heads(pair.b, 1, tensors)[0]
+    rate = 1e-2
+    expected_a, expected_b = colinearity_step(a_eff, b_eff, rate)
+    ColinearityDecay(model, [pair], power_iters=200, power_tol=None).step(rate, 1.0)
+    after = {n: p.detach() for n, p in model.named_parameters()}
+    torch.testing.assert_close(factor_heads(pair.a, 1, after)[0], expected_a, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(factor_heads(pair.b, 1, after)[0], expected_b, rtol=1e-6, atol=1e-9)

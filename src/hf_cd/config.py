@@ -68,7 +68,11 @@ class CDConfig(TrainingArguments):
         },
     )
     cd_fold_layer_scale: bool = field(
-        default=False, metadata={"help": "Fold Dinov2's layer scale into the matrix it multiplies."}
+        default=False,
+        metadata={
+            "help": "Fold Dinov2's layer scale into the matrix it multiplies (the step is taken on the "
+            "effective matrix, at rate η·λ whatever the scale)."
+        },
     )
     cd_fold_norm: bool = field(
         default=False,

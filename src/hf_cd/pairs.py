@@ -263,20 +263,29 @@ def factor_heads(factor: Factor, heads: int, tensors: dict[str, torch.Tensor]) -
 def factor_gradients(
     factor: Factor, heads: int, direction: torch.Tensor, tensors: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Map a direction on the factor's per-head matrices back onto its parameters (chain rule).
+    """Map a step direction on the factor's effective per-head matrices back onto its parameters.
 
-    With ``W = diag(s_r)·P·diag(s_c)``, a direction ``G`` on ``W`` is ``diag(s_r)·G·diag(s_c)`` on
-    ``P``; rows are then handed back to the concatenated parameters.
+    With ``W = diag(s_r)·P·diag(s_c)``, a step ``G`` on ``W`` is taken as ``diag(1/s_r)·G·diag(1/s_c)``
+    on ``P``, so the *effective* matrix moves by exactly ``G``: the decay rate η·λ holds whatever
+    scales are folded in. (The chain rule would multiply by ``s`` instead and move ``W`` by ``s²·G``:
+    Dinov2's layer scales span ~100×, which made a row's rate depend on its scale squared.) Every CD
+    direction is linear in the folded rows and columns, so a zero scale has a zero direction; it is
+    mapped to zero. Rows are then handed back to the concatenated parameters.
     """
     grad = merge_heads(direction, factor)
     if factor.row_scale is not None:
-        grad = tensors[factor.row_scale].unsqueeze(1) * grad
+        grad = _divide_by_scale(grad, tensors[factor.row_scale].unsqueeze(1))
     if factor.col_scale is not None:
-        grad = grad * tensors[factor.col_scale].unsqueeze(0)
+        grad = _divide_by_scale(grad, tensors[factor.col_scale].unsqueeze(0))
     if len(factor.params) == 1:
         return {factor.params[0]: grad}
     sizes = [tensors[name].shape[0] for name in factor.params]
     return dict(zip(factor.params, torch.split(grad, sizes, dim=0)))
+
+
+def _divide_by_scale(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    scale = scale.to(grad.dtype)
+    return torch.where(scale == 0, torch.zeros_like(grad), grad / torch.where(scale == 0, 1, scale))
 
 
 def head_shapes(pair: MatrixPair, shapes: dict[str, torch.Size]) -> tuple[tuple[int, int], tuple[int, int]]:
