@@ -13,10 +13,10 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
-def _git(*args: str) -> str:
+def _git(*args: str, cwd: Path | None = None) -> str:
     try:
         return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+            ["git", *args], capture_output=True, text=True, check=True, cwd=cwd or Path(__file__).parent
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -31,17 +31,16 @@ def device_description(device: str) -> str:
     return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def tree_is_dirty() -> bool:
+def tree_is_dirty(cwd: Path | None = None) -> bool:
     """Whether tracked code differs from HEAD. Records under bench/results/ do not count: a suite that
     appends its own records as it goes stays at a clean commit."""
-    return bool(
-        _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)bench/results")
-    )
+    pathspec = ("--", ":(top)", ":(top,exclude)bench/results")
+    return bool(_git("status", "--porcelain", "--untracked-files=no", *pathspec, cwd=cwd))
 
 
-def require_clean_tree(allow_dirty: bool = False) -> None:
+def require_clean_tree(allow_dirty: bool = False, cwd: Path | None = None) -> None:
     """Refuse to record a benchmark from uncommitted code (its commit could not reproduce it)."""
-    if not allow_dirty and tree_is_dirty():
+    if not allow_dirty and tree_is_dirty(cwd):
         raise SystemExit(
             "The working tree has uncommitted changes, so this record's commit would not reproduce it: "
             "commit (or stash) them first, or pass --allow-dirty to record a `-dirty` commit on purpose."

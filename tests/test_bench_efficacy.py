@@ -1,0 +1,95 @@
+"""The evidence harness (bench/efficacy.py): flags parsed as trained, runs keyed by their settings, and the
+selection rule fixed in code before the final runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import efficacy  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "text", ["--cd_strength 100 --cd_kinds ffn,value_output", "--cd_strength 100 --cd_kinds ffn value_output"]
+)
+def test_final_cd_kinds_in_either_form_are_the_kinds_trained_with(text):
+    flags, kinds, values = efficacy.parse_final_cd(text)
+    assert kinds == ("ffn", "value_output")
+    assert flags == ("--cd_strength", "100", "--cd_kinds", "ffn", "value_output")
+    assert values == {"--cd_strength": "100"}
+    final = efficacy.pretrained_suite("pretrained_final", None, 0.01, text)
+    cd = next(m for m in final if m.method == "cd")
+    assert cd.cd_kinds == ("ffn", "value_output") and cd.cd_strength == 100
+    wd = next(m for m in final if m.method == "baseline_wd")
+    assert "--weight_decay" in wd.flags and wd.flags[wd.flags.index("--weight_decay") + 1] == "100"
+
+
+@pytest.mark.parametrize("text", ["100 --cd_kinds ffn", "--cd_strength", "--cd_strength 1 2"])
+def test_malformed_final_cd_is_refused_with_the_reason(text):
+    with pytest.raises(SystemExit):
+        efficacy.parse_final_cd(text)
+
+
+def test_a_run_key_changes_with_the_flags_and_the_evaluation():
+    a = efficacy.cd("x", 100)
+    b = efficacy.cd("x", 300)
+    key_a = efficacy.method_key(a, "m", 0, "pretrained-cpu")
+    assert key_a != efficacy.method_key(b, "m", 0, "pretrained-cpu")
+    record = {"name": "x", "model": "m", "seed": 0, "scale": "pretrained-cpu", "flags": list(a.flags),
+              "evaluation": efficacy.EVALUATION_VERSION}  # fmt: skip
+    assert efficacy.run_key(record) == key_a
+    assert efficacy.run_key({**record, "evaluation": "older"}) != key_a
+
+
+def _record(name, method, seed, fp, score, flags=()):
+    rows = [{"pipeline": p, "w_bits": w, "a_bits": a, "acc": score}
+            for p in ("percentile", "gptaq") for w, a in efficacy.PRETRAINED_SELECTION_BITS]  # fmt: skip
+    return {"name": name, "method": method, "seed": seed, "scale": "pretrained-cpu", "val_fp_acc": fp,
+            "val_quant": rows, "flags": list(flags), "evaluation": efficacy.EVALUATION_VERSION}  # fmt: skip
+
+
+def test_selection_takes_the_best_validation_score_within_the_fp_margin():
+    records = [_record("baseline", "baseline", s, 85.0, 70.0) for s in (0, 1)]
+    records += [_record("cd_a", "cd", s, 84.9, 72.0) for s in (0, 1)]  # within 0.2 of the baseline's FP
+    records += [_record("cd_b", "cd", s, 84.5, 80.0) for s in (0, 1)]  # best score, but FP too low
+    records += [_record("cd_c", "cd", 0, 86.0, 90.0)]  # one seed: not enough against two
+    records += [_record("tweo_x", "tweo", s, 85.0, 71.0, ("--tweo_weight", "0.01")) for s in (0, 1)]
+    records += [{**_record("cd_d", "cd", 0, 90.0, 99.0), "evaluation": "older"}]  # another measurement
+    chosen = efficacy.select_final(records)
+    assert chosen["cd"]["name"] == "cd_a" and chosen["cd"]["seeds"] == [0, 1]
+    assert chosen["tweo"]["name"] == "tweo_x"
+    assert chosen["cd"]["baseline_score"] == pytest.approx(70.0)
+
+
+def test_a_name_recorded_with_other_flags_is_refused():
+    records = [_record("cd_plain_100", "cd", 0, 85.0, 70.0, ("--cd_strength", "100"))]
+    with pytest.raises(SystemExit, match="cd_plain_100"):
+        efficacy.check_names([efficacy.cd("cd_plain_100", 300)], records)
+    efficacy.check_names([efficacy.Method("cd", "cd_plain_100", ("--cd_strength", "100"))], records)
+
+
+def test_records_under_bench_results_do_not_make_the_tree_dirty(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "bench" / "results").mkdir(parents=True)
+    (repo / "src").mkdir()
+    for path in ("bench/results/efficacy.json", "src/code.py"):
+        (repo / path).write_text("0\n")
+    identity = ("-c", "user.email=a@b", "-c", "user.name=n")
+    for args in (("init", "-q"), (*identity, "add", "."), (*identity, "commit", "-qm", "init")):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+    bench = repo / "bench"
+    (bench / "results" / "efficacy.json").write_text("1\n")
+    assert not common.tree_is_dirty(bench)
+    common.require_clean_tree(cwd=bench)
+    (repo / "src" / "code.py").write_text("1\n")
+    assert common.tree_is_dirty(bench)
+    with pytest.raises(SystemExit, match="--allow-dirty"):
+        common.require_clean_tree(cwd=bench)
+    common.require_clean_tree(allow_dirty=True, cwd=bench)
