@@ -235,3 +235,22 @@ def test_a_folded_scale_does_not_change_the_rate_of_the_effective_matrix(fold):
     after = {n: p.detach() for n, p in model.named_parameters()}
     torch.testing.assert_close(factor_heads(pair.a, 1, after)[0], expected_a, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(factor_heads(pair.b, 1, after)[0], expected_b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(("factors", "moved"), [("in", "fc1"), ("out", "fc2")])
+def test_factors_choose_which_side_of_the_pair_is_written(factors, moved):
+    torch.manual_seed(0)
+    model = TwoLayerMLP().double()
+    both = copy.deepcopy(model)
+    ColinearityDecay(both, find_pairs(both, pairs=["fc1:fc2"])).step(1e-2, 3.0)
+    before = copy.deepcopy(model)
+    ColinearityDecay(model, find_pairs(model, pairs=["fc1:fc2"]), factors=factors).step(1e-2, 3.0)
+    kept = {"fc1": "fc2", "fc2": "fc1"}[moved]
+    torch.testing.assert_close(getattr(model, moved).weight, getattr(both, moved).weight, rtol=0, atol=0)
+    torch.testing.assert_close(getattr(model, kept).weight, getattr(before, kept).weight, rtol=0, atol=0)
+    assert not torch.equal(getattr(model, moved).weight, getattr(before, moved).weight)
+
+
+def test_unknown_factors_are_refused_with_the_choices():
+    with pytest.raises(ValueError, match="both, in, out"):
+        ColinearityDecay(TwoLayerMLP(), find_pairs(TwoLayerMLP(), pairs=["fc1:fc2"]), factors="A")

@@ -216,9 +216,12 @@ def test_cd_config_parses_from_the_command_line_and_from_yaml(tmp_path):
             "query_key",
             "--tweo_weight",
             "0.01",
+            "--cd_factors",
+            "in",
         ]
     )
     assert cli.cd_strength == 0.5 and cli.cd_kinds == ["ffn", "query_key"] and cli.tweo_weight == 0.01
+    assert cli.cd_callback_kwargs()["factors"] == "in"
     config_file = tmp_path / "cd.yaml"
     config_file.write_text(
         yaml.safe_dump({"output_dir": str(tmp_path), "cd_strength": 2.0, "cd_every": 2, "cd_kinds": ["ffn"]})
@@ -234,6 +237,7 @@ def test_cd_config_parses_from_the_command_line_and_from_yaml(tmp_path):
         ({"cd_strength": -1.0}, "cd_strength"),
         ({"cd_kinds": ["mlp"]}, "cd_kinds"),
         ({"cd_every": 0}, "cd_every"),
+        ({"cd_factors": "fc2"}, "cd_factors"),
     ],
 )
 def test_cd_config_rejects_bad_values(tmp_path, overrides, needle):

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_cd.architectures import unwrap_model
-from hf_cd.colinearity import CD_MODES
+from hf_cd.colinearity import CD_FACTORS, CD_MODES
 from hf_cd.decay import ColinearityDecay, StepStats
 from hf_cd.pairs import DEFAULT_KINDS, PAIR_KINDS, MatrixPair, find_pairs, parse_pair_spec
 
@@ -105,6 +105,7 @@ class CDCallback(TrainerCallback, ExportableState):
         mode: which alignment is decayed: ``plain``, ``outlier_rows`` or ``balanced``
             (`hf_cd.colinearity.colinearity_directions` gives the equations).
         threshold: θ of the ``outlier_rows`` / ``balanced`` modes (θ× the median gain is typical).
+        factors: which factor the step writes: ``both`` (the method), ``in`` (A only) or ``out`` (B only).
         check_finite: stop with an error naming the pair when weights hold NaN/Inf (one host sync per step).
     """
 
@@ -122,6 +123,7 @@ class CDCallback(TrainerCallback, ExportableState):
         fold_norm: bool = False,
         mode: str = "plain",
         threshold: float = 2.0,
+        factors: str = "both",
     ):
         if strength < 0 or not torch.isfinite(torch.tensor(float(strength))):
             raise ValueError(f"CD strength must be a finite number ≥ 0 (0 turns CD off), got {strength}.")
@@ -148,6 +150,9 @@ class CDCallback(TrainerCallback, ExportableState):
         if threshold <= 0:
             raise ValueError(f"threshold must be > 0, got {threshold}.")
         self.mode, self.threshold = mode, float(threshold)
+        if factors not in CD_FACTORS:
+            raise ValueError(f"Unknown CD factors {factors!r}; choose from {', '.join(CD_FACTORS)}.")
+        self.factors = factors
         self.check_finite = bool(check_finite)
         self.num_updates = 0
         self.engine_state: dict | None = None  # set by Trainer when resuming, consumed by `setup`
@@ -180,6 +185,7 @@ class CDCallback(TrainerCallback, ExportableState):
             check_finite=self.check_finite,
             mode=self.mode,
             threshold=self.threshold,
+            factors=self.factors,
         )
         if self.decay.skipped_frozen:
             logger.info(
@@ -282,6 +288,7 @@ class CDCallback(TrainerCallback, ExportableState):
                 "fold_norm": self.fold_norm,
                 "mode": self.mode,
                 "threshold": self.threshold,
+                "factors": self.factors,
                 "check_finite": self.check_finite,
             },
             "attributes": {

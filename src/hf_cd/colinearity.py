@@ -126,6 +126,13 @@ def power_iteration_flops(
 
 CD_MODES: tuple[str, ...] = ("plain", "outlier_rows", "balanced")
 
+CD_FACTORS: tuple[str, ...] = ("both", "in", "out")
+"""Which factor of each pair the step writes: both (the method), only A (the in side), or only B.
+
+``in`` leaves the output matrix (fc2, o_proj) untouched: on the real DINOv2-S, plain CD's B-side
+step lowered fc2's output-to-rounding-noise ratio at 4 bits (``bench/results/efficacy-diagnosis.md``).
+"""
+
 
 def _relative_excess(values: torch.Tensor, threshold: float) -> torch.Tensor:
     """``clamp(v / (θ·median v) − 1, 0, 1)`` per batch entry: 0 up to θ× the typical value, 1 from 2θ×."""

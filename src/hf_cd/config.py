@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
-from hf_cd.colinearity import CD_MODES
+from hf_cd.colinearity import CD_FACTORS, CD_MODES
 from hf_cd.pairs import DEFAULT_KINDS, PAIR_KINDS
 
 
@@ -90,6 +90,13 @@ class CDConfig(TrainingArguments):
         default=2.0,
         metadata={"help": "θ of the outlier_rows / balanced modes: θ× the median counts as typical."},
     )
+    cd_factors: str = field(
+        default="both",
+        metadata={
+            "help": "Which factor of each pair CD writes: 'both' (the method), 'in' (A only: fc1, v_proj; the "
+            "output matrices fc2 / o_proj are left alone) or 'out' (B only)."
+        },
+    )
     cd_check_finite: bool = field(
         default=True,
         metadata={
@@ -123,6 +130,8 @@ class CDConfig(TrainingArguments):
             raise ValueError(f"Unknown cd_mode {self.cd_mode!r}; choose from {', '.join(CD_MODES)}.")
         if self.cd_threshold <= 0:
             raise ValueError(f"cd_threshold must be > 0, got {self.cd_threshold}.")
+        if self.cd_factors not in CD_FACTORS:
+            raise ValueError(f"Unknown cd_factors {self.cd_factors!r}; choose from {', '.join(CD_FACTORS)}.")
         if self.cd_every < 1:
             raise ValueError(f"cd_every must be ≥ 1, got {self.cd_every}.")
         if self.cd_warmup_steps < 0:
@@ -170,6 +179,7 @@ class CDConfig(TrainingArguments):
             "fold_norm": self.cd_fold_norm,
             "mode": self.cd_mode,
             "threshold": self.cd_threshold,
+            "factors": self.cd_factors,
             "check_finite": self.cd_check_finite,
         }
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from hf_cd.architectures import unwrap_model
 from hf_cd.colinearity import (
+    CD_FACTORS,
     CD_MODES,
     colinearity_directions,
     converged_power_iteration,
@@ -129,6 +130,7 @@ class ColinearityDecay:
         check_finite: bool = True,
         mode: str = "plain",
         threshold: float = 2.0,
+        factors: str = "both",
     ):
         if power_iters < 1:
             raise ValueError(f"power_iters must be ≥ 1, got {power_iters}.")
@@ -137,6 +139,9 @@ class ColinearityDecay:
         if mode not in CD_MODES:
             raise ValueError(f"Unknown CD mode {mode!r}; choose from {', '.join(CD_MODES)}.")
         self.mode, self.threshold = mode, float(threshold)
+        if factors not in CD_FACTORS:
+            raise ValueError(f"Unknown CD factors {factors!r}; choose from {', '.join(CD_FACTORS)}.")
+        self.factors = factors
         self.power_iters = power_iters
         self.power_tol = power_tol
         self.max_power_iters = max_power_iters
@@ -237,7 +242,9 @@ class ColinearityDecay:
                 for pair in group.pairs:
                     heads = slice(offset, offset + pair.heads)
                     offset += pair.heads
-                    for factor, direction in ((pair.a, direction_a[heads]), (pair.b, direction_b[heads])):
+                    written = {"both": (0, 1), "in": (0,), "out": (1,)}[self.factors]
+                    sides = ((pair.a, direction_a[heads]), (pair.b, direction_b[heads]))
+                    for factor, direction in (sides[i] for i in written):
                         for weight, grad in factor_gradients(factor, pair.heads, direction, tensors).items():
                             for name, pulled in pull_back(
                                 self.sources[weight], grad, tensors, self.params
