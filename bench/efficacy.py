@@ -137,13 +137,17 @@ SUITES: dict[str, list[Method]] = {
         cd("cd_plain_150", 150),
         Method("baseline_wd", "wd100", ("--cd_strength", "0", "--weight_decay", "100")),
         *[Method("tweo", f"tweo_w{w:g}", ("--cd_strength", "0", "--tweo_weight", str(w))) for w in (0.01, 0.001, 0.1)],
+        Method("pretrained", "pretrained_probe"),
     ],
     # Candidate forms from the diagnosis (bench/results/efficacy-diagnosis.md): which pair carries the
     # W4 cost (value_output alone, ffn alone), and the layer scale folded in at the normalized rate.
+    # `cd_in_*` writes only the in side of each pair (fc1, v_proj): fc2 / o_proj keep their weights.
     "pretrained_forms": [
         cd("cd_vo_300", 300, kinds=("value_output",)),
+        cd("cd_in_300", 300, extra=("--cd_factors", "in")),
         cd("cd_ffn_300", 300, kinds=("ffn",)),
         cd("cd_vo_100", 100, kinds=("value_output",)),
+        cd("cd_in_100", 100, extra=("--cd_factors", "in")),
         cd("cd_fold_ls_100", 100, extra=("--cd_fold_layer_scale", "true")),
     ],
     "pilot": [BASELINE, cd("cd_plain_1", 1.0), cd("cd_outlier_rows_1", 1.0, "outlier_rows"),
@@ -376,8 +380,11 @@ def run_pretrained(method: Method, model: str, seed: int, output_root: Path, thr
     started = time.perf_counter()
     train_s = 0.0
     if method.method == "pretrained":
-        if not (PRETRAINED_PROBE_DIR / "model.safetensors").is_file():
-            raise SystemExit(f"No linear probe in {PRETRAINED_PROBE_DIR}: run bench/pretrained_ptq.py first.")
+        from pretrained_ptq import linear_probe_checkpoint
+
+        linear_probe_checkpoint(
+            PRETRAINED_PROBE_DIR, 56, 10000, 2000, 0
+        )  # fitted once, as pretrained_ptq.py does
         output_dir = PRETRAINED_PROBE_DIR
     else:
         output_dir = train_pretrained(method, model, seed, output_root)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -125,6 +126,42 @@ def fit_linear_probe(train_x, train_y, val_x, val_y, num_classes: int, l2_grid=(
                   "grid": {str(r[4]): r[0] for r in results}}  # fmt: skip
 
 
+def linear_probe_checkpoint(work: Path, image_size: int, num_train: int, num_eval: int, seed: int):
+    """The frozen DINOv2-S/14 with a linear head fitted on its float features, saved in ``work`` (reused
+    when there); returns (model, processor, probe facts, the train/validation/test tensors)."""
+    from transformers import AutoImageProcessor, Dinov2ForImageClassification
+
+    from hf_cd.pretrained import adapt_to_resolution, offline_dinov2_small
+
+    checkpoint = offline_dinov2_small()
+    processor = AutoImageProcessor.from_pretrained(checkpoint)
+    model = Dinov2ForImageClassification.from_pretrained(checkpoint, num_labels=10).eval()
+    model, processor = adapt_to_resolution(model, processor, image_size)
+    tensors = load_tensors(processor, num_train, num_eval, seed)
+    (train_x, train_y), (val_x, val_y), _ = tensors
+    probe_file = work / "probe.json"
+    if (work / "model.safetensors").is_file() and probe_file.is_file():
+        return (
+            Dinov2ForImageClassification.from_pretrained(work).eval(),
+            processor,
+            json.loads(probe_file.read_text()),
+            tensors,
+        )
+    started = time.perf_counter()
+    head, probe = fit_linear_probe(features_of(model, train_x), train_y, features_of(model, val_x), val_y, 10)
+    with torch.no_grad():
+        model.classifier.weight.copy_(head.weight)
+        model.classifier.bias.copy_(head.bias)
+    probe["seconds"] = time.perf_counter() - started
+    work.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(work)
+    processor.save_pretrained(work)
+    tmp = probe_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(probe, indent=1))
+    os.replace(tmp, probe_file)
+    return model, processor, probe, tensors
+
+
 def markdown(payload: dict) -> str:
     from hf_cd.table import Table
 
@@ -227,39 +264,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from transformers import AutoImageProcessor, Dinov2ForImageClassification
-
     from hf_cd.diagnostics import outlier_profile
-    from hf_cd.pretrained import MODEL_NAME, adapt_to_resolution, offline_dinov2_small
+    from hf_cd.pretrained import MODEL_NAME
     from hf_cd.quant import QuantConfig, evaluate_quantized, plot_sensitivity, sensitivity
 
     work = Path(args.work_dir) / f"{args.image_size}px"
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint = offline_dinov2_small()
-    processor = AutoImageProcessor.from_pretrained(checkpoint)
-    model = Dinov2ForImageClassification.from_pretrained(checkpoint, num_labels=10).eval()
-    model, processor = adapt_to_resolution(model, processor, args.image_size)
-    (train_x, train_y), (val_x, val_y), (test_x, test_y) = load_tensors(
-        processor, args.num_probe_train, args.num_eval, args.seed
+    model, _, probe, ((train_x, _), (val_x, _), (test_x, test_y)) = linear_probe_checkpoint(
+        work, args.image_size, args.num_probe_train, args.num_eval, args.seed
     )
     test = (test_x[: args.num_eval], test_y[: args.num_eval])
-
-    probe_file = work / "probe.json"
-    if (work / "model.safetensors").is_file() and probe_file.is_file():
-        model = Dinov2ForImageClassification.from_pretrained(work).eval()
-        probe = json.loads(probe_file.read_text())
-    else:
-        started = time.perf_counter()
-        head, probe = fit_linear_probe(
-            features_of(model, train_x), train_y, features_of(model, val_x), val_y, 10
-        )
-        with torch.no_grad():
-            model.classifier.weight.copy_(head.weight)
-            model.classifier.bias.copy_(head.bias)
-        probe["seconds"] = time.perf_counter() - started
-        model.save_pretrained(work)
-        processor.save_pretrained(work)
-        probe_file.write_text(json.dumps(probe, indent=1))
     print(f"probe: {probe}", flush=True)
 
     extra = json.loads(args.quant_extra)
