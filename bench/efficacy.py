@@ -307,19 +307,20 @@ def pretrained_rows() -> list[tuple[str, tuple[int, int], bool]]:
 
 
 def measure_rows(
-    model, test: tuple, validation: tuple, calibration, seed: int
+    model, test: tuple, validation: tuple, calibration, seed: int, cache: Path | None = None
 ) -> tuple[list[dict], list[dict]]:
     """Test and validation accuracy of every row, quantizing each (pipeline, bits) once for both.
 
     The first row of each list is full precision. Test rows carry the feature cosine; a non-finite
-    feature or accuracy is an error, never a row.
+    feature or accuracy is an error, never a row. ``cache`` (a JSON file) keeps every finished row
+    for these weights and this measurement, so a run killed mid-evaluation loses at most one row.
     """
     import math
 
     from tqdm.auto import tqdm
 
     from hf_cd.quant import QuantConfig, quantize
-    from hf_cd.quant.evaluate import _evaluate, mean_feature_cosine
+    from hf_cd.quant.evaluate import _evaluate, mean_feature_cosine, model_fingerprint
     from pretrained_ptq import parse_spec
 
     base = QuantConfig(num_calibration=32, seed=seed, batch_size=64, progress=False)
@@ -327,7 +328,18 @@ def measure_rows(
     fp_validation, _, _ = _evaluate(model, validation, 64, False, "fp", capture_features=False)
     on_test = [{"pipeline": "full_precision", "w_bits": 32, "a_bits": 32, "acc": fp_test}]
     on_validation = [{"pipeline": "full_precision", "w_bits": 32, "a_bits": 32, "acc": fp_validation}]
+    identity = {"model": model_fingerprint(model), "evaluation": EVALUATION_VERSION, "seed": seed,
+                "num_test": len(test[1]), "num_validation": len(validation[1])}  # fmt: skip
+    done: dict[str, dict] = {}
+    if cache is not None and cache.is_file():
+        stored = json.loads(cache.read_text())
+        done = stored["rows"] if stored.get("identity") == identity else {}
     for spec, (w, a), also_validation in tqdm(pretrained_rows(), desc="quantized rows", unit="row"):
+        key = f"{spec}|W{w}A{a}"
+        if key in done:
+            on_test.append(done[key]["test"])
+            on_validation += [done[key]["validation"]] if "validation" in done[key] else []
+            continue
         name, extra = parse_spec(spec)
         row_config = base.replace(pipeline=name, w_bits=w, a_bits=a, extra=extra)
         started = time.perf_counter()
@@ -341,10 +353,16 @@ def measure_rows(
             )
         row = {"pipeline": spec, "w_bits": w, "a_bits": a, "protocol": row_config.protocol}
         on_test.append({**row, "acc": accuracy, "feature_cosine": cosine, "quantize_s": round(seconds, 2)})
+        done[key] = {"test": on_test[-1]}
         if also_validation:
             accuracy, _, _ = _evaluate(quantized, validation, 64, False, spec, capture_features=False)
             on_validation.append({**row, "acc": accuracy})
+            done[key]["validation"] = on_validation[-1]
         del quantized
+        if cache is not None:
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"identity": identity, "rows": done}) + "\n")
+            tmp.replace(cache)
     return on_test, on_validation
 
 
@@ -399,7 +417,8 @@ def run_pretrained(method: Method, model: str, seed: int, output_root: Path, thr
     )
     data = with_image_transforms(splits, processor, 3, train_split="none")
     test, validation, calibration = _stack(data["test"]), _stack(data["validation"]), _stack(data["train"])[0]
-    on_test, on_validation = measure_rows(trained, test, validation, calibration, seed)
+    cache = None if method.method == "pretrained" else output_dir / f"efficacy-rows-seed{seed}.json"
+    on_test, on_validation = measure_rows(trained, test, validation, calibration, seed, cache)
 
     profile = outlier_profile(trained, test[0][:64])
     return {
