@@ -140,7 +140,7 @@ def test_a_hub_id_under_hf_hub_offline_is_one_line_that_says_so(monkeypatch):
 @pytest.mark.parametrize("name", ["./no/such/folder", "a/b/c", "not a repo id!"])
 def test_a_name_that_is_neither_a_folder_nor_a_hub_id_is_refused_before_any_download(name, monkeypatch):
     monkeypatch.setattr(loading, "load_dataset", lambda *a, **k: pytest.fail("tried to download"))
-    with pytest.raises(UnknownDatasetError, match="(no such directory|nor a Hub dataset id)"):
+    with pytest.raises(UnknownDatasetError, match=r"(no such directory|nor a Hub dataset id)"):
         load_image_dataset(name)
 
 
