@@ -124,11 +124,10 @@ def test_the_recipes_old_option_names_still_work_with_a_warning(tmp_path):
 
 
 def test_train_takes_any_hub_dataset_id_with_transformers_flags(tmp_path):
-    args = parse_recipe_args(
-        ["--model_preset", "vit_tiny", "--output_dir", str(tmp_path), "--dataset_name", "beans"]
-        + ["--dataset_config_name", "default", "--dataset_revision", "main"]
-        + ["--image_column_name", "image", "--label_column_name", "labels"]
-    )  # parsing checks the id's form only; loading happens when the run starts
+    argv = ["--model_preset", "vit_tiny", "--output_dir", str(tmp_path), "--dataset_name", "beans"]
+    argv += ["--dataset_config_name", "default", "--dataset_revision", "main"]
+    argv += ["--image_column_name", "image", "--label_column_name", "labels"]
+    args = parse_recipe_args(argv)  # parsing checks the id's form only; loading happens when the run starts
     data = args.data
     assert (data.dataset_name, data.dataset_config_name, data.dataset_revision) == (
         "beans",
