@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment, require_clean_tree
+from common import RESULTS_DIR, environment, in_percent, require_clean_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = RESULTS_DIR / "efficacy.json"
@@ -172,7 +172,7 @@ def run_one(method: Method, model: str, seed: int, scale: str, output_root: Path
             "--data_seed", str(seed), "--disable_tqdm", "true", "--report_to", "none", "--save_strategy", "no",
             *device, *scale_flags, *shapes[model], *method.flags]  # fmt: skip
     started = time.perf_counter()
-    results = run_recipe(parse_recipe_args(argv)).results
+    results = in_percent(run_recipe(parse_recipe_args(argv)).results)
     wall = time.perf_counter() - started
 
     trained = AutoModelForImageClassification.from_pretrained(output_dir).eval()
@@ -361,7 +361,7 @@ def run_pretrained(method: Method, model: str, seed: int, output_root: Path, thr
                 "--disable_tqdm", "true", "--report_to", "none", *scale_flags, *shapes[model], *method.flags]  # fmt: skip
         if any(output_dir.glob("checkpoint-*")):
             argv += ["--resume_from_checkpoint", "latest"]  # an interrupted run continues, not restarts
-        results = run_recipe(parse_recipe_args(argv)).results
+        results = in_percent(run_recipe(parse_recipe_args(argv)).results)
         train_s = results["wall_time_s"]["train"]
     trained = AutoModelForImageClassification.from_pretrained(output_dir).eval()
     processor = AutoImageProcessor.from_pretrained(output_dir)
