@@ -57,9 +57,7 @@ def main() -> None:
         "measured_command": " ".join(command),
         "config": args.config,
         "wall_seconds": round(wall_seconds, 1),
-        "accuracy_unit": results.get(
-            "accuracy_unit", "percent"
-        ),  # results.json holds fractions now
+        "accuracy_unit": results.get("accuracy_unit", "percent"),  # results.json holds fractions now
         "test_accuracy": results["test"]["accuracy"],
         "validation_accuracy": (results.get("validation") or {}).get("accuracy"),
         "global_step": results["training"]["global_step"],

@@ -43,7 +43,12 @@ CITED = re.compile(r"(?:bench/results|\.\./bench/results)/([\w.\-*]+\.(?:md|json
 
 @pytest.mark.parametrize(
     "document",
-    ["README.md", "recipes/README.md", "docs/method.md", *[str(p.relative_to(ROOT)) for p in (ROOT / "recipes" / "configs").glob("*.yaml")]],
+    [
+        "README.md",
+        "recipes/README.md",
+        "docs/method.md",
+        *[str(p.relative_to(ROOT)) for p in (ROOT / "recipes" / "configs").glob("*.yaml")],
+    ],
 )
 def test_every_record_a_document_cites_exists(document):
     text = (ROOT / document).read_text()
