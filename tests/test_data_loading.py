@@ -135,6 +135,10 @@ def test_a_hub_id_under_hf_hub_offline_is_one_line_that_says_so(monkeypatch):
     for name in DATASETS:
         assert name in message
     assert "local folder" in message
+    with pytest.raises(
+        UnknownDatasetError, match="Did you mean 'fashion_mnist'"
+    ):  # a typo of a registered name
+        load_image_dataset("fashion_mnst")
 
 
 @pytest.mark.parametrize("name", ["./no/such/folder", "a/b/c", "not a repo id!"])

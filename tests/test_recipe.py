@@ -202,7 +202,7 @@ def test_unknown_option_in_the_config_file_is_named_with_a_suggestion(tmp_path):
         (["--model_preset", "vit_huge"], RecipeArgumentError, r"Unknown model_preset 'vit_huge'.*vit_tiny, vit_small, vit_base"),
         ([], RecipeArgumentError, r"exactly one model source, got neither.*--model_name_or_path.*--model_preset"),
         (["--model_preset", "vit_tiny", "--model_name_or_path", "x"], RecipeArgumentError, "got both"),
-        (["--model_preset", "vit_tiny", "--dataset_name", "fashion_mnst"], UnknownDatasetError, r"fashion_mnst.*Did you mean 'fashion_mnist'"),
+        (["--model_preset", "vit_tiny", "--dataset_name", "fashion mnst"], UnknownDatasetError, r"fashion mnst.*Did you mean 'fashion_mnist'"),
         (["--model_name_or_path", "google/vit-base-patch16-224-in21k", "--patch_size", "4"], RecipeArgumentError, "apply only with --model_preset"),
         (["--model_preset", "vit_tiny", "--quant_bits", "W8"], RecipeArgumentError, "W8.*WxAy"),
         (["--model_preset", "vit_tiny", "--crop_scale", "0.8"], RecipeArgumentError, "crop_scale takes two numbers"),

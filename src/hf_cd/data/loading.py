@@ -165,9 +165,8 @@ def check_dataset_source(name: str) -> None:
     if name in DATASETS or Path(name).expanduser().is_dir():
         return
     known = f"registered names: {', '.join(sorted(DATASETS))}"
+    hint = _did_you_mean(name)
     if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name:
-        close = difflib.get_close_matches(name, DATASETS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise UnknownDatasetError(
             f"Dataset {name!r}: no such directory ({Path(name).expanduser().resolve()}). Give an existing folder "
             f"(imagefolder, parquet / arrow / csv files, save_to_disk output), a Hub dataset id, or one of the "
@@ -181,8 +180,13 @@ def check_dataset_source(name: str) -> None:
     except HFValidationError:
         raise UnknownDatasetError(
             f"Dataset {name!r} is neither an existing directory nor a Hub dataset id (namespace/name: letters, "
-            f"digits, '-', '_', '.') nor one of the {known}."
+            f"digits, '-', '_', '.') nor one of the {known}.{hint}"
         ) from None
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, DATASETS, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def _load_hub(
@@ -204,12 +208,13 @@ def _load_hub(
                 f"Dataset {name!r} is not a local directory and not in the datasets cache, and HF_HUB_OFFLINE=1 "
                 "forbids downloading it from the Hub: unset HF_HUB_OFFLINE, or give a local folder "
                 "(imagefolder, parquet / arrow / csv files, save_to_disk output) or a registered name "
-                f"({', '.join(sorted(DATASETS))})."
+                f"({', '.join(sorted(DATASETS))}).{_did_you_mean(name)}"
             ) from None
         if type(error).__name__ in ("DatasetNotFoundError", "RepositoryNotFoundError", "FileNotFoundError"):
             raise UnknownDatasetError(
                 f"Dataset {name!r}: no such dataset on the Hub (or it is private or gated and you are not logged "
                 f"in), and no such local directory. Registered names: {', '.join(sorted(DATASETS))}."
+                f"{_did_you_mean(name)}"
             ) from None
         raise
     if not isinstance(raw, DatasetDict):
