@@ -25,6 +25,7 @@ from torch import nn
 
 from hf_cd.deprecation import rename_deprecated_flags
 from hf_cd.quant.api import calibration_images_for
+from hf_cd.quant.cli import add_saved_model_argument
 from hf_cd.quant.config import QuantConfig
 from hf_cd.quant.runtimes.base import settings_from_extra
 from hf_cd.quant.runtimes.onnxruntime_int8 import (
@@ -114,13 +115,7 @@ def build_parser(prog: str = "hf-cd export") -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model_name_or_path",
-        dest="model",
-        metavar="DIR",
-        required=True,
-        help="directory of a from_pretrained image classifier (the output_dir of `hf-cd train`)",
-    )
+    add_saved_model_argument(parser)
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
     parser.add_argument("--output", type=Path, required=True, help="the .onnx file to write")
     parser.add_argument("--int8", action="store_true", help="static int8 quantization (ONNX Runtime QDQ)")

@@ -73,12 +73,8 @@ DEPRECATED_FLAGS: dict[str, str] = {
 """The flags of earlier releases → the names ``hf-cd train`` uses for the same things."""
 
 
-def build_parser(prog: str = "hf-cd quantize") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_saved_model_argument(parser: argparse.ArgumentParser) -> None:
+    """``--model_name_or_path DIR`` (``args.model``), spelt as ``hf-cd train`` spells the model source."""
     parser.add_argument(
         "--model_name_or_path",
         dest="model",
@@ -86,6 +82,15 @@ def build_parser(prog: str = "hf-cd quantize") -> argparse.ArgumentParser:
         required=True,
         help="directory of a from_pretrained image classifier (the output_dir of `hf-cd train`)",
     )
+
+
+def build_parser(prog: str = "hf-cd quantize") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_saved_model_argument(parser)
     parser.add_argument(
         "--dataset_name",
         dest="dataset",

@@ -122,9 +122,10 @@ ACCURACY_UNIT = "fraction"
 
 
 def _scaled(rows, factor: float) -> list[dict[str, Any]]:
+    """Rows with their accuracies times ``factor``, to 10 decimals (0.285714 × 100 is not 28.571400000000004)."""
     return [
         {
-            key: (value * factor if key in ACCURACY_KEYS and _is_number(value) else value)
+            key: (round(value * factor, 10) if key in ACCURACY_KEYS and _is_number(value) else value)
             for key, value in row.items()
         }
         for row in rows
