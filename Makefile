@@ -41,15 +41,15 @@ data:
 # The main job: train a ViT from scratch on Fashion-MNIST with CD, evaluate it (full precision and
 # quantized), print a summary. Output under outputs/; `make run RUN_ARGS="--num_train_epochs 2"` adds flags.
 run: setup
-	$(BIN)/python recipes/finetune.py --config $(RUN_CONFIG) $(RUN_ARGS)
+	$(BIN)/hf-cd train --config $(RUN_CONFIG) $(RUN_ARGS)
 
 # The offline DINOv2-S/14 as a transformers checkpoint folder (converted once; instant afterwards).
 pretrained: setup
-	@$(BIN)/python -m hf_cd.pretrained --output $(PRETRAINED_DIR)
+	@$(BIN)/hf-cd convert-dinov2 --output_dir $(PRETRAINED_DIR)
 
 # Full fine-tuning of that checkpoint on Fashion-MNIST at 56 px on the CPU, with quantized evaluation.
 run-pretrained: pretrained
-	$(BIN)/python recipes/finetune.py --config $(PRETRAINED_CONFIG) --model_name_or_path $(PRETRAINED_DIR) $(RUN_ARGS)
+	$(BIN)/hf-cd train --config $(PRETRAINED_CONFIG) --model_name_or_path $(PRETRAINED_DIR) $(RUN_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -23,7 +23,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result
+from common import parse_checked, write_result
 from hf_cd import CDCallback
 from hf_cd.tweo import BlockOutputCollector, tweo_penalty
 
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-3)
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv)
     if "baseline" not in args.methods:
         args.methods = ["baseline", *args.methods]
     if args.device.startswith("cuda"):

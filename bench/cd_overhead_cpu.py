@@ -42,7 +42,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment, record_header
+from common import RESULTS_DIR, environment, parse_checked, record_header
 from hf_cd import CDCallback
 from hf_cd.tweo import BlockOutputCollector, tweo_penalty
 
@@ -341,7 +341,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--aggregate", action="store_true", help="write cd_overhead_cpu.{json,md} from the raw chunks"
     )
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv)
     aggregate(args) if args.aggregate else run_chunk(args)
 
 

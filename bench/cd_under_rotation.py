@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment, record_header
+from common import RESULTS_DIR, environment, in_percent, parse_checked, record_header
 from pretrained_ptq import load_tensors, parse_bits, parse_spec
 
 DEFAULT_PIPELINES = ("gptaq", "rotate_gptaq", "percentile", "rotate")
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--work-dir", default="outputs/cd_under_rotation")
     parser.add_argument("--no-report", action="store_true", help="only run the missing rows")
     parser.add_argument("--output", default=str(RESULTS_DIR / "cd_under_rotation.json"))
-    args = parser.parse_args()
+    args = parse_checked(parser)
     torch.set_num_threads(args.threads)
 
     from transformers import AutoImageProcessor, AutoModelForImageClassification
@@ -72,7 +72,7 @@ def main() -> None:
     data = None
     all_rows = []
     for name, directory in runs.items():
-        results = json.loads((Path(directory) / "results.json").read_text())
+        results = in_percent(json.loads((Path(directory) / "results.json").read_text()))
         cd_strength = results["cd_settings"]["strength"]
         seed = results["training"]["seed"]
         steps = results["training"]["global_step"]

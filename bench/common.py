@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -45,6 +47,42 @@ def require_clean_tree(allow_dirty: bool = False, cwd: Path | None = None) -> No
             "The working tree has uncommitted changes, so this record's commit would not reproduce it: "
             "commit (or stash) them first, or pass --allow-dirty to record a `-dirty` commit on purpose."
         )
+
+
+def parse_checked(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a benchmark's arguments with ``--allow-dirty`` added, refusing a dirty tree before any work.
+
+    Why here and not when the record is written: a benchmark can run for hours, and its record would
+    then be refused (or carry a `-dirty` commit nobody can check out) only at the end.
+    """
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="record from a tree with uncommitted changes (the record's commit then ends in -dirty)",
+    )
+    args = parser.parse_args(argv)
+    require_clean_tree(args.allow_dirty)
+    return args
+
+
+def in_percent(results: dict) -> dict:
+    """A recipe ``results.json`` with its accuracies in percent, as every record here holds them.
+
+    Why: results.json follows the Hub's convention (fractions in [0, 1], ``accuracy_unit: fraction``);
+    the benchmark records kept percent, so a new record stays comparable with the earlier ones.
+    """
+    if results.get("accuracy_unit") != "fraction":
+        return results
+    from hf_cd.quant.results import rows_as_percent
+
+    results = dict(results, accuracy_unit="percent")
+    for key in ("test", "validation"):
+        if isinstance(results.get(key), dict) and results[key].get("accuracy") is not None:
+            results[key] = dict(results[key], accuracy=100 * results[key]["accuracy"])
+    quantized = results.get("quantized")
+    if isinstance(quantized, dict) and quantized.get("rows"):
+        results["quantized"] = dict(quantized, rows=rows_as_percent(quantized["rows"]))
+    return results
 
 
 def environment(device: str) -> dict:

@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment, require_clean_tree
+from common import RESULTS_DIR, environment, in_percent, require_clean_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = RESULTS_DIR / "efficacy.json"
@@ -183,7 +183,7 @@ def run_one(method: Method, model: str, seed: int, scale: str, output_root: Path
             "--data_seed", str(seed), "--disable_tqdm", "true", "--report_to", "none", "--save_strategy", "no",
             *device, *scale_flags, *shapes[model], *method.flags]  # fmt: skip
     started = time.perf_counter()
-    results = run_recipe(parse_recipe_args(argv)).results
+    results = in_percent(run_recipe(parse_recipe_args(argv)).results)
     wall = time.perf_counter() - started
 
     trained = AutoModelForImageClassification.from_pretrained(output_dir).eval()

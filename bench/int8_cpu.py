@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment, record_header
+from common import RESULTS_DIR, environment, parse_checked, record_header
 
 INT8_OPS = ("QLinearMatMul", "QGemm", "QLinearConv", "MatMulInteger", "MatMulIntegerToFloat",
             "DynamicQuantizeMatMul", "QLinearAdd", "QLinearMul", "QAttention", "ConvInteger")  # fmt: skip
@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     parser.add_argument("--activation-type", default="uint8", choices=["uint8", "int8"])
     parser.add_argument("--output", default=str(RESULTS_DIR / "int8_cpu.json"))
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md of --output's record")
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv)
     if args.markdown_only:
         print(write_markdown(Path(args.output)).read_text())
         return

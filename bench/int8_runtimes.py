@@ -26,7 +26,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result
+from common import parse_checked, write_result
 from fashion_vit import SHAPES, fashion_mnist_tensors, train_fashion_vit
 from hf_cd.quant import QuantConfig, evaluate_quantized
 from hf_cd.quant.runtimes import OnnxRuntimeInt8Config, OnnxRuntimeInt8Pipeline
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--speed-reference", choices=("vit_small", "none"), default="vit_small")
     parser.add_argument("--reference-batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--reference-runs", type=int, default=15)
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     data = fashion_mnist_tensors()

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result
+from common import in_percent, parse_checked, write_result
 from hf_cd.recipe import parse_recipe_args, run_recipe
 from hf_cd.table import Table
 
@@ -38,7 +38,7 @@ PRESET_KEYS = {
 
 
 def run(argv: list[str]) -> dict:
-    return run_recipe(parse_recipe_args(argv)).results
+    return in_percent(run_recipe(parse_recipe_args(argv)).results)
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--cd-strength", type=float, default=1.0)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lora-lr", type=float, default=2e-3)
-    args = parser.parse_args()
+    args = parse_checked(parser)
     config, lora_flags = SCALES[args.scale]
     out = Path(args.output_dir)
     device = ["--use_cpu", "true"] if args.scale == "cpu" else []
@@ -90,7 +90,7 @@ def main() -> None:
                 }
             )
     table = Table(rows)
-    pretrained_results = json.loads((pretrained / "results.json").read_text())
+    pretrained_results = in_percent(json.loads((pretrained / "results.json").read_text()))
     markdown = (
         f"Scale `{args.scale}`: pre-trained without CD (test {pretrained_results['test']['accuracy']:.2f}%), "
         f"then LoRA r={args.lora_r} at lr {args.lora_lr} with and without CD (λ={args.cd_strength}); "

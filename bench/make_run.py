@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result
+from common import parse_checked, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "recipes/configs/fashion_mnist_vit_tiny_cpu.yaml"
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument(
         "--note", default="", help="Context for the record, e.g. what else was running on the machine."
     )
-    args = parser.parse_args()
+    args = parse_checked(parser)
 
     variable, default_config = TARGETS[args.target]
     args.config = args.config or default_config
@@ -51,12 +51,13 @@ def main() -> None:
         sys.exit(f"`{' '.join(command)}` failed with exit code {completed.returncode}; nothing recorded.")
 
     output_dir = ROOT / yaml.safe_load((ROOT / args.config).read_text())["output_dir"]
-    results = json.loads((output_dir / "results.json").read_text())
+    results = json.loads((output_dir / "results.json").read_text())  # fractions, as the recipe writes
     quantized = results["quantized"]
     payload = {
         "measured_command": " ".join(command),
         "config": args.config,
         "wall_seconds": round(wall_seconds, 1),
+        "accuracy_unit": results.get("accuracy_unit", "percent"),  # results.json holds fractions now
         "test_accuracy": results["test"]["accuracy"],
         "validation_accuracy": (results.get("validation") or {}).get("accuracy"),
         "global_step": results["training"]["global_step"],
@@ -70,7 +71,7 @@ def main() -> None:
     }
     lines = [
         f"`{' '.join(command)}` ({args.config}): **{wall_seconds / 60:.1f} min** wall time, "
-        f"test accuracy **{results['test']['accuracy']:.2f}%** "
+        f"test accuracy **{100 * results['test']['accuracy']:.2f}%** "
         f"({results['dataset']['test_samples']:,} test images, {results['training']['global_step']} steps, "
         f"{results['training']['epochs']:.2f} epochs over {results['dataset']['train_samples']:,} train images).",
         "",

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment, record_header
+from common import RESULTS_DIR, environment, parse_checked, record_header
 
 ALL_PIPELINES = (
     "minmax",
@@ -261,7 +261,7 @@ def main() -> None:
     )
     parser.add_argument("--work-dir", default="outputs/pretrained_ptq", help="probe model and finished rows")
     parser.add_argument("--output", default=str(RESULTS_DIR / "pretrained_ptq.json"))
-    args = parser.parse_args()
+    args = parse_checked(parser)
     torch.set_num_threads(args.threads)
 
     from hf_cd.diagnostics import outlier_profile

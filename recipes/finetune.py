@@ -1,10 +1,8 @@
-"""Fine-tune (or train from scratch) a ViT / DeiT / Dinov2 with Colinearity Decay, then evaluate it.
+"""``hf-cd train`` as a script, for ``accelerate launch recipes/finetune.py`` (same as ``accelerate launch -m hf_cd.cli train``).
 
-    python recipes/finetune.py --config recipes/configs/fashion_mnist_vit_tiny_cpu.yaml
-    python recipes/finetune.py --config recipes/configs/imagefolder_vit_tiny_cpu.yaml --dataset_name path/to/folder
-    python recipes/finetune.py --config recipes/configs/eurosat_vit_base.yaml --learning_rate 5e-5
+    hf-cd train --config recipes/configs/fashion_mnist_vit_tiny_cpu.yaml            # the installed command
     accelerate launch --multi_gpu --num_processes 8 recipes/finetune.py --config ...
-    python recipes/finetune.py --config ... --resume_from_checkpoint latest   # continue an interrupted run
+    accelerate launch --multi_gpu --num_processes 8 -m hf_cd.cli train --config ...  # the same run
 
 Every option is a flag (``--help`` lists them by group); a YAML ``--config`` sets defaults that flags
 override. A bad option, dataset or model prints one line and exits 2; ``--debug`` (or ``HF_CD_DEBUG=1``)

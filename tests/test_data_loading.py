@@ -126,13 +126,90 @@ def test_hub_split_missing_names_the_split(serve):
         load_image_dataset("eurosat")
 
 
-def test_unknown_name_lists_known_datasets_and_mentions_local_paths():
+def test_a_hub_id_under_hf_hub_offline_is_one_line_that_says_so(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UnknownDatasetError) as error:
-        load_image_dataset("imagenet-9000")
+        load_image_dataset("someone/imagenet-9000")
     message = str(error.value)
+    assert "\n" not in message and "HF_HUB_OFFLINE=1" in message and "someone/imagenet-9000" in message
     for name in DATASETS:
         assert name in message
-    assert "local directory" in message
+    assert "local folder" in message
+    with pytest.raises(
+        UnknownDatasetError, match="Did you mean 'fashion_mnist'"
+    ):  # a typo of a registered name
+        load_image_dataset("fashion_mnst")
+
+
+@pytest.mark.parametrize("name", ["./no/such/folder", "a/b/c", "not a repo id!"])
+def test_a_name_that_is_neither_a_folder_nor_a_hub_id_is_refused_before_any_download(name, monkeypatch):
+    monkeypatch.setattr(loading, "load_dataset", lambda *a, **k: pytest.fail("tried to download"))
+    with pytest.raises(UnknownDatasetError, match=r"(no such directory|nor a Hub dataset id)"):
+        load_image_dataset(name)
+
+
+def _hub_dataset(image_column: str, label_column: str) -> DatasetDict:
+    features = Features({image_column: Image(), label_column: ClassLabel(names=["bean", "rust"])})
+    entries = {
+        image_column: [{"bytes": png_bytes("RGB", 10 * i), "path": None} for i in range(8)],
+        label_column: [i % 2 for i in range(8)],
+    }
+    return DatasetDict(
+        {split: Dataset.from_dict(entries, features=features) for split in ("train", "validation", "test")}
+    )
+
+
+def test_any_hub_id_loads_with_config_revision_and_transformers_column_names(monkeypatch):
+    """What transformers' run_image_classification.py accepts: any id, --image_column_name / --label_column_name."""
+    calls = []
+
+    def fake_load_dataset(name, config=None, **kwargs):
+        calls.append((name, config, kwargs.get("revision")))
+        return _hub_dataset("img", "labels")
+
+    monkeypatch.setattr(loading, "load_dataset", fake_load_dataset)
+    result = load_image_dataset(
+        "beans", config_name="default", revision="abc123", image_column="img", label="labels"
+    )
+    assert calls == [("beans", "default", "abc123")]
+    assert set(result["train"].column_names) == {"image", "label"}
+    assert result["train"].features["label"].names == ["bean", "rust"]
+    with pytest.raises(DatasetSchemaError) as error:  # transformers' defaults: image and label
+        load_image_dataset("beans")
+    message = str(error.value)
+    assert "--image_column_name 'image'" in message and "--label_column_name 'label'" in message
+    assert "one of img, labels" in message
+
+
+def test_a_local_folder_of_parquet_files_loads(tmp_path):
+    data = _hub_dataset("image", "label")
+    for split in ("train", "test"):
+        data[split].to_parquet(str(tmp_path / f"{split}.parquet"))
+    result = load_image_dataset(tmp_path, validation_fraction=0.25)
+    assert sorted(result) == sorted(SPLITS) and result["test"].num_rows == 8
+    assert isinstance(result["train"].features["image"], Image)
+    assert decode_image(result["test"][0]["image"]).size == (8, 8)
+
+
+def test_a_local_folder_of_csv_metadata_and_images_loads(tmp_path):
+    """An imagefolder whose labels come from a metadata.csv (file_name, then any label column)."""
+    lines = ["file_name,kind"]
+    for i in range(8):
+        write_png(tmp_path / "train" / f"{i}.png", value=20 * i)
+        lines.append(f"{i}.png,{'cat' if i % 2 else 'dog'}")
+    (tmp_path / "train" / "metadata.csv").write_text("\n".join(lines) + "\n")
+    result = load_image_dataset(tmp_path, label="kind", validation_fraction=0.25)
+    assert result["train"].features["label"].names == ["cat", "dog"]
+    assert sum(split.num_rows for split in result.values()) == 8
+
+
+def test_a_csv_of_relative_image_paths_reads_them_from_its_folder(tmp_path):
+    for i in range(8):
+        write_png(tmp_path / "pictures" / f"{i}.png", value=20 * i)
+    rows = "\n".join(f"pictures/{i}.png,{i % 2}" for i in range(8))
+    (tmp_path / "train.csv").write_text("path,target\n" + rows + "\n")
+    result = load_image_dataset(tmp_path, image_column="path", label="target", validation_fraction=0.25)
+    assert decode_image(result["train"][0]["image"]).size == (8, 8)
 
 
 # --- local directories ---------------------------------------------------------------------------
@@ -195,8 +272,8 @@ def test_missing_columns_are_named_with_the_existing_ones(tmp_path):
     with pytest.raises(DatasetSchemaError) as error:
         load_image_dataset(path)
     message = str(error.value)
-    assert "image column 'image'" in message and "label column 'label'" in message
-    assert "['img', 'target']" in message
+    assert "--image_column_name 'image'" in message and "--label_column_name 'label'" in message
+    assert "one of img, target" in message
     # Naming the columns fixes it; plain integer labels become a ClassLabel.
     result = load_image_dataset(path, image_column="img", label="target", validation_fraction=0.5)
     assert result["train"].features["label"] == ClassLabel(names=["0", "1"])
@@ -336,6 +413,6 @@ def test_an_empty_directory_says_what_it_should_hold(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(
-        EmptySplitError, match=r"holds no images: expected an imagefolder tree \(train/<class>"
+        EmptySplitError, match=r"holds no images or data files: expected an imagefolder tree \(train/<class>"
     ):
         load_image_dataset(empty, cache_dir=tmp_path / "cache")

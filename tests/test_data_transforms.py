@@ -177,3 +177,30 @@ def test_label_mapping_comes_from_the_class_label():
     assert config.num_labels == 2 and config.id2label == {0: "dark", 1: "light"}
     with pytest.raises(ValueError, match="not a ClassLabel"):
         label_mapping(dataset["train"], label_column="image")
+
+
+def test_dinov2_processors_load_with_the_pil_backend_and_no_torchvision_warning(tmp_path):
+    """transformers' "BitImageProcessor requires torchvision ... falling back" greeted DINOv2 runs.
+
+    In a fresh process each time: transformers prints it once per process.
+    """
+    import subprocess
+    import sys
+
+    def stderr_of(code: str) -> str:
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stderr
+
+    assert "requires torchvision" in stderr_of("from transformers import BitImageProcessor")  # what users saw
+    ours = stderr_of(
+        "import sys\n"
+        "from hf_cd.pretrained import dinov2_image_processor\n"
+        "from hf_cd.data.transforms import load_image_processor\n"
+        "dinov2_image_processor().save_pretrained(sys.argv[1])\n"
+        "assert type(load_image_processor(sys.argv[1])).__name__ == 'BitImageProcessorPil'\n"
+    )
+    assert "torchvision" not in ours
+    assert (
+        '"image_processor_type": "BitImageProcessor"' in (tmp_path / "preprocessor_config.json").read_text()
+    )

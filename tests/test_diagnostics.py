@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import ViTForImageClassification
 
@@ -62,15 +63,34 @@ def test_activation_stats_find_a_planted_outlier_channel():
     assert not any(module._forward_pre_hooks or module._forward_hooks for module in model.modules())
 
 
-def test_plots_are_written(tmp_path):
+def test_plots_return_figures_save_only_when_given_a_path_and_keep_the_callers_backend(tmp_path):
+    import matplotlib
+    from matplotlib.figure import Figure
+
     model = _model()
     tables = {"before": measure_alignment(model), "after": measure_alignment(model)}
     stats = activation_stats(model, torch.randn(2, 1, 28, 28))
-    for path in (
-        plot_alignment(tables, tmp_path / "a.png"),
-        plot_activation_stats(stats, tmp_path / "b.png"),
+    backend = matplotlib.get_backend()
+    figures = [plot_alignment(tables), plot_activation_stats(stats)]  # a notebook: no path, nothing written
+    assert all(isinstance(fig, Figure) for fig in figures) and list(tmp_path.iterdir()) == []
+    for fig, path in (
+        (plot_alignment(tables, tmp_path / "a.png"), tmp_path / "a.png"),
+        (plot_activation_stats(stats, tmp_path / "b.png"), tmp_path / "b.png"),
     ):
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert isinstance(fig, Figure) and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == backend
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]  # no temporary file left
+
+
+def test_plotting_without_matplotlib_names_the_extra(monkeypatch):
+    import sys
+
+    from hf_cd.extras import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if `pip install hf-cd` without [plots]
+    with pytest.raises(MissingExtraError, match=r"pip install 'hf-cd\[plots\]'") as error:
+        plot_alignment({"model": measure_alignment(_model())})
+    assert "\n" not in str(error.value)
 
 
 def test_outlier_profile_finds_a_planted_residual_channel_and_reads_norms_and_layer_scale():

@@ -36,6 +36,7 @@ from hf_cd.hub import (
     push_cd_model,
     read_quantized_results,
 )
+from hf_cd.quant.results import rows_as_percent
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANT_EVAL_SAMPLES = 70  # not a divisor of 100: accuracies are not round numbers, so rounding shows
@@ -140,6 +141,8 @@ def test_recipe_card_is_a_valid_model_card_with_one_result_per_row(cd_run):
     rows = results["quantized"]["rows"]
     assert results["model_card"] == str(out / "README.md")
     assert len(rows) == 5 and len({row["accuracy"] for row in rows}) > 1, "rows must differ to test anything"
+    assert results["accuracy_unit"] == "fraction" and all(0 <= row["accuracy"] <= 1 for row in rows)
+    assert 0 <= results["test"]["accuracy"] <= 1
 
     card = ModelCard.load(out / "README.md")
     data = card.data
@@ -176,11 +179,11 @@ def test_recipe_card_is_a_valid_model_card_with_one_result_per_row(cd_run):
     text = (out / "README.md").read_text()
     assert str(out.parent) not in text, "a public card must not reveal the trainer's file system"
 
-    # the table for people shows the same numbers as the model-index
-    full_precision = rows[0]["accuracy"]
+    # the table for people shows the same numbers as the model-index, in percent
+    full_precision = 100 * rows[0]["accuracy"]
     for pipeline in ("minmax", "repq"):
         cells = [
-            f"{row['accuracy']:.2f} ({row['accuracy'] - full_precision:+.2f})"
+            f"{100 * row['accuracy']:.2f} ({100 * row['accuracy'] - full_precision:+.2f})"
             for row in rows
             if row["pipeline"] == pipeline
         ]
@@ -206,7 +209,7 @@ def test_load_cd_checkpoint_gives_the_trained_models_logits_and_the_cards_rows(c
         trained = run.trainer.model.cpu().eval()(pixel_values=batch["pixel_values"]).logits
     torch.testing.assert_close(loaded, trained, rtol=0, atol=0)
 
-    expected = _card_rows(_rows(out))
+    expected = _card_rows(rows_as_percent(_rows(out)))  # results.json: fractions; QuantResults: percent
     assert results.to_dicts() == _approx_rows(expected)
     assert read_quantized_results(out).to_dicts() == _approx_rows(expected)
     assert read_quantized_results(out / "README.md").to_dicts() == _approx_rows(expected)
@@ -223,11 +226,11 @@ def test_the_cards_reproduce_command_measures_the_same_rows(cd_run, monkeypatch)
 
     _, out = cd_run
     text = (out / "README.md").read_text()
-    command = re.search(r"```bash\n(python -m hf_cd\.quant.*?)\n```", text, re.S).group(1)
+    command = re.search(r"```bash\n(hf-cd quantize.*?)\n```", text, re.S).group(1)
     argv = shlex.split(command.replace("\\\n", " "))
-    assert argv[:3] == ["python", "-m", "hf_cd.quant"]
+    assert argv[:2] == ["hf-cd", "quantize"]
     monkeypatch.chdir(out.parent)  # the card names the model by its folder until it is pushed
-    assert cli.main([*argv[3:], "--no-progress"]) == 0
+    assert cli.main([*argv[2:], "--no_progress"]) == 0
     measured = json.loads((out.parent / "ptq.json").read_text())["rows"]
     keys = ("pipeline", "w_bits", "a_bits", "accuracy", "num_eval", "num_calibration", "seed")
     assert [{k: row[k] for k in keys} for row in measured] == _approx_rows(
@@ -243,7 +246,7 @@ def test_dry_run_lists_exactly_the_shareable_files_and_the_card(cd_run, capsys):
     assert all((out / name).exists() for name in left_out), sorted(os.listdir(out))
     readme_before = (out / "README.md").read_bytes()
 
-    upload = push_cd_model(out, "someone/vit-cd-fashion", dry_run=True)
+    upload = push_cd_model("someone/vit-cd-fashion", out, dry_run=True)
     assert upload.files == SHAREABLE and upload.commit_url is None
     printed = capsys.readouterr().out
     for name in SHAREABLE:

@@ -26,6 +26,7 @@ from conftest import tiny_vit_config
 from hf_cd import CDConfig, CDTrainer
 from hf_cd.hub import (
     CARD_TAGS,
+    CD_TAGS,
     HubAccessError,
     IncompleteResultsWarning,
     ModelCardError,
@@ -124,7 +125,7 @@ def test_pickle_only_checkpoint_is_refused_unless_explicitly_allowed(checkpoint)
     with pytest.raises(UnsafeWeightsError, match=r"pytorch_model\.bin.*arbitrary code.*allow_pickle=True"):
         load_cd_checkpoint(folder)
     with pytest.raises(UnsafeWeightsError, match="arbitrary code"):
-        push_cd_model(folder, "someone/vit-cd", dry_run=True)
+        push_cd_model("someone/vit-cd", folder, dry_run=True)
 
     model, _, results = load_cd_checkpoint(folder, allow_pickle=True)
     pixels = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -147,7 +148,7 @@ def test_push_never_republishes_the_results_of_an_earlier_run(checkpoint, caplog
     card.write_text(card.read_text() + "\nEdited by hand after the run.\n")
     later = (checkpoint / "results.json").stat().st_mtime_ns + 10**9
     os.utime(checkpoint / "model.safetensors", ns=(later, later))  # the weights were saved again since
-    upload = push_cd_model(checkpoint, "someone/vit-cd", dry_run=True)
+    upload = push_cd_model("someone/vit-cd", checkpoint, dry_run=True)
     assert upload.files == ("model.safetensors", "config.json", "preprocessor_config.json", "README.md")
     assert upload.card == card.read_text()  # the card on disk as is, not one regenerated from stale results
     assert "results.json belongs to an earlier run (it is older than the weights)" in caplog.text
@@ -176,8 +177,8 @@ METRIC = re.escape("model-index[0].results[0].metrics")
     ("edit", "needle"),
     [
         (lambda m: _metrics(m)[2]["args"].pop("w_bits"), rf"`{METRIC}\[2\]\.args\.w_bits` is missing"),
-        (lambda m: _metrics(m)[1].update(value="80.5%"), rf"`{METRIC}\[1\]\.value` must be a top-1 accuracy in percent"),
-        (lambda m: _metrics(m)[1].update(value=0.805 * 1000), rf"`{METRIC}\[1\]\.value`.*0 to 100"),
+        (lambda m: _metrics(m)[1].update(value="80.5%"), rf"`{METRIC}\[1\]\.value` must be a top-1 accuracy as a fraction"),
+        (lambda m: _metrics(m)[1].update(value=80.5), rf"`{METRIC}\[1\]\.value`.*from 0 to 1\)"),
         (lambda m: _metrics(m)[3]["args"].update(seed="zero"), rf"`{METRIC}\[3\]\.args\.seed` must be a non-negative integer"),
         (lambda m: _metrics(m)[1].update(type="f1"), rf"`{METRIC}\[1\]\.type` must be 'accuracy'"),
         (lambda m: m.pop("model-index"), r"no `model-index`"),
@@ -234,14 +235,14 @@ def test_offline_push_is_a_one_line_error_that_never_shows_the_token(checkpoint,
     readme = (checkpoint / "README.md").read_bytes()
     caplog.set_level(logging.DEBUG)
     with pytest.raises(HubAccessError) as info:
-        push_cd_model(checkpoint, "someone/vit-cd", token=FAKE_TOKEN)
+        push_cd_model("someone/vit-cd", checkpoint, token=FAKE_TOKEN)
     message = str(info.value)
     assert "\n" not in message and "HF_HUB_OFFLINE=1" in message and "dry_run=True" in message
     assert (checkpoint / "README.md").read_bytes() == readme  # nothing written when the repo was not created
     captured = capsys.readouterr()
     _assert_token_absent(info.value, captured.out, captured.err, caplog.text)
 
-    upload = push_cd_model(checkpoint, "someone/vit-cd", dry_run=True, token=FAKE_TOKEN)  # needs no network
+    upload = push_cd_model("someone/vit-cd", checkpoint, dry_run=True, token=FAKE_TOKEN)  # needs no network
     captured = capsys.readouterr()
     _assert_token_absent(info.value, captured.out, captured.err, caplog.text, upload.card)
 
@@ -251,7 +252,7 @@ def test_push_without_a_token_says_how_to_log_in(checkpoint, monkeypatch, tmp_pa
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
     with pytest.raises(HubAccessError, match=r"no Hugging Face token found.*hf auth login.*HF_TOKEN") as info:
-        push_cd_model(checkpoint, "someone/vit-cd")
+        push_cd_model("someone/vit-cd", checkpoint)
     assert "\n" not in str(info.value)
 
 
@@ -299,7 +300,7 @@ def test_a_trainer_card_has_the_cd_settings_and_never_the_hub_token(tmp_path):
     assert metadata["hf_cd"]["cd_settings"] == trainer.cd_settings and trainer.cd_settings["strength"] == 3.0
     assert metadata["hf_cd"]["results"]["training"]["global_step"] == 2
     assert metadata["datasets"] == ["zalando-datasets/fashion_mnist"] and "model-index" not in metadata
-    upload = push_cd_model(folder, "someone/trained", dry_run=True, token=FAKE_TOKEN)
+    upload = push_cd_model("someone/trained", folder, dry_run=True, token=FAKE_TOKEN)
     assert upload.files == ("model.safetensors", "config.json", "README.md") and upload.card == text
     # Trainer.push_to_hub passes license, language and tags to create_model_card: they reach the card.
     trainer.create_model_card(
@@ -314,9 +315,95 @@ def test_the_upload_card_keeps_the_license_language_and_tags_the_user_set(checkp
     write_model_card(
         checkpoint, _results(ACCURACIES), license="mit", language=["en", "fr"], tags=["vit", "ablation"]
     )
-    card = yaml.safe_load(push_cd_model(checkpoint, "someone/vit-cd", dry_run=True).card.split("---\n")[1])
+    card = yaml.safe_load(push_cd_model("someone/vit-cd", checkpoint, dry_run=True).card.split("---\n")[1])
     assert card["license"] == "mit" and card["language"] == ["en", "fr"]
-    assert card["tags"] == [*CARD_TAGS, "vit", "ablation"]
+    assert card["tags"] == [*CARD_TAGS, *CD_TAGS, "vit", "ablation"]
     write_model_card(checkpoint, _results(ACCURACIES))  # a card without them: the upload has none either
-    card = yaml.safe_load(push_cd_model(checkpoint, "someone/vit-cd", dry_run=True).card.split("---\n")[1])
+    card = yaml.safe_load(push_cd_model("someone/vit-cd", checkpoint, dry_run=True).card.split("---\n")[1])
     assert "license" not in card and "language" not in card and "ablation" not in card["tags"]
+
+
+# --- honest cards and the Hub's conventions ---------------------------------------------------------
+
+
+def _card(results: dict) -> tuple[dict, str]:
+    from hf_cd.hub import build_model_card
+
+    text = str(build_model_card(results, "someone/vit"))
+    return yaml.safe_load(text.split("---\n")[1]), text
+
+
+def test_a_baseline_card_says_baseline_and_claims_nothing_about_cd():
+    baseline = _results(ACCURACIES)
+    baseline["cd_settings"] = {**baseline["cd_settings"], "strength": 0.0}
+    metadata, text = _card(baseline)
+    assert "baseline" in text and "trained with **Colinearity Decay" not in text
+    assert not set(metadata["tags"]) & {"colinearity-decay", "quantization-friendly"}
+
+
+def test_a_cd_card_says_what_cd_is_what_this_run_measured_and_links_the_evidence_for_any_claim():
+    from hf_cd.hub.card import EVIDENCE_URL
+
+    results = _results(ACCURACIES)
+    results["diagnostics"] = {
+        "num_images": 64,
+        "before": {"alignment": {"ffn": {"mean": 0.12, "max": 0.2}}, "outliers": {"residual_max": 11.7}},
+        "after": {"alignment": {"ffn": {"mean": 0.08, "max": 0.1}}, "outliers": {"residual_max": 10.2}},
+    }
+    metadata, text = _card(results)
+    assert "colinearity-decay" in metadata["tags"] and "quantization-friendly" not in metadata["tags"]
+    assert "trained with **Colinearity Decay" in text and "decoupled weight update" in text
+    assert "What this run measured: ffn alignment (mean) 0.12 → 0.08" in text
+    assert f"]({EVIDENCE_URL})" in text and "not demonstrated" in text
+    assert "therefore keeps more of its accuracy" not in text  # the claim the template used to assert
+
+
+def test_the_model_index_holds_fractions_and_reads_back_as_the_rows_percent(tmp_path):
+    metadata, _ = _card(_results(ACCURACIES))
+    values = [m["value"] for entry in metadata["model-index"] for r in entry["results"] for m in r["metrics"]]
+    assert values and all(0 <= value <= 1 for value in values)
+    assert metadata["hf_cd"]["accuracy_unit"] == "fraction"
+    write_model_card(tmp_path, _results(ACCURACIES))
+    assert _rows(read_quantized_results(tmp_path)) == _expected_rows()
+
+
+def test_a_card_from_before_accuracy_unit_still_reads_as_percent(checkpoint):
+    def legacy(metadata):  # what earlier releases wrote: percent values, no accuracy_unit
+        del metadata["hf_cd"]["accuracy_unit"]
+        for metric in _metrics(metadata):
+            metric["value"] = round(metric["value"] * 100, 6)
+
+    _edit_metadata(checkpoint, legacy)
+    assert _rows(read_quantized_results(checkpoint)) == _expected_rows()
+
+
+def test_push_follows_upload_folders_order_with_keyword_only_flags(checkpoint):
+    with pytest.raises(TypeError):
+        push_cd_model("someone/vit-cd", checkpoint, True)
+    with pytest.warns(FutureWarning, match="repo id comes first"):
+        upload = push_cd_model(checkpoint, "someone/vit-cd", dry_run=True)  # the old order, for a release
+    assert upload.repo_id == "someone/vit-cd" and upload.folder == checkpoint
+
+
+def test_push_uploads_a_readme_the_user_wrote_as_it_is_and_never_rewrites_it_unasked(checkpoint, caplog):
+    caplog.set_level("INFO", logger="hf_cd.hub.transfer")
+    mine = "# My model\n\nWritten by hand; hf-cd must not replace it.\n"
+    (checkpoint / "README.md").write_text(mine)
+    upload = push_cd_model("someone/vit-cd", checkpoint, dry_run=True)
+    assert upload.card == mine and (checkpoint / "README.md").read_text() == mine
+    assert "was not written by hf-cd: it is uploaded as it is" in caplog.text
+    regenerated = push_cd_model("someone/vit-cd", checkpoint, dry_run=True, regenerate_card=True)
+    assert "hf_cd:" in regenerated.card and (checkpoint / "README.md").read_text() == mine  # dry run
+
+
+def test_a_baseline_cdtrainer_is_a_plain_trainer_apart_from_the_lock(tmp_path):
+    """cd_strength 0: no hf_cd block in config.json, and the Trainer's own model card."""
+    model = ViTForImageClassification(tiny_vit_config())
+    args = CDConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", cd_strength=0.0)
+    trainer = CDTrainer(model=model, args=args)
+    assert not trainer.uses_cd and not hasattr(model.config, "hf_cd")
+    trainer.save_model()
+    assert "hf_cd" not in json.loads((tmp_path / "config.json").read_text())
+    trainer.create_model_card(model_name="baseline")
+    metadata = yaml.safe_load((tmp_path / "README.md").read_text().split("---\n")[1])
+    assert "hf_cd" not in metadata and "colinearity-decay" not in (metadata.get("tags") or [])

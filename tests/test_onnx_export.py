@@ -378,12 +378,15 @@ def test_export_cli_writes_a_float_model_with_metadata(tmp_path):
     model = make_model("dinov2")
     model.save_pretrained(tmp_path / "model")
     output = tmp_path / "out" / "dinov2.onnx"
-    assert main(["--model", str(tmp_path / "model"), "--format", "onnx", "--output", str(output)]) == 0
+    assert (
+        main(["--model_name_or_path", str(tmp_path / "model"), "--format", "onnx", "--output", str(output)])
+        == 0
+    )
     assert onnx_logits_max_abs_diff(model, output, images(3)) <= PARITY_ATOL
     metadata = {prop.key: prop.value for prop in onnx.load(str(output)).metadata_props}
     assert metadata["model_type"] == "dinov2" and "id2label" in metadata
-    with pytest.raises(SystemExit, match="--calibration-dataset"):
-        main(["--model", str(tmp_path / "model"), "--int8", "--output", str(output)])
+    with pytest.raises(SystemExit, match="--dataset_name"):
+        main(["--model_name_or_path", str(tmp_path / "model"), "--int8", "--output", str(output)])
     with pytest.raises(ValueError, match="Unknown export format"):
         export_model(model, output, format="tflite")
 

@@ -307,11 +307,18 @@ def test_cli_takes_pipeline_options_as_json():
     from hf_cd.quant.cli import build_parser
 
     args = build_parser().parse_args(
-        ["--model", "m", "--pipelines", "rotate", "--extra", '{"rotate_activations": "dynamic_per_token"}']
+        [
+            "--model_name_or_path",
+            "m",
+            "--quant_pipelines",
+            "rotate",
+            "--quant_extra",
+            '{"rotate_activations": "dynamic_per_token"}',
+        ]
     )
     assert args.extra == {"rotate_activations": "dynamic_per_token"}
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["--model", "m", "--extra", "[1]"])
+        build_parser().parse_args(["--model_name_or_path", "m", "--quant_extra", "[1]"])
 
 
 def test_card_labels_dynamic_rows_apart_and_parses_them_back():

@@ -66,5 +66,5 @@ def test_per_block_rows_and_heat_map(tmp_path):
     blocks = model.config.num_hidden_layers
     assert len(table) == 1 + len(SITE_GROUPS) * blocks + 1
     assert {row["block"] for row in table.where(group="fc2_input")} == set(range(blocks))
-    path = plot_sensitivity({"planted": table}, tmp_path / "heat.png")
-    assert path.read_bytes()[:4] == b"\x89PNG"
+    figure = plot_sensitivity({"planted": table}, tmp_path / "heat.png")
+    assert figure.axes and (tmp_path / "heat.png").read_bytes()[:4] == b"\x89PNG"

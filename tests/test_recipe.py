@@ -202,7 +202,7 @@ def test_unknown_option_in_the_config_file_is_named_with_a_suggestion(tmp_path):
         (["--model_preset", "vit_huge"], RecipeArgumentError, r"Unknown model_preset 'vit_huge'.*vit_tiny, vit_small, vit_base"),
         ([], RecipeArgumentError, r"exactly one model source, got neither.*--model_name_or_path.*--model_preset"),
         (["--model_preset", "vit_tiny", "--model_name_or_path", "x"], RecipeArgumentError, "got both"),
-        (["--model_preset", "vit_tiny", "--dataset_name", "fashion_mnst"], UnknownDatasetError, r"fashion_mnst.*Did you mean 'fashion_mnist'"),
+        (["--model_preset", "vit_tiny", "--dataset_name", "fashion mnst"], UnknownDatasetError, r"fashion mnst.*Did you mean 'fashion_mnist'"),
         (["--model_name_or_path", "google/vit-base-patch16-224-in21k", "--patch_size", "4"], RecipeArgumentError, "apply only with --model_preset"),
         (["--model_preset", "vit_tiny", "--quant_bits", "W8"], RecipeArgumentError, "W8.*WxAy"),
         (["--model_preset", "vit_tiny", "--crop_scale", "0.8"], RecipeArgumentError, "crop_scale takes two numbers"),
@@ -528,7 +528,7 @@ def test_a_misspelt_runtime_setting_in_quant_extra_is_refused_before_training(tm
 def _accuracy_and_logits(model, dataset) -> tuple[float, torch.Tensor]:
     batch = collate_fn([dataset[i] for i in range(len(dataset))])
     logits = model.eval()(pixel_values=batch["pixel_values"]).logits
-    return 100.0 * (logits.argmax(-1) == batch["labels"]).float().mean().item(), logits
+    return (logits.argmax(-1) == batch["labels"]).float().mean().item(), logits  # in [0, 1], as results.json
 
 
 @pytest.mark.slow
@@ -563,7 +563,8 @@ def test_recipe_trains_evaluates_quantizes_and_saves_a_model_that_reloads(tmp_pa
         "ffn",
         "value_output",
     ]
-    assert 0.0 <= results["test"]["accuracy"] <= 100.0 and results["test"]["loss"] > 0
+    assert 0.0 <= results["test"]["accuracy"] <= 1.0 and results["test"]["loss"] > 0
+    assert results["accuracy_unit"] == "fraction"
     assert results["validation"]["accuracy"] is not None
     for moment in ("before", "after"):
         summary = results["diagnostics"][moment]
@@ -590,7 +591,7 @@ def test_recipe_trains_evaluates_quantizes_and_saves_a_model_that_reloads(tmp_pa
     accuracy, logits = _accuracy_and_logits(reloaded, test)
     _, trained_logits = _accuracy_and_logits(run.trainer.model.cpu(), test)
     torch.testing.assert_close(logits, trained_logits, rtol=0, atol=0)
-    assert accuracy == pytest.approx(results["test"]["accuracy"], abs=1e-4)
+    assert accuracy == pytest.approx(results["test"]["accuracy"], abs=1e-6)
     after = alignment_summary(measure_alignment(reloaded))
     assert after["ffn"]["mean"] == pytest.approx(results["diagnostics"]["after"]["alignment"]["ffn"]["mean"])
 
@@ -604,7 +605,7 @@ def test_recipe_trains_evaluates_quantizes_and_saves_a_model_that_reloads(tmp_pa
         ("repq", 4, 4),
     ]
     assert rows[0]["pipeline"] == "full_precision" and all(r["num_eval"] == 40 for r in rows)
-    assert all(0 <= r["accuracy"] <= 100 for r in rows)
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
     assert all(r["num_calibration"] == 8 for r in rows[1:])
 
     summary = format_summary(results)

@@ -47,7 +47,7 @@ def _results(source: str = "preset vit_tiny", **overrides) -> dict:
         },
         "training": {"global_step": 11, "epochs": 1.0, "world_size": 1},
         "cd_settings": {"strength": 1.0, "kinds": ["ffn"], "mode": "plain"},
-        "test": {"accuracy": 77.76, "loss": 0.6},
+        "test": {"accuracy": 0.7776, "loss": 0.6},
         "validation": None,
         "quantized": {"status": "skipped", "reason": "--no_quant_eval"},
         "diagnostics": {
@@ -87,23 +87,21 @@ def test_summary_names_the_block_whose_alignment_rose_and_what_before_means():
     assert "fell in every block" in format_summary(falling)
 
 
-@pytest.fixture
-def captured_figures(monkeypatch):
-    """The figures the plot functions draw, kept open for inspection instead of saved."""
-    import hf_cd.diagnostics
+def test_a_change_below_the_printed_precision_is_called_unchanged():
+    """Not "rose in block 1 (0.0276 → 0.0276)": what the reader cannot see is not a change."""
+    results = _results()
+    results["diagnostics"]["after"]["alignment_by_block"]["ffn"] = {"0": 0.11001, "1": 0.08, "2": 0.07}
+    results["diagnostics"]["after"]["alignment"]["ffn"]["mean"] = 0.1200001
+    summary = format_summary(results)
+    assert "rose" not in summary
+    assert "fell in 2; unchanged in 1" in summary
+    assert "0.12 → 0.12  (unchanged)" in summary
+    results["diagnostics"]["after"]["alignment_by_block"]["ffn"] = {"0": 0.110001, "1": 0.13, "2": 0.12}
+    assert "unchanged in every block" in format_summary(results)
 
-    figures = []
 
-    def keep(fig, path):
-        figures.append(fig)
-        return Path(path)
-
-    monkeypatch.setattr(hf_cd.diagnostics, "_save", keep)
-    yield figures
-    import matplotlib.pyplot as plt
-
-    for fig in figures:
-        plt.close(fig)
+def test_the_summary_shows_results_json_fractions_as_percent():
+    assert "accuracy   test 77.76% full precision" in format_summary(_results())
 
 
 def _activation_table(scale: float) -> Table:
@@ -120,15 +118,11 @@ def _activation_table(scale: float) -> Table:
     return Table(rows)
 
 
-def test_activation_plot_draws_a_shared_input_once_with_integer_block_ticks_and_a_title(
-    captured_figures, tmp_path
-):
-    plot_activation_stats(
+def test_activation_plot_draws_a_shared_input_once_with_integer_block_ticks_and_a_title():
+    fig = plot_activation_stats(
         {"at initialization": _activation_table(1.0), "trained": _activation_table(3.0)},
-        tmp_path / "a.png",
         title="digits · preset vit_tiny · CD λ=1",
     )
-    (fig,) = captured_figures
     panels = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
     titles = [ax.get_title() for ax in panels]
     assert titles == ["residual", "q_proj = k_proj = v_proj input (one shared tensor)", "fc2_input"]
@@ -141,7 +135,7 @@ def test_activation_plot_draws_a_shared_input_once_with_integer_block_ticks_and_
     assert "embeddings" in residual.get_xlabel()
 
 
-def test_alignment_plot_has_a_title_labels_and_legend_on_every_panel(captured_figures, tmp_path):
+def test_alignment_plot_has_a_title_labels_and_legend_on_every_panel():
     def table(values):
         return Table(
             [
@@ -154,8 +148,7 @@ def test_alignment_plot_has_a_title_labels_and_legend_on_every_panel(captured_fi
 
     before = table({"ffn": [0.11, 0.13], "value_output": [0.2, 0.3]})
     after = table({"ffn": [0.15, 0.08], "value_output": [0.1, 0.1]})
-    plot_alignment({"at initialization": before, "trained": after}, tmp_path / "b.png", title="run")
-    (fig,) = captured_figures
+    fig = plot_alignment({"at initialization": before, "trained": after}, title="run")
     assert fig._suptitle.get_text() == "run"
     assert len(fig.axes) == 2
     for ax in fig.axes:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import ViTForImageClassification
 
 from conftest import tiny_vit_config
@@ -135,6 +136,70 @@ def test_latest_skips_half_written_checkpoints_and_names_them(finished_run, tmp_
     assert "checkpoint-9" in caplog.text and "checkpoint-6 (trainer_state.json is missing" in caplog.text
     assert "optimizer.pt is empty" in caplog.text
     assert latest_complete_checkpoint(tmp_path / "nothing-here") is None
+
+
+def _as_fsdp_checkpoint(checkpoint: Path, sharded: bool) -> Path:
+    """Rewrite a Trainer checkpoint into the layout FSDP (through accelerate) writes on two ranks."""
+    state = load_file(checkpoint / "model.safetensors")
+    (checkpoint / "model.safetensors").unlink()
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+    (checkpoint / "optimizer.pt").unlink()
+    if sharded:  # SHARDED_STATE_DICT: torch.distributed.checkpoint folders
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(state, checkpoint_id=str(checkpoint / "pytorch_model_fsdp_0"))
+        dcp.save({"state": {"step": torch.tensor(6)}}, checkpoint_id=str(checkpoint / "optimizer_0"))
+    else:  # FULL_STATE_DICT
+        torch.save(state, checkpoint / "pytorch_model_fsdp.bin")
+        torch.save(optimizer, checkpoint / "optimizer.bin")
+    rng = checkpoint / "rng_state.pth"
+    shutil.copy(rng, checkpoint / "rng_state_0.pth")
+    rng.rename(checkpoint / "rng_state_1.pth")
+    return checkpoint
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "full"])
+def test_latest_recognizes_fsdp_checkpoints_and_their_damage(finished_run, tmp_path, sharded):
+    out = _copy_run(finished_run, tmp_path / "out")
+    _as_fsdp_checkpoint(out / "checkpoint-6", sharded)
+    assert checkpoint_problems(out / "checkpoint-6") == []
+    assert latest_complete_checkpoint(out) == str(out / "checkpoint-6")
+    if sharded:  # the metadata file is written last: without it the shards are a half-written checkpoint
+        (out / "checkpoint-6" / "pytorch_model_fsdp_0" / ".metadata").unlink()
+        assert "pytorch_model_fsdp_0/.metadata is missing" in checkpoint_problems(out / "checkpoint-6")
+    else:
+        (out / "checkpoint-6" / "pytorch_model_fsdp.bin").write_bytes(b"")
+        assert "pytorch_model_fsdp.bin is empty" in checkpoint_problems(out / "checkpoint-6")
+    assert latest_complete_checkpoint(out) == str(out / "checkpoint-3")
+
+
+def test_latest_recognizes_a_deepspeed_checkpoint(finished_run, tmp_path):
+    checkpoint = _copy_run(finished_run / "checkpoint-6", tmp_path / "checkpoint-6")
+    engine = checkpoint / "global_step6"
+    engine.mkdir()
+    (checkpoint / "model.safetensors").rename(engine / "mp_rank_00_model_states.pt")
+    (checkpoint / "optimizer.pt").rename(engine / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    torch.save({}, engine / "mp_rank_00_model_states.pt")  # a torch.save archive, as DeepSpeed writes
+    assert checkpoint_problems(checkpoint) == []
+
+
+def test_the_lock_works_where_fcntl_does_not_exist(tmp_path):
+    """Windows has no fcntl: the lock is filelock's, so CDTrainer.train() runs there too."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["fcntl"] = None  # as on Windows: `import fcntl` raises ImportError
+        from hf_cd.locking import LOCK_FILE, OutputDirLock
+        from pathlib import Path
+        with OutputDirLock(sys.argv[1]):
+            print(Path(sys.argv[1], LOCK_FILE).read_text().strip())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-1500:]
+    holder = json.loads(result.stdout)
+    assert set(holder) == {"pid", "host", "started", "command"}
+    assert not (tmp_path / LOCK_FILE).exists()
 
 
 def test_resume_true_uses_the_newest_complete_checkpoint_and_is_exact(finished_run, tmp_path):

@@ -1,7 +1,8 @@
 """hf-cd: Colinearity Decay for Hugging Face Vision Transformers.
 
-Train ViT / DeiT / Dinov2 models whose matrix pairs do not line up, so that they keep their
-accuracy at W8A8, W6A6 and W4A4 at no inference cost.
+Train ViT / DeiT / Dinov2 models whose matrix pairs are pushed apart (CD), and measure what they
+keep at W8A8, W6A6 and W4A4; whether CD helps there is what the records under bench/results/ decide.
+The command line is ``hf-cd`` (`hf_cd.cli`).
 """
 
 from hf_cd._version import __version__

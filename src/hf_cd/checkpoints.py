@@ -32,6 +32,14 @@ WEIGHT_FILES = (
     "adapter_model.bin",
 )
 """Any one of these holds the model (an index names its shards, which must be there too)."""
+FSDP_WEIGHT_FILE = re.compile(r"^pytorch_model_fsdp(_\d+)?(_rank\d+)?\.bin$")
+"""FSDP's full (``pytorch_model_fsdp.bin``) and local (``..._rank0.bin``) state dicts, as accelerate names them."""
+FSDP_WEIGHT_DIR = re.compile(r"^pytorch_model_fsdp_\d+$")
+"""FSDP's sharded state dict: a torch.distributed.checkpoint folder (``.metadata`` + ``*.distcp``)."""
+OPTIMIZER_FILE = re.compile(r"^(optimizer(_\d+)?(_rank\d+)?\.(pt|bin)|rank\d+-of-\d+-optimizer\.pt)$")
+"""The Trainer's ``optimizer.pt``, accelerate's FSDP ``optimizer.bin`` / ``optimizer_0_rank0.bin``, TP's shards."""
+DEEPSPEED_DIR = re.compile(r"^global_step\d+$")
+"""DeepSpeed's engine checkpoint: ``*model_states.pt`` and ``*optim_states.pt`` files."""
 
 
 def current_umask() -> int:
@@ -112,11 +120,40 @@ def _file_problem(path: Path) -> str | None:
     return None
 
 
+def _distributed_checkpoint_problems(folder: Path) -> list[str]:
+    """A torch.distributed.checkpoint folder is complete once its ``.metadata`` (written last) is there."""
+    problems = []
+    if problem := _file_problem(folder / ".metadata"):
+        problems.append(f"{folder.name}/{problem}")
+    shards = sorted(folder.glob("*.distcp"))
+    if not shards:
+        problems.append(f"{folder.name} holds no *.distcp shards")
+    problems.extend(f"{folder.name}/{p}" for shard in shards if (p := _file_problem(shard)))
+    return problems
+
+
+def _deepspeed_problems(checkpoint: Path, pattern: str, what: str) -> list[str] | None:
+    """Problems of DeepSpeed's ``global_step*`` files matching ``pattern``; ``None`` if there is no such folder."""
+    folders = [p for p in checkpoint.iterdir() if p.is_dir() and DEEPSPEED_DIR.match(p.name)]
+    if not folders:
+        return None
+    files = [path for folder in folders for path in sorted(folder.glob(pattern))]
+    if not files:
+        return [f"{folders[0].name} holds no {what}"]
+    return [f"{path.parent.name}/{p}" for path in files if (p := _file_problem(path))]
+
+
 def _weight_problems(checkpoint: Path) -> list[str]:
     present = [name for name in WEIGHT_FILES if (checkpoint / name).exists()]
-    if not present:
-        return [f"no model weights ({' / '.join(WEIGHT_FILES[:3])})"]
-    problems = []
+    fsdp_files = sorted(p for p in checkpoint.iterdir() if p.is_file() and FSDP_WEIGHT_FILE.match(p.name))
+    fsdp_dirs = sorted(p for p in checkpoint.iterdir() if p.is_dir() and FSDP_WEIGHT_DIR.match(p.name))
+    deepspeed = _deepspeed_problems(checkpoint, "*model_states.pt", "model states")
+    if not present and not fsdp_files and not fsdp_dirs and deepspeed is None:
+        return [f"no model weights ({' / '.join(WEIGHT_FILES[:3])}, or FSDP's pytorch_model_fsdp*)"]
+    problems = [p for path in fsdp_files if (p := _file_problem(path))]
+    for folder in fsdp_dirs:
+        problems.extend(_distributed_checkpoint_problems(folder))
+    problems.extend(deepspeed or [])
     for name in present:
         problem = _file_problem(checkpoint / name)
         if problem is None and name.endswith(".index.json"):
@@ -133,16 +170,15 @@ def _weight_problems(checkpoint: Path) -> list[str]:
 
 def _optimizer_problems(checkpoint: Path) -> list[str]:
     problems = []
-    optimizer = [
-        path
-        for path in checkpoint.iterdir()
-        if path.name in ("optimizer.pt", "optimizer.bin")
-        or re.fullmatch(r"rank\d+-of-\d+-optimizer\.pt", path.name)
-    ]
+    optimizer = [path for path in checkpoint.iterdir() if path.is_file() and OPTIMIZER_FILE.match(path.name)]
     sharded = [path for path in checkpoint.iterdir() if path.is_dir() and path.name.startswith("optimizer")]
-    if not optimizer and not sharded:
+    deepspeed = _deepspeed_problems(checkpoint, "*optim_states.pt", "optimizer states")
+    if not optimizer and not sharded and deepspeed is None:
         problems.append("optimizer.pt is missing")
     problems.extend(p for path in optimizer if (p := _file_problem(path)))
+    for folder in sharded:  # FSDP's sharded optimizer: a torch.distributed.checkpoint folder
+        problems.extend(_distributed_checkpoint_problems(folder))
+    problems.extend(deepspeed or [])
     problems.extend(p for name in ("scheduler.pt",) if (p := _file_problem(checkpoint / name)))
     rng = sorted(checkpoint.glob("rng_state*.pth"))
     if not rng:

@@ -6,17 +6,23 @@ estimates through `CDCallback`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from hf_cd.architectures import resolve_blocks, unwrap_model
 from hf_cd.colinearity import alignment
+from hf_cd.extras import require
 from hf_cd.pairs import DEFAULT_KINDS, MatrixPair, factor_heads, find_pairs
 from hf_cd.table import Table
 from hf_cd.weights import read_weights, weight_sources
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @torch.no_grad()
@@ -239,20 +245,20 @@ def _log_y_axis(ax) -> None:
     ax.yaxis.set_minor_formatter(plain)
 
 
-def plot_alignment(tables: Table | Mapping[str, Table], path: str | Path, title: str | None = None) -> Path:
+def plot_alignment(
+    tables: Table | Mapping[str, Table], path: str | Path | None = None, title: str | None = None
+) -> Figure:
     """Mean alignment per block and kind, one line per model (e.g. ``{"before": t0, "after": t1}``).
 
+    Returns the `matplotlib.figure.Figure` (a notebook shows it); ``path`` also saves it there.
     ``title`` names the run above the panels; each panel carries its own axis labels and legend.
+    The caller's matplotlib backend is never changed (the figure is not made through pyplot).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tables = _labelled(tables)
     per_block = {label: alignment_by_block(table) for label, table in tables.items()}
     kinds = list(dict.fromkeys(k for blocks in per_block.values() for k in blocks))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.8 * len(kinds), 3.8), squeeze=False)
+    fig = new_figure(figsize=(4.8 * len(kinds), 3.8))
+    axes = fig.subplots(1, len(kinds), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         blocks: list[int] = []
         for label, by_kind in per_block.items():
@@ -268,7 +274,9 @@ def plot_alignment(tables: Table | Mapping[str, Table], path: str | Path, title:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
 
 
 def _distinct_sites(tables: Mapping[str, Table]) -> list[tuple[str, list[str]]]:
@@ -294,23 +302,20 @@ def _distinct_sites(tables: Mapping[str, Table]) -> list[tuple[str, list[str]]]:
 
 
 def plot_activation_stats(
-    tables: Table | Mapping[str, Table], path: str | Path, title: str | None = None
-) -> Path:
+    tables: Table | Mapping[str, Table], path: str | Path | None = None, title: str | None = None
+) -> Figure:
     """Max |x| per block: residual stream and each linear input, one line per model.
 
     Linear inputs that are one tensor (q, k and v read the same normalized residual) are drawn
-    once. ``title`` names the run; each panel carries its own axis labels and legend.
+    once. Returns the `matplotlib.figure.Figure`; ``path`` also saves it there. ``title`` names the
+    run; each panel carries its own axis labels and legend.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tables = _labelled(tables)
     sites = _distinct_sites(tables)
     columns = min(3, len(sites))
     rows_needed = -(-len(sites) // columns)
-    fig, axes = plt.subplots(rows_needed, columns, figsize=(4.8 * columns, 3.4 * rows_needed), squeeze=False)
+    fig = new_figure(figsize=(4.8 * columns, 3.4 * rows_needed))
+    axes = fig.subplots(rows_needed, columns, squeeze=False)
     for ax, (site_title, names) in zip(axes.flat, sites):
         blocks: list[int] = []
         for label, table in tables.items():
@@ -328,14 +333,24 @@ def plot_activation_stats(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
 
 
-def _save(fig, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A figure outside pyplot: nothing is registered with, or switches, the caller's backend."""
+    require("matplotlib", "Plotting")
+    from matplotlib.figure import Figure
 
+    return Figure(figsize=figsize)
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` whole or not at all: a temporary file in the same folder, then `os.replace`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+    os.replace(tmp, path)
     return path

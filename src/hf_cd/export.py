@@ -1,11 +1,13 @@
 """Export a trained ViT / DeiT / Dinov2 classifier to a deployable file: float or int8 ONNX.
 
-    python -m hf_cd.export --model runs/vit-cd --format onnx --output vit-cd.onnx
-    python -m hf_cd.export --model runs/vit-cd --format onnx --int8 --calibration-dataset fashion_mnist --output vit-cd-int8.onnx
+    hf-cd export --model_name_or_path runs/vit-cd --format onnx --output vit-cd.onnx
+    hf-cd export --model_name_or_path runs/vit-cd --int8 --dataset_name fashion_mnist --output vit-cd-int8.onnx
+
+(``python -m hf_cd.export`` is the same command; the dashed flags of earlier releases still work.)
 
 The int8 file is the one ``evaluate_quantized(..., pipelines=("onnxruntime-int8",))`` measures:
 the same export, the same `quantize_static` settings, calibrated on the same images (the
-``--num-calibration`` images drawn with ``--seed`` from the calibration split, as `hf_cd.quant`
+``--quant_num_calibration`` images drawn with ``--seed`` from the calibration split, as `hf_cd.quant`
 draws them). Labels, input size and the quantization settings are written into the file's
 ONNX metadata. Input ``pixel_values`` (batch, channels, height, width), output ``logits``.
 """
@@ -21,7 +23,9 @@ from typing import Any
 
 from torch import nn
 
+from hf_cd.deprecation import rename_deprecated_flags
 from hf_cd.quant.api import calibration_images_for
+from hf_cd.quant.cli import add_saved_model_argument
 from hf_cd.quant.config import QuantConfig
 from hf_cd.quant.runtimes.base import settings_from_extra
 from hf_cd.quant.runtimes.onnxruntime_int8 import (
@@ -81,57 +85,75 @@ def export_model(
     if calib_data is None:
         raise ValueError(
             "int8 export calibrates activation ranges: pass calib_data (e.g. 32 training images), or "
-            "--calibration-dataset NAME on the command line."
+            "--dataset_name NAME on the command line."
         )
     images = calibration_images_for(config, calib_data)
     quantized = OnnxRuntimeInt8Pipeline(settings)(model, config, images)
     return quantized.save(output)
 
 
-def build_parser() -> argparse.ArgumentParser:
+DEPRECATED_FLAGS: dict[str, str] = {
+    "--model": "--model_name_or_path",
+    "--calibration-dataset": "--dataset_name",
+    "--calibration-split": "--calibration_split",
+    "--num-calibration": "--quant_num_calibration",
+    "--batch-size": "--quant_batch_size",
+    "--calibration-method": "--calibration_method",
+    "--activation-type": "--activation_type",
+    "--embedding-bits": "--embedding_bits",
+    "--classifier-bits": "--classifier_bits",
+    "--attention-implementation": "--attention_implementation",
+    "--qdq-only": "--qdq_only",
+    "--torchscript-exporter": "--torchscript_exporter",
+}
+"""The flags of earlier releases → the names ``hf-cd train`` / ``hf-cd quantize`` use for the same things."""
+
+
+def build_parser(prog: str = "hf-cd export") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hf_cd.export",
+        prog=prog,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="directory of a from_pretrained image classifier")
+    add_saved_model_argument(parser)
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
     parser.add_argument("--output", type=Path, required=True, help="the .onnx file to write")
     parser.add_argument("--int8", action="store_true", help="static int8 quantization (ONNX Runtime QDQ)")
     parser.add_argument(
-        "--calibration-dataset",
+        "--dataset_name",
+        dest="calibration_dataset",
         default=None,
-        help="dataset name or directory for --int8 (anything `python -m hf_cd.quant --dataset` reads)",
+        help="calibration dataset for --int8 (anything `hf-cd quantize --dataset_name` reads)",
     )
-    parser.add_argument("--calibration-split", default="train")
-    parser.add_argument("--num-calibration", type=int, default=32)
+    parser.add_argument("--calibration_split", default="train")
+    parser.add_argument("--quant_num_calibration", dest="num_calibration", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="minmax")
-    parser.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8")
+    parser.add_argument("--quant_batch_size", dest="batch_size", type=int, default=32)
+    parser.add_argument("--calibration_method", choices=CALIBRATION_METHODS, default="minmax")
+    parser.add_argument("--activation_type", choices=("uint8", "int8"), default="uint8")
     parser.add_argument(
-        "--embedding-bits", type=int, default=8, help="8, or 16+ to keep the patch embedding float"
+        "--embedding_bits", type=int, default=8, help="8, or 16+ to keep the patch embedding float"
     )
     parser.add_argument(
-        "--classifier-bits", type=int, default=8, help="8, or 16+ to keep the classifier float"
+        "--classifier_bits", type=int, default=8, help="8, or 16+ to keep the classifier float"
     )
     parser.add_argument(
         "--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (20: GELU as one op ORT fuses)"
     )
     parser.add_argument(
-        "--attention-implementation",
+        "--attention_implementation",
         choices=[name for name in EXPORT_ATTENTION_IMPLEMENTATIONS if name],
         default="eager",
         help="transformers attention the exported copy runs (eager: no softmax NaN guard in the graph)",
     )
     parser.add_argument(
-        "--qdq-only",
+        "--qdq_only",
         action="store_true",
         help="--int8 with standard ONNX ops only (QDQ), for runtimes other than ONNX Runtime; by default "
         "each int8 linear is ONNX Runtime's MatMulIntegerToFloat with its bias inside (faster)",
     )
     parser.add_argument(
-        "--torchscript-exporter", action="store_true", help="use torch's deprecated TorchScript exporter"
+        "--torchscript_exporter", action="store_true", help="use torch's deprecated TorchScript exporter"
     )
     return parser
 
@@ -151,12 +173,13 @@ def _calibration_split(args: argparse.Namespace, model: nn.Module) -> Any:
     return load_splits(split_args, model)[1]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "hf-cd export") -> int:
+    argv = rename_deprecated_flags(sys.argv[1:] if argv is None else argv, DEPRECATED_FLAGS, prog)
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.int8 and args.calibration_dataset is None:
         raise SystemExit(
-            "--int8 calibrates activation ranges: pass --calibration-dataset NAME (e.g. fashion_mnist)."
+            "--int8 calibrates activation ranges: pass --dataset_name NAME (e.g. fashion_mnist)."
         )
     from transformers import AutoModelForImageClassification
 

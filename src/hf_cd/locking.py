@@ -1,16 +1,18 @@
-"""One run per ``output_dir``: a lock file holding the pid of the run that writes there.
+"""One run per ``output_dir``: an OS file lock, and a note that names the run holding it.
 
 Two runs writing checkpoints, weights and ``results.json`` into one directory interleave their
-files without any error. The lock is an OS file lock (``flock``) on ``output_dir/_hf_cd.lock``,
-so the kernel releases it when its process dies, even by SIGKILL: a lock file left behind by a
-dead run is simply taken over. The file also records the pid, host and command, so the error
-names the other run. (The leading underscore keeps it out of the Trainer's Hub uploads.)
+files without any error. The lock is `filelock.FileLock` on ``output_dir/_hf_cd.lock.flock``:
+``flock`` on Linux and macOS, ``msvcrt`` locking on Windows, so `CDTrainer` runs everywhere; the
+OS releases it when its process dies, even by SIGKILL, so a lock left by a dead run is simply taken
+over. Beside it, ``_hf_cd.lock`` notes the holder's pid, host and command, so the error names the
+other run. The note is a separate file
+because a lock file's bytes cannot be read while it is locked on Windows. On release the note is
+removed; the empty ``.flock`` file stays, as removing a lock file others may be opening would let
+two runs hold "the" lock at once. (The leading underscore keeps both out of the Trainer's Hub uploads.)
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import logging
 import os
@@ -19,12 +21,17 @@ import sys
 import time
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "_hf_cd.lock"
+"""The holder note (JSON: pid, host, started, command)."""
+OS_LOCK_FILE = "_hf_cd.lock.flock"
+"""The file the OS lock is taken on."""
 
-_held: dict[str, tuple[int, int]] = {}
-"""Locks this process holds: real path → (file descriptor, how many times taken)."""
+_held: dict[str, tuple[FileLock, int]] = {}
+"""Locks this process holds: real path → (the lock, how many times taken)."""
 
 
 class OutputDirLockedError(RuntimeError):
@@ -37,7 +44,7 @@ def _describe_holder(path: Path) -> str:
     except (OSError, ValueError):
         holder = {}
     if not holder:
-        return "another process (its lock file holds no pid yet)"
+        return "another process (its lock note names no pid yet)"
     started = holder.get("started")
     since = (
         f", running since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}" if started else ""
@@ -46,10 +53,9 @@ def _describe_holder(path: Path) -> str:
     return f"pid {holder.get('pid')} on {holder.get('host', '?')}{since}{command}"
 
 
-def _previous_holder(fd: int) -> dict:
+def _previous_holder(path: Path) -> dict:
     try:
-        raw = os.pread(fd, 1 << 16, 0)
-        return json.loads(raw or b"{}")
+        return json.loads(path.read_text() or "{}")
     except (OSError, ValueError):
         return {}
 
@@ -66,38 +72,23 @@ class OutputDirLock:
         self._key: str | None = None
 
     def acquire(self) -> OutputDirLock:
-        import fcntl
-
         self.output_dir.mkdir(parents=True, exist_ok=True)
         key = os.path.realpath(self.path)
         if key in _held:
-            fd, count = _held[key]
-            _held[key] = (fd, count + 1)
+            lock, count = _held[key]
+            _held[key] = (lock, count + 1)
             self._key = key
             return self
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as error:
-                os.close(fd)
-                if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise
-                raise OutputDirLockedError(
-                    f"{self.output_dir} is in use by {_describe_holder(self.path)}. Two runs writing into one "
-                    "output_dir would mix their checkpoints and results: wait for that run to finish (or stop "
-                    "it), or pass another --output_dir."
-                ) from None
-            # The previous holder may have removed the file between our open and our flock: then we
-            # hold a lock on a file nobody else can see; start again on the new one.
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        previous = _previous_holder(fd)
+        lock = FileLock(self.output_dir / OS_LOCK_FILE, timeout=0, thread_local=False)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise OutputDirLockedError(
+                f"{self.output_dir} is in use by {_describe_holder(self.path)}. Two runs writing into one "
+                "output_dir would mix their checkpoints and results: wait for that run to finish (or stop "
+                "it), or pass another --output_dir."
+            ) from None
+        previous = _previous_holder(self.path)
         if previous.get("pid") not in (None, os.getpid()):
             logger.warning(
                 "Taking over the lock of %s from pid %s on %s, which no longer holds it (a run that was killed).",
@@ -111,23 +102,23 @@ class OutputDirLock:
             "started": time.time(),
             "command": " ".join(sys.argv)[:500],
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-        _held[key] = (fd, 1)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, self.path)  # whole or not at all: a reader never sees half a note
+        _held[key] = (lock, 1)
         self._key = key
         return self
 
     def release(self) -> None:
         if self._key is None or self._key not in _held:
             return
-        fd, count = _held[self._key]
+        lock, count = _held[self._key]
         if count > 1:
-            _held[self._key] = (fd, count - 1)
+            _held[self._key] = (lock, count - 1)
         else:
             del _held[self._key]
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)  # while still locked, so no one locks the old file after us
-            os.close(fd)
+            self.path.unlink(missing_ok=True)  # while still locked, so no one reads our note as theirs
+            lock.release()
         self._key = None
 
     def __enter__(self) -> OutputDirLock:

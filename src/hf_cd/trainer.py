@@ -127,8 +127,13 @@ class TrainLossTracker(TrainerCallback, ExportableState):
 class CDTrainer(Trainer):
     """`Trainer` with the decoupled CD update after each optimizer step, configured by `CDConfig`.
 
-    Pass a `CDCallback` in ``callbacks`` to override the config's CD settings; with
-    ``cd_strength=0`` and ``tweo_weight=0`` it is a plain Trainer.
+    Pass a `CDCallback` in ``callbacks`` to override the config's CD settings. With
+    ``cd_strength=0`` and ``tweo_weight=0`` (a baseline) nothing of CD is added: no callback, no
+    ``hf_cd`` block in ``config.json`` and the Trainer's own model card. What stays is the
+    ``output_dir`` lock and three fixes of the Trainer's own behaviour that a baseline needs as much
+    as a CD run: resumed checkpoints load through ``from_pretrained`` (transformers 5 resumes ViT
+    keys silently wrong), ``train_loss`` covers the whole run after a resume, and NaN weights are
+    refused before the first step.
     """
 
     def __init__(
@@ -144,8 +149,13 @@ class CDTrainer(Trainer):
         self._tweo_sum: torch.Tensor | None = None
         self._tweo_steps = 0
         config = getattr(unwrap_model(self.model), "config", None)
-        if config is not None:
+        if config is not None and self.uses_cd:
             config.hf_cd = self.cd_settings
+
+    @property
+    def uses_cd(self) -> bool:
+        """Whether this trainer changes training at all: CD (or the TWEO baseline's penalty) is on."""
+        return self.cd_callback is not None or self._tweo is not None
 
     # -- training ------------------------------------------------------------------------------
 
@@ -320,10 +330,14 @@ class CDTrainer(Trainer):
     ) -> None:
         """Write the hf-cd card (`hf_cd.hub`), not the generic one, so `push_to_hub` uploads it.
 
-        The card holds the CD settings. It also holds the quantized accuracy when ``output_dir``
+        A baseline trainer (no CD, no TWEO) writes the Trainer's own card instead. The card holds the CD settings. It also holds the quantized accuracy when ``output_dir``
         holds this run's ``results.json``. ``license``, ``language`` and ``tags`` go into its
         metadata; the other `Trainer.create_model_card` arguments describe the generic card and are ignored.
         """
+        if not self.uses_cd:
+            return super().create_model_card(
+                model_name=model_name, dataset=dataset, finetuned_from=finetuned_from, **kwargs
+            )
         if not self.is_world_process_zero():
             return
         from hf_cd import hub  # hub loads hf_cd.quant, which `import hf_cd` should not pay for

@@ -8,6 +8,7 @@ Per-dataset knowledge lives in `hf_cd.data.registry.DATASETS`, not here.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Mapping
@@ -46,6 +47,8 @@ class _Source:
     label_column: str
     class_names: tuple[str, ...] | None
     description: str
+    base_dir: Path | None = None
+    """Folder that relative image paths (a csv's file-path column) are relative to."""
 
 
 def load_image_dataset(
@@ -53,6 +56,8 @@ def load_image_dataset(
     *,
     label: str | None = None,
     image_column: str | None = None,
+    config_name: str | None = None,
+    revision: str | None = None,
     validation_fraction: float = 0.1,
     seed: int = 0,
     max_train_samples: int | None = None,
@@ -63,13 +68,18 @@ def load_image_dataset(
     """Load an image-classification dataset as train / validation / test with ``image`` and ``label``.
 
     Args:
-        name_or_path: a name from `DATASETS` (``fashion_mnist``, ``eurosat``, ``fgvc_aircraft``,
-            ``sun397``, ``smallnorb``) or a local directory: an ``imagefolder`` tree
-            (``train/<class>/*.png`` ...) or the output of ``save_to_disk``.
-        label: which label column to use: for ``fgvc_aircraft`` one of ``variant`` (default),
-            ``family``, ``manufacturer``; for a local dataset any column (default ``label``).
-        image_column: the image column, when not the registry's (e.g. ``image_rt`` for smallNORB)
-            or not ``image`` for a local dataset.
+        name_or_path: anything ``datasets.load_dataset`` reads: a Hub dataset id (``beans``,
+            ``user/name``), or a local directory: an ``imagefolder`` tree (``train/<class>/*.png`` ...,
+            optionally with a ``metadata.csv``), parquet / arrow / csv files (``train-*.parquet`` ...)
+            or the output of ``save_to_disk``. A name from `DATASETS` (``fashion_mnist``, ``eurosat``,
+            ``fgvc_aircraft``, ``sun397``, ``smallnorb``) gets that entry's special handling.
+        label: which label column to use (transformers' ``--label_column_name``): for
+            ``fgvc_aircraft`` one of ``variant`` (default), ``family``, ``manufacturer``; otherwise
+            any column (default ``label``).
+        image_column: the image column (``--image_column_name``), when not the registry's (e.g.
+            ``image_rt`` for smallNORB) or not ``image``; a column of file paths works too.
+        config_name / revision: the Hub dataset's configuration (subset) and branch, tag or commit
+            (a registered name pins its own).
         validation_fraction: share of train held out, stratified by label, when the source has
             no validation split; a missing test split is carved the same way (before validation).
         seed: seeds the carving and the ``max_*_samples`` subsets, so runs are reproducible.
@@ -85,7 +95,14 @@ def load_image_dataset(
         ``{split: (CorruptImage, ...)}`` of the images dropped (empty unless ``skip_corrupt_images``).
     """
     _check_fraction("validation_fraction", validation_fraction)
-    source = _load_source(name_or_path, label=label, image_column=image_column, cache_dir=cache_dir)
+    source = _load_source(
+        name_or_path,
+        label=label,
+        image_column=image_column,
+        config_name=config_name,
+        revision=revision,
+        cache_dir=cache_dir,
+    )
     splits = {
         split: _select_image_and_label(dataset, split, source) for split, dataset in source.splits.items()
     }
@@ -117,6 +134,8 @@ def _load_source(
     *,
     label: str | None,
     image_column: str | None,
+    config_name: str | None = None,
+    revision: str | None = None,
     cache_dir: str | os.PathLike | None,
 ) -> _Source:
     name = os.fspath(name_or_path)
@@ -125,11 +144,82 @@ def _load_source(
     path = Path(name).expanduser()
     if path.is_dir():
         return _load_local(path, label, image_column, cache_dir)
-    raise UnknownDatasetError(
-        f"Unknown dataset {name!r}. Known datasets: {', '.join(sorted(DATASETS))}. "
-        f"A local directory (an imagefolder tree or a save_to_disk output) is also accepted, "
-        f"but {name!r} is not an existing directory."
-    )
+    check_dataset_source(name)
+    return _load_hub(name, config_name, revision, label, image_column, cache_dir)
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids downloads (read now, as `datasets` and `huggingface_hub` read it at import)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return value in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
+
+
+def check_dataset_source(name: str) -> None:
+    """Refuse a dataset name that is neither registered, nor a directory, nor a valid Hub id; before any work.
+
+    Why: a mistyped local path would otherwise reach the Hub as a repository id and fail there with
+    "Repo id must be in the form 'repo_name' or 'namespace/repo_name'".
+    """
+    if name in DATASETS or Path(name).expanduser().is_dir():
+        return
+    known = f"registered names: {', '.join(sorted(DATASETS))}"
+    hint = _did_you_mean(name)
+    if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name:
+        raise UnknownDatasetError(
+            f"Dataset {name!r}: no such directory ({Path(name).expanduser().resolve()}). Give an existing folder "
+            f"(imagefolder, parquet / arrow / csv files, save_to_disk output), a Hub dataset id, or one of the "
+            f"{known}.{hint}"
+        )
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise UnknownDatasetError(
+            f"Dataset {name!r} is neither an existing directory nor a Hub dataset id (namespace/name: letters, "
+            f"digits, '-', '_', '.') nor one of the {known}.{hint}"
+        ) from None
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, DATASETS, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _load_hub(
+    name: str,
+    config_name: str | None,
+    revision: str | None,
+    label: str | None,
+    image_column: str | None,
+    cache_dir: str | os.PathLike | None,
+) -> _Source:
+    """A Hub dataset by id, as transformers' ``run_image_classification.py`` loads ``--dataset_name``."""
+    try:
+        raw = load_dataset(name, config_name, revision=revision, cache_dir=_str(cache_dir))
+    except (
+        Exception
+    ) as error:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+        if hub_offline():
+            raise UnknownDatasetError(
+                f"Dataset {name!r} is not a local directory and not in the datasets cache, and HF_HUB_OFFLINE=1 "
+                "forbids downloading it from the Hub: unset HF_HUB_OFFLINE, or give a local folder "
+                "(imagefolder, parquet / arrow / csv files, save_to_disk output) or a registered name "
+                f"({', '.join(sorted(DATASETS))}).{_did_you_mean(name)}"
+            ) from None
+        if type(error).__name__ in ("DatasetNotFoundError", "RepositoryNotFoundError", "FileNotFoundError"):
+            raise UnknownDatasetError(
+                f"Dataset {name!r}: no such dataset on the Hub (or it is private or gated and you are not logged "
+                f"in), and no such local directory. Registered names: {', '.join(sorted(DATASETS))}."
+                f"{_did_you_mean(name)}"
+            ) from None
+        raise
+    if not isinstance(raw, DatasetDict):
+        raw = DatasetDict({"train": raw})
+    return _local_splits(raw, f"Hub dataset {name!r}", label, image_column, base_dir=None)
 
 
 def _load_registered(
@@ -180,18 +270,30 @@ def _load_local(
         raw = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
         kind = "save_to_disk directory"
     else:
+        # datasets picks the builder from the files: imagefolder (with an optional metadata.csv),
+        # parquet, arrow, csv or json; split names come from file or folder names (train-*.parquet, test/)
         try:
-            raw = load_dataset("imagefolder", data_dir=str(path), cache_dir=_str(cache_dir))
+            raw = load_dataset(str(path), cache_dir=_str(cache_dir))
         except FileNotFoundError as error:  # datasets' EmptyDatasetError
             raise EmptySplitError(
-                f"{str(path)!r} holds no images: expected an imagefolder tree (train/<class>/*.png, with "
-                "optional validation/ and test/) or the output of Dataset.save_to_disk. "
-                f"({type(error).__name__}: {error})"
+                f"{str(path)!r} holds no images or data files: expected an imagefolder tree (train/<class>/*.png, "
+                "with optional validation/ and test/), parquet / arrow / csv files, or the output of "
+                f"Dataset.save_to_disk. ({type(error).__name__}: {error})"
             ) from error
-        kind = "imagefolder"
-        if label is None and any("label" not in split.column_names for split in raw.values()):
+        kind = next(iter(raw.values())).info.builder_name or "folder"
+        if (
+            kind == "imagefolder"
+            and label is None
+            and any("label" not in s.column_names for s in raw.values())
+        ):
             raise DatasetSchemaError(_no_classes_message(path, raw))
-    description = f"{kind} {str(path)!r}"
+    return _local_splits(raw, f"{kind} {str(path)!r}", label, image_column, base_dir=path)
+
+
+def _local_splits(
+    raw: DatasetDict, description: str, label: str | None, image_column: str | None, base_dir: Path | None
+) -> _Source:
+    """Map a loaded `DatasetDict`'s split names onto ours (``val`` / ``valid`` / ``dev`` → validation)."""
     splits = {}
     for split, dataset in raw.items():
         canonical = _SPLIT_ALIASES.get(split, split)
@@ -214,6 +316,7 @@ def _load_local(
         label_column=label or "label",
         class_names=None,
         description=description,
+        base_dir=base_dir,
     )
 
 
@@ -243,13 +346,17 @@ def _str(path: str | os.PathLike | None) -> str | None:
 
 def _select_image_and_label(dataset: Dataset, split: str, source: _Source) -> Dataset:
     """Keep only the image and label columns, renamed to ``image`` and ``label``."""
-    wanted = {"image column": source.image_column, "label column": source.label_column}
-    missing = [f"{role} {column!r}" for role, column in wanted.items() if column not in dataset.column_names]
-    if missing:
+    wanted = {
+        "image": (source.image_column, "--image_column_name", "image_column="),
+        "label": (source.label_column, "--label_column_name", "label="),
+    }
+    missing = [(role, *names) for role, names in wanted.items() if names[0] not in dataset.column_names]
+    if missing:  # transformers' run_image_classification.py words it the same way
+        what = " and ".join(f"{flag} {column!r} (the {role} column)" for role, column, flag, _ in missing)
+        fixes = " / ".join(f"`{flag}` ({keyword} in Python)" for _, _, flag, keyword in missing)
         raise DatasetSchemaError(
-            f"Split {split!r} of {source.description} has no {' and no '.join(missing)}; "
-            f"its columns are {dataset.column_names}. "
-            "Pass image_column=... / label=... to name the right ones."
+            f"{what} not found in split {split!r} of {source.description}. Make sure to set {fixes} to the "
+            f"correct column - one of {', '.join(dataset.column_names)}."
         )
     dataset = dataset.select_columns([source.image_column, source.label_column])
     renames = {
@@ -339,7 +446,14 @@ def _ensure_image_feature(dataset: Dataset, split: str, source: _Source) -> Data
     feature = dataset.features["image"]
     if isinstance(feature, Image):
         return dataset if feature.decode else dataset.cast_column("image", Image())
-    if _is_string(feature):  # file paths
+    if _is_string(feature):  # file paths; a csv's relative ones are relative to its folder
+        if source.base_dir is not None:
+            base = str(source.base_dir)
+            dataset = dataset.map(
+                lambda batch: {"image": [os.path.join(base, path) for path in batch["image"]]},
+                batched=True,
+                desc="resolving image paths",
+            )
         return dataset.cast_column("image", Image())
     raise DatasetSchemaError(
         f"Split {split!r} of {source.description}: image column {source.image_column!r} has type {feature}; "

@@ -331,3 +331,21 @@ def collate_fn(examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]
     if "labels" in examples[0]:
         batch["labels"] = torch.tensor([int(example["labels"]) for example in examples], dtype=torch.long)
     return batch
+
+
+IMAGE_PROCESSOR_BACKEND = "pil"
+"""Which transformers image-processor backend hf-cd loads: the PIL one, on every machine.
+
+Why not torchvision (transformers' default where it is installed): it is a speed path for the same
+preprocessing, but a different resize implementation, so numbers would depend on whether a machine
+has torchvision; the package pins a torchvision build to one torch build (CPU vs CUDA), which makes
+it a fragile dependency; and hf-cd's own training transforms are PIL + torch already. Asking for
+the PIL backend by name also silences transformers' "requires torchvision … falling back" warning.
+"""
+
+
+def load_image_processor(name_or_path: Any, **kwargs: Any):
+    """``AutoImageProcessor.from_pretrained`` with the PIL backend (`IMAGE_PROCESSOR_BACKEND`)."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(name_or_path, backend=IMAGE_PROCESSOR_BACKEND, **kwargs)

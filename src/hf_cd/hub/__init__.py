@@ -9,7 +9,7 @@ for programs, and `read_quantized_results` parses it back into rows::
 
     write_model_card(output_dir, results)                     # README.md beside the safetensors weights
     write_model_card(output_dir, evaluate_quantized(...))     # or the quantized table alone
-    push_cd_model(output_dir, "user/vit-cd", dry_run=True)    # the exact files and card it would upload
+    push_cd_model("user/vit-cd", output_dir, dry_run=True)    # the exact files and card it would upload
     model, processor, results = load_cd_checkpoint("user/vit-cd")
     results.accuracy("repq", 4, 4)
 
@@ -28,6 +28,7 @@ and pushes checkpoints, and `errors` holds the exceptions and turns Hub failures
 from hf_cd.hub.card import (
     CARD_COLUMNS,
     CARD_TAGS,
+    CD_TAGS,
     build_model_card,
     card_template,
     results_from_table,
@@ -41,6 +42,7 @@ from hf_cd.hub.transfer import HubUpload, load_cd_checkpoint, push_cd_model
 __all__ = [
     "CARD_COLUMNS",
     "CARD_TAGS",
+    "CD_TAGS",
     "HubAccessError",
     "HubUpload",
     "IncompleteResultsWarning",

@@ -15,7 +15,7 @@ from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
 from hf_cd.hub.card import CARD_COLUMNS, CARD_FILE, is_full_precision
 from hf_cd.hub.errors import LOAD_HINT, IncompleteResultsWarning, ModelCardError, checked_repo_id, hub_errors
-from hf_cd.quant.results import FULL_PRECISION, QuantResults
+from hf_cd.quant.results import ACCURACY_UNIT, FULL_PRECISION, QuantResults
 
 _BITS_LABEL = re.compile(r"[Ww](\d+)[Aa](\d+)")
 _OUR_METRIC_CONFIG = re.compile(r"w\d+a\d+-.+|full-precision")
@@ -79,6 +79,10 @@ def parse_card(text: str, label: str) -> QuantResults:
         )
     rows: list[dict[str, Any]] = []
     seen: dict[tuple, str] = {}
+    block = metadata.get("hf_cd")
+    # model-index values are fractions in [0, 1] (what evaluate and Trainer cards write); cards written
+    # before hf_cd.accuracy_unit existed held percent. The returned rows are in percent, as QuantResults.
+    fraction = isinstance(block, Mapping) and block.get("accuracy_unit") == ACCURACY_UNIT
     for i, entry in enumerate(_as_list(metadata["model-index"], "model-index", label)):
         where = f"model-index[{i}]"
         entry = _as_mapping(entry, where, label)
@@ -90,7 +94,9 @@ def parse_card(text: str, label: str) -> QuantResults:
             metrics = _required(result, "metrics", result_where, label)
             for k, metric in enumerate(_as_list(metrics, f"{result_where}.metrics", label)):
                 metric_where = f"{result_where}.metrics[{k}]"
-                row = _row_from_metric(_as_mapping(metric, metric_where, label), metric_where, label)
+                row = _row_from_metric(
+                    _as_mapping(metric, metric_where, label), metric_where, label, fraction=fraction
+                )
                 if row is None:
                     continue
                 key = (
@@ -144,7 +150,9 @@ def _int_field(
     return value
 
 
-def _row_from_metric(metric: Mapping[str, Any], where: str, label: str) -> dict[str, Any] | None:
+def _row_from_metric(
+    metric: Mapping[str, Any], where: str, label: str, *, fraction: bool = True
+) -> dict[str, Any] | None:
     """One result row, or None for a metric that is not an hf-cd row (someone else's, kept untouched)."""
     args = metric.get("args")
     ours = (isinstance(args, Mapping) and "pipeline" in args) or bool(
@@ -156,10 +164,10 @@ def _row_from_metric(metric: Mapping[str, Any], where: str, label: str) -> dict[
         raise ModelCardError(f"{label}: `{where}.type` must be 'accuracy', got {metric.get('type')!r}.")
     args = _as_mapping(_required(metric, "args", where, label), f"{where}.args", label)
     value = _required(metric, "value", where, label)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
-        raise ModelCardError(
-            f"{label}: `{where}.value` must be a top-1 accuracy in percent (a number from 0 to 100), got {value!r}."
-        )
+    highest = 1 if fraction else 100
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= highest:
+        unit = "a fraction (a number from 0 to 1)" if fraction else "percent (a number from 0 to 100)"
+        raise ModelCardError(f"{label}: `{where}.value` must be a top-1 accuracy as {unit}, got {value!r}.")
     args_where = f"{where}.args"
     pipeline = _required(args, "pipeline", args_where, label)
     runtime, protocol = args.get("runtime"), args.get("protocol")
@@ -179,7 +187,7 @@ def _row_from_metric(metric: Mapping[str, Any], where: str, label: str) -> dict[
         "classifier_bits": _int_field(args, "classifier_bits", args_where, label, required=False),
         "protocol": protocol,
         "activation_mode": activation_mode,
-        "accuracy": float(value),
+        "accuracy": round(float(value) * 100.0, 9) if fraction else float(value),  # 9: no binary noise
         "accuracy_drop": None,
         "num_eval": _int_field(args, "num_eval", args_where, label, required=False),
         "num_calibration": _int_field(args, "calibration_images", args_where, label),

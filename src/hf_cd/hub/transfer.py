@@ -72,7 +72,9 @@ def load_cd_checkpoint(
     source you trust, because unpickling can execute arbitrary code. Remote code is never run. The
     image processor is None when the folder has none.
     """
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoModelForImageClassification
+
+    from hf_cd.data.transforms import load_image_processor
 
     path = Path(source).expanduser()
     if path.is_dir():
@@ -101,11 +103,13 @@ def load_cd_checkpoint(
     )
     if getattr(model.config, "hf_cd", None) is None:
         logger.warning(
-            "%s records no hf_cd settings in config.json: it was not trained with CDTrainer.", source
+            "%s records no hf_cd settings in config.json: it was not trained with CD (a baseline, or not "
+            "trained with CDTrainer).",
+            source,
         )
     processor = None
     if (folder / IMAGE_PROCESSOR_NAME).is_file():
-        processor = AutoImageProcessor.from_pretrained(folder)
+        processor = load_image_processor(folder)
     else:
         logger.warning("%s has no %s; preprocess images yourself.", source, IMAGE_PROCESSOR_NAME)
     if (folder / CARD_FILE).is_file():
@@ -225,38 +229,61 @@ def _card_for_upload(folder: Path, repo_id: str, results: dict | None) -> str:
 
 
 def push_cd_model(
-    output_dir: str | os.PathLike,
     repo_id: str,
-    private: bool = False,
-    dry_run: bool = False,
+    folder_path: str | os.PathLike,
     *,
+    private: bool | None = None,
+    dry_run: bool = False,
+    regenerate_card: bool = False,
     token: str | None = None,
     revision: str | None = None,
     commit_message: str = "Upload CD-trained model (hf-cd)",
 ) -> HubUpload:
-    """Create ``repo_id`` if needed and upload the checkpoint in ``output_dir`` with its model card.
+    """Create ``repo_id`` if needed and upload the checkpoint in ``folder_path`` with its model card.
 
-    Only the weights (safetensors), ``config.json``, the image processor config, ``README.md``
-    and ``results.json`` are sent: no checkpoints, optimizer states, ``training_args.bin`` or
-    plots. ``README.md`` is regenerated from ``results.json`` so that its snippets name
-    ``repo_id``. A ``results.json`` older than the weights belongs to an earlier run, so it is
-    neither uploaded nor used, and the README.md already there goes up as is. ``dry_run=True`` prints and returns the exact files and card,
-    without any network access and without writing anything. Without ``token`` the stored login
-    (``hf auth login`` / ``HF_TOKEN``) is used, and a missing one is a `HubAccessError`.
+    The arguments follow ``huggingface_hub.upload_folder(repo_id=..., folder_path=...)``; every
+    flag is keyword-only. Only the weights (safetensors), ``config.json``, the image processor
+    config, ``README.md`` and ``results.json`` are sent: no checkpoints, optimizer states,
+    ``training_args.bin`` or plots.
+
+    The card: a ``README.md`` that hf-cd wrote (its metadata has an ``hf_cd`` block) is regenerated
+    from ``results.json`` so that its snippets name ``repo_id``, and rewritten locally (logged). A
+    ``README.md`` that you wrote is uploaded as it is and never rewritten, unless
+    ``regenerate_card=True`` (which says so). A ``results.json`` older than the weights belongs to an
+    earlier run, so it is neither uploaded nor used, and the README.md already there goes up as is.
+    ``dry_run=True`` prints and returns the exact files and card, without any network access and
+    without writing anything. Without ``token`` the stored login (``hf auth login`` / ``HF_TOKEN``)
+    is used, and a missing one is a `HubAccessError`.
     """
-    folder = Path(output_dir)
+    if Path(repo_id).expanduser().is_dir() and not Path(folder_path).expanduser().is_dir():
+        warnings.warn(  # the order of earlier releases: push_cd_model(output_dir, repo_id)
+            "push_cd_model(output_dir, repo_id) is deprecated: the repo id comes first, as in "
+            "huggingface_hub.upload_folder(repo_id=..., folder_path=...).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        repo_id, folder_path = os.fspath(folder_path), repo_id
+    folder = Path(folder_path)
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise ValueError(f"{repo_id!r} is not a valid Hub repo id (user/name): {error}") from None
+    card_path = folder / CARD_FILE
+    user_card = card_path.is_file() and not written_by_hf_cd(card_path)
     results = fresh_results(folder) if folder.is_dir() else None
+    keep_user_card = user_card and not regenerate_card
     plan = HubUpload(
         repo_id=repo_id,
         folder=folder,
         files=_shareable_files(folder, with_results=results is not None),
-        card=_card_for_upload(folder, repo_id, results),
-        private=private,
+        card=_card_for_upload(folder, repo_id, None if keep_user_card else results),
+        private=bool(private),
     )
+    if keep_user_card:
+        logger.info(
+            "%s was not written by hf-cd: it is uploaded as it is (regenerate_card=True replaces it).",
+            card_path,
+        )
     if dry_run:
         print(f"push_cd_model dry run: nothing is uploaded.\n{plan.describe()}", flush=True)
         return plan
@@ -266,7 +293,14 @@ def push_cd_model(
         f"push to {repo_id!r}", token, offline_hint="pass dry_run=True to see what would be uploaded"
     ):
         repo = create_repo(repo_id, token=auth, private=private, exist_ok=True)
-        (folder / CARD_FILE).write_text(plan.card, encoding="utf-8")
+        if not keep_user_card and (
+            not card_path.is_file() or card_path.read_text(encoding="utf-8-sig") != plan.card
+        ):
+            if user_card:
+                logger.warning("Replacing your %s with the generated card (regenerate_card=True).", card_path)
+            else:
+                logger.info("Rewriting %s so that its snippets name %s.", card_path, repo_id)
+            write_text_atomic(card_path, plan.card)
         commit = upload_folder(
             repo_id=repo.repo_id,
             folder_path=folder,
@@ -277,3 +311,19 @@ def push_cd_model(
         )
     logger.info("Uploaded %d files to %s", len(plan.files), commit.commit_url)
     return dataclasses.replace(plan, commit_url=commit.commit_url)
+
+
+def written_by_hf_cd(card_path: Path) -> bool:
+    """Whether a ``README.md`` is a card hf-cd generated (its metadata has the ``hf_cd`` block)."""
+    try:
+        data = ModelCard(card_path.read_text(encoding="utf-8-sig")).data.to_dict()
+    except (ValueError, yaml.YAMLError, KeyError, TypeError):
+        return False
+    return isinstance(data.get("hf_cd"), dict)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """The whole file or none of it: a temporary file in the same folder, then `os.replace`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,10 +1,12 @@
 """``python -m hf_cd.quant``: quantize a saved model with every pipeline and report top-1 accuracy.
 
-    python -m hf_cd.quant --model runs/vit-cd --dataset fashion_mnist --bits 8,8 6,6 4,4 --output ptq.json
+    hf-cd quantize --model_name_or_path runs/vit-cd --dataset_name fashion_mnist --quant_bits W8A8 W4A4 --output ptq.json
 
-``--dataset`` is anything `hf_cd.data.load_image_dataset` reads (a registered name, an imagefolder
-tree, a ``save_to_disk`` directory with ``image`` / ``label``), or a ``save_to_disk`` directory
-already holding ``pixel_values`` / ``labels``. Images are prepared with the image processor saved
+(``python -m hf_cd.quant`` is the same command.) ``--dataset_name`` is anything
+`hf_cd.data.load_image_dataset` reads (a Hub id, a registered name, an imagefolder tree, parquet /
+arrow / csv files, a ``save_to_disk`` directory with ``image`` / ``label``), or a ``save_to_disk``
+directory already holding ``pixel_values`` / ``labels``. Options are spelt as in ``hf-cd train``;
+the dashed spellings of earlier releases still work, with a warning. Images are prepared with the image processor saved
 beside the model (a ViT-style resize and 0.5 / 0.5 normalization when there is none).
 """
 
@@ -20,9 +22,11 @@ from typing import Any
 
 import torch
 
+from hf_cd.deprecation import rename_deprecated_flags
 from hf_cd.quant.config import PROTOCOLS, QuantConfig
 from hf_cd.quant.evaluate import DEFAULT_BITS, DEFAULT_PIPELINES, evaluate_quantized
 from hf_cd.quant.registry import available_pipelines
+from hf_cd.quant.results import ACCURACY_UNIT, rows_as_fractions
 
 logger = logging.getLogger("hf_cd.quant")
 
@@ -51,23 +55,68 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+DEPRECATED_FLAGS: dict[str, str] = {
+    "--model": "--model_name_or_path",
+    "--dataset": "--dataset_name",
+    "--eval-split": "--eval_split",
+    "--calibration-split": "--calibration_split",
+    "--pipelines": "--quant_pipelines",
+    "--bits": "--quant_bits",
+    "--embedding-bits": "--embedding_bits",
+    "--classifier-bits": "--classifier_bits",
+    "--extra": "--quant_extra",
+    "--num-calibration": "--quant_num_calibration",
+    "--batch-size": "--quant_batch_size",
+    "--max-eval-samples": "--quant_max_eval_samples",
+    "--no-progress": "--no_progress",
+}
+"""The flags of earlier releases → the names ``hf-cd train`` uses for the same things."""
+
+
+def add_saved_model_argument(parser: argparse.ArgumentParser) -> None:
+    """``--model_name_or_path DIR`` (``args.model``), spelt as ``hf-cd train`` spells the model source."""
+    parser.add_argument(
+        "--model_name_or_path",
+        dest="model",
+        metavar="DIR",
+        required=True,
+        help="directory of a from_pretrained image classifier (the output_dir of `hf-cd train`)",
+    )
+
+
+def build_parser(prog: str = "hf-cd quantize") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hf_cd.quant",
+        prog=prog,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="directory of a from_pretrained image classifier")
+    add_saved_model_argument(parser)
     parser.add_argument(
-        "--dataset", default="fashion_mnist", help="dataset name or directory (default: fashion_mnist)"
+        "--dataset_name",
+        dest="dataset",
+        default="fashion_mnist",
+        help="Hub dataset id, registered name or local folder (default: fashion_mnist)",
     )
-    parser.add_argument("--eval-split", default="test")
-    parser.add_argument("--calibration-split", default="train")
+    parser.add_argument("--dataset_config_name", default=None, help="the Hub dataset's configuration")
+    parser.add_argument("--dataset_revision", default=None, help="branch, tag or commit of a Hub dataset")
+    parser.add_argument("--image_column_name", default=None, help="image column (default: image)")
+    parser.add_argument("--label_column_name", default=None, help="label column (default: label)")
+    parser.add_argument("--eval_split", default="test")
+    parser.add_argument("--calibration_split", default="train")
     parser.add_argument(
-        "--pipelines", nargs="+", default=list(DEFAULT_PIPELINES), help=f"any of {available_pipelines()}"
+        "--quant_pipelines",
+        dest="pipelines",
+        nargs="+",
+        default=list(DEFAULT_PIPELINES),
+        help=f"any of {available_pipelines()}",
     )
     parser.add_argument(
-        "--bits", nargs="+", type=_bits_pair, default=list(DEFAULT_BITS), help="W,A pairs, e.g. 8,8 4,4"
+        "--quant_bits",
+        dest="bits",
+        nargs="+",
+        type=_bits_pair,
+        default=list(DEFAULT_BITS),
+        help="bit widths, e.g. W8A8 W4A4 (or 8,8 4,4)",
     )
     parser.add_argument(
         "--protocol",
@@ -77,24 +126,33 @@ def build_parser() -> argparse.ArgumentParser:
         + "; ".join(f"{name}: {what}" for name, what in PROTOCOLS.items()),
     )
     parser.add_argument(
-        "--embedding-bits", type=int, default=8, help="patch-embedding bits (deploy protocol)"
+        "--embedding_bits", type=int, default=8, help="patch-embedding bits (deploy protocol)"
     )
-    parser.add_argument("--classifier-bits", type=int, default=8, help="classifier bits (deploy protocol)")
+    parser.add_argument("--classifier_bits", type=int, default=8, help="classifier bits (deploy protocol)")
     parser.add_argument(
-        "--extra",
+        "--quant_extra",
+        dest="extra",
         type=_json_object,
         default={},
         help="pipeline options as a JSON object (QuantConfig.extra), e.g. "
         '\'{"rotate_activations": "dynamic_per_token", "rotate_solver": "gptaq"}\'',
     )
-    parser.add_argument("--num-calibration", type=int, default=32)
+    parser.add_argument(
+        "--quant_num_calibration", dest="num_calibration", type=int, default=32, help="calibration images"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on a stratified subset")
+    parser.add_argument("--quant_batch_size", dest="batch_size", type=int, default=64)
+    parser.add_argument(
+        "--quant_max_eval_samples",
+        dest="max_eval_samples",
+        type=int,
+        default=None,
+        help="evaluate on a stratified subset of at most this many images of --eval_split",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default: cuda if available)")
     parser.add_argument("--output", type=Path, default=None, help="write the rows and settings as JSON here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the markdown table here")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no_progress", action="store_true")
     return parser
 
 
@@ -110,10 +168,12 @@ def _has_pixel_values(path: Path) -> bool:
 
 
 def _image_processor(model_dir: Path, model) -> Any:
-    from transformers import AutoImageProcessor, ViTImageProcessor
+    from transformers import ViTImageProcessorPil as ViTImageProcessor
+
+    from hf_cd.data.transforms import load_image_processor
 
     try:
-        return AutoImageProcessor.from_pretrained(model_dir)
+        return load_image_processor(model_dir)
     except (OSError, ValueError):
         size = model.config.image_size
         channels = model.config.num_channels
@@ -155,7 +215,15 @@ def load_splits(args: argparse.Namespace, model) -> tuple[Any, Any]:
             f"hf_cd.data.load_image_dataset is not available ({error}); pass --dataset DIR, a save_to_disk "
             "directory whose splits hold pixel_values and labels."
         ) from error
-    dataset = load_image_dataset(args.dataset, max_eval_samples=args.max_eval_samples, seed=args.seed)
+    dataset = load_image_dataset(
+        args.dataset,
+        label=getattr(args, "label_column_name", None),
+        image_column=getattr(args, "image_column_name", None),
+        config_name=getattr(args, "dataset_config_name", None),
+        revision=getattr(args, "dataset_revision", None),
+        max_eval_samples=args.max_eval_samples,
+        seed=args.seed,
+    )
     for name in (args.eval_split, args.calibration_split):
         if name not in dataset:
             raise SystemExit(f"Dataset {args.dataset!r} has no split {name!r}; it has {sorted(dataset)}.")
@@ -199,15 +267,16 @@ def _provenance(device: str, argv: Sequence[str] | None) -> dict[str, str]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
         "device": description,
-        "command": " ".join(["python -m hf_cd.quant", *(shlex.quote(a) for a in arguments)]),
+        "command": " ".join(["hf-cd quantize", *(shlex.quote(a) for a in arguments)]),
         "hf_cd": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "hf-cd quantize") -> int:
+    argv = rename_deprecated_flags(sys.argv[1:] if argv is None else argv, DEPRECATED_FLAGS, prog)
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from transformers import AutoModelForImageClassification
 
@@ -241,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pipelines": list(args.pipelines),
             "bits": [list(pair) for pair in args.bits],
             "config": settings,
-            "rows": results.to_dicts(),
+            "accuracy_unit": ACCURACY_UNIT,  # fractions in [0, 1], as results.json; the printed table is percent
+            "rows": rows_as_fractions(results.to_dicts()),
         }
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(payload, indent=2) + "\n")

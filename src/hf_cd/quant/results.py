@@ -15,7 +15,10 @@ these are never renamed):
 ``activation_mode`` how encoder activations are quantized: ``static_per_tensor`` (calibrated ranges, what
                     an integer runtime's static graph runs) or ``dynamic_per_token`` (ranges per token
                     at run time: ``rotate``'s option, torchao's int8); ``None`` for full precision
-``accuracy``        top-1 accuracy in percent (0–100)
+``accuracy``        top-1 accuracy in percent (0–100) in these rows and benchmark records; the files
+                    hf-cd writes for other programs (``results.json``, ``hf-cd quantize --output``,
+                    the card's ``model-index``) hold it as a fraction in [0, 1], as ``evaluate`` and
+                    the Trainer do (`rows_as_fractions`)
 ``accuracy_drop``   full-precision accuracy minus this one, in points (0 for full precision)
 ``num_eval``        images evaluated
 ``num_calibration`` calibration images used (0 for full precision)
@@ -110,6 +113,37 @@ def result_row(
     }
     row.update(extra)
     return row
+
+
+ACCURACY_KEYS: tuple[str, ...] = ("accuracy", "accuracy_drop", "float_accuracy")
+"""The row keys that hold an accuracy (or a difference of two): percent in rows, a fraction in files."""
+ACCURACY_UNIT = "fraction"
+"""What ``accuracy_unit`` says in a file whose accuracies are in [0, 1] (files without it hold percent)."""
+
+
+def _scaled(rows, factor: float) -> list[dict[str, Any]]:
+    """Rows with their accuracies times ``factor``, to 10 decimals (0.285714 × 100 is not 28.571400000000004)."""
+    return [
+        {
+            key: (round(value * factor, 10) if key in ACCURACY_KEYS and _is_number(value) else value)
+            for key, value in row.items()
+        }
+        for row in rows
+    ]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def rows_as_fractions(rows) -> list[dict[str, Any]]:
+    """Rows with accuracies in [0, 1], for ``results.json`` and the other files programs read."""
+    return _scaled(rows, 0.01)
+
+
+def rows_as_percent(rows) -> list[dict[str, Any]]:
+    """Rows read back from such a file, with accuracies in percent again (what `evaluate_quantized` compares)."""
+    return _scaled(rows, 100.0)
 
 
 class QuantResults(Table):

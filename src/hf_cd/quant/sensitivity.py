@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from hf_cd.quant.prepare import check_quantizable
 from hf_cd.quant.quantizers import check_bits
 from hf_cd.quant.registry import get_pipeline
 from hf_cd.table import Table
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SITE_GROUPS: dict[str, tuple[str, ...]] = {
     "qkv_input": ("attention_input",),
@@ -185,17 +188,16 @@ def sensitivity(
     return Table(rows, columns)
 
 
-def plot_sensitivity(tables: Table | dict[str, Table], path: str | Path) -> Path:
+def plot_sensitivity(tables: Table | dict[str, Table], path: str | Path | None = None) -> Figure:
     """Heat-map of accuracy drop, blocks × site groups (per-block tables), one panel per model;
-    a bar chart per group for whole-model tables."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    a bar chart per group for whole-model tables. Returns the `matplotlib.figure.Figure`; ``path``
+    also saves it there. The caller's matplotlib backend is never changed."""
+    from hf_cd.diagnostics import new_figure, save_figure
 
     tables = {"model": tables} if isinstance(tables, Table) else dict(tables)
     groups = list(SITE_GROUPS)
-    fig, axes = plt.subplots(1, len(tables), figsize=(4.8 * len(tables), 3.8), squeeze=False)
+    fig = new_figure(figsize=(4.8 * len(tables), 3.8))
+    axes = fig.subplots(1, len(tables), squeeze=False)
     for ax, (label, table) in zip(axes[0], tables.items()):
         per_block = [row for row in table if row["group"] in SITE_GROUPS and row["block"] != "all"]
         if per_block:
@@ -218,8 +220,6 @@ def plot_sensitivity(tables: Table | dict[str, Table], path: str | Path) -> Path
         bits = next((r["a_bits"] for r in table if r["group"] != BASELINE_GROUP), "?")
         ax.set_title(f"{label}: one group at A{bits}, rest at A8")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    if path is not None:
+        save_figure(fig, path)
+    return fig

@@ -27,10 +27,15 @@ from hf_cd.data import (
     DATASETS,
     UnknownDatasetError,
 )
+from hf_cd.data.loading import check_dataset_source
+from hf_cd.deprecation import rename_deprecated_flags, rename_deprecated_keys
+from hf_cd.extras import has_extra_package
 
 logger = logging.getLogger(__name__)
 
 DEBUG_FLAG = "--debug"
+PROG = "hf-cd train"
+"""How the recipe is run (``recipes/finetune.py`` and ``python -m hf_cd.cli train`` are the same command)."""
 
 DEFAULT_QUANT_PIPELINES = ("minmax", "percentile", "repq", "per_tensor")
 DEFAULT_QUANT_BITS = ("W8A8", "W6A6", "W4A4")
@@ -257,6 +262,10 @@ class ModelArguments:
                 f"{', '.join(preset_only)} shape a model trained from scratch and apply only with --model_preset; "
                 f"{self.model_name_or_path!r} brings its own config and image processor."
             )
+        if self.use_lora and not has_extra_package("peft"):
+            raise RecipeArgumentError(
+                "--use_lora needs peft, which hf-cd installs only on request: pip install 'hf-cd[peft]'"
+            )
         if self.use_lora and (self.lora_r < 1 or not self.lora_target):
             raise RecipeArgumentError(f"LoRA needs lora_r ≥ 1 and a lora_target, got r={self.lora_r}.")
         if self.num_channels not in (None, 1, 3):
@@ -275,19 +284,30 @@ class DataArguments:
     dataset_name: str = field(
         default="fashion_mnist",
         metadata={
-            "help": f"A registered dataset ({', '.join(sorted(DATASETS))}) or a local directory (an imagefolder "
-            "tree or a save_to_disk output)."
+            "help": "Anything datasets.load_dataset reads: a Hub dataset id (e.g. beans), or a local folder (an "
+            "imagefolder tree, parquet / arrow / csv files, a save_to_disk output). Registered names get special "
+            f"handling ({', '.join(sorted(DATASETS))}: offline copy, pinned revision, label choices)."
         },
     )
-    dataset_label: str | None = field(
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "The Hub dataset's configuration (subset) name, if it has several."}
+    )
+    dataset_revision: str | None = field(
+        default=None, metadata={"help": "Branch, tag or commit of a Hub --dataset_name (default: main)."}
+    )
+    image_column_name: str | None = field(
         default=None,
         metadata={
-            "help": "Label column to classify: for fgvc_aircraft one of variant (default, 100 classes), family, "
-            "manufacturer; for a local dataset any column (default label)."
+            "help": "The dataset column holding the images (or image file paths). Default: image (a registered "
+            "dataset: its own, e.g. image_lt for smallnorb)."
         },
     )
-    image_column: str | None = field(
-        default=None, metadata={"help": "Image column, when not the dataset's default (e.g. image_rt)."}
+    label_column_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "The dataset column holding the labels. Default: label (for fgvc_aircraft: variant; also "
+            "family, manufacturer)."
+        },
     )
     validation_fraction: float = field(
         default=0.1,
@@ -342,13 +362,7 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.dataset_name not in DATASETS and not Path(self.dataset_name).expanduser().is_dir():
-            close = difflib.get_close_matches(self.dataset_name, DATASETS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UnknownDatasetError(
-                f"Unknown dataset_name {self.dataset_name!r}: it is neither a registered dataset "
-                f"({', '.join(sorted(DATASETS))}) nor an existing local directory.{hint}"
-            )
+        check_dataset_source(self.dataset_name)  # a Hub id is checked for its form here, loaded later
         for name in ("crop_scale", "crop_ratio"):
             value = getattr(self, name)
             if isinstance(value, (int, float)) or len(value) != 2:
@@ -478,10 +492,14 @@ precision and quantized, and save the model, results.json, plots and a model car
 any option below (without its dashes); flags on the command line override it."""
 EPILOG = """examples:
   # Fashion-MNIST, a small ViT from scratch on 2 CPU cores (what `make run` does)
-  python recipes/finetune.py --config recipes/configs/fashion_mnist_vit_tiny_cpu.yaml
+  hf-cd train --config recipes/configs/fashion_mnist_vit_tiny_cpu.yaml
+
+  # any dataset datasets.load_dataset reads, with transformers' column flags
+  hf-cd train --config recipes/configs/imagefolder_vit_tiny_cpu.yaml --dataset_name beans \\
+      --image_column_name image --label_column_name labels
 
   # your own images: one sub-folder per class (add train/ and test/ levels to fix the splits)
-  python recipes/finetune.py --config recipes/configs/imagefolder_vit_tiny_cpu.yaml \\
+  hf-cd train --config recipes/configs/imagefolder_vit_tiny_cpu.yaml \\
       --dataset_name path/to/folder --output_dir outputs/my_run --num_train_epochs 30
 """
 
@@ -549,10 +567,11 @@ def _quant_help() -> dict[str, str]:
     }
 
 
-def recipe_argument_parser() -> HfArgumentParser:
+def recipe_argument_parser(prog: str = PROG) -> HfArgumentParser:
     """Every recipe option as a flag, in groups: model, data, CD, quantization, then the Trainer's own."""
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, CDConfig, QuantArguments),
+        prog=prog,
         usage=USAGE,
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -615,7 +634,7 @@ def _apply_config_defaults(parser: HfArgumentParser, values: Mapping[str, Any], 
             close = difflib.get_close_matches(key, actions, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise RecipeArgumentError(
-            f"{source}: unknown option(s) {', '.join(hints)}. `python recipes/finetune.py --help` lists them all."
+            f"{source}: unknown option(s) {', '.join(hints)}. `hf-cd train --help` lists them all."
         )
     for action in parser._actions:
         if action.dest in values:
@@ -667,16 +686,37 @@ def split_debug_flag(argv: Sequence[str]) -> tuple[bool, list[str]]:
     return bool(bare), [arg for i, arg in enumerate(argv) if i not in bare]
 
 
-def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeArguments:
+DEPRECATED_OPTIONS: dict[str, str] = {
+    "dataset_label": "label_column_name",
+    "image_column": "image_column_name",
+}
+"""Earlier names of recipe options (flags and YAML keys) → today's, transformers' example's spelling."""
+
+
+def deprecated_flags(options: Mapping[str, str]) -> dict[str, str]:
+    """``{"old": "new"}`` option names as flags, in both spellings HfArgumentParser accepts."""
+    flags = {}
+    for old, new in options.items():
+        flags[f"--{old}"] = f"--{new}"
+        flags[f"--{old.replace('_', '-')}"] = f"--{new}"
+    return flags
+
+
+def parse_recipe_args(argv: Sequence[str] | None = None, prog: str = PROG) -> RecipeArguments:
     """Parse ``--config file.yaml`` plus command-line flags (which override the file) into the four dataclasses."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _, argv = split_debug_flag(argv)  # hf_cd.recipe.cli reads it
+    argv = rename_deprecated_flags(argv, deprecated_flags(DEPRECATED_OPTIONS), prog)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
-    parser = recipe_argument_parser()
+    parser = recipe_argument_parser(prog)
     if known.config:
-        values = _command_line_model_source_wins(load_config_file(known.config), rest, known.config)
+        try:
+            values = rename_deprecated_keys(load_config_file(known.config), DEPRECATED_OPTIONS, known.config)
+        except ValueError as error:
+            raise RecipeArgumentError(str(error)) from None
+        values = _command_line_model_source_wins(values, rest, known.config)
         _apply_config_defaults(parser, values, known.config)
     _, unknown = parser.parse_known_args(rest)
     if unknown:
@@ -703,6 +743,6 @@ def unknown_arguments_message(parser: argparse.ArgumentParser, unknown: Sequence
     if not hints:
         return (
             f"Unexpected argument(s) {' '.join(unknown)!r}: every option is a --flag value pair "
-            "(`python recipes/finetune.py --help` lists them)."
+            "(`hf-cd train --help` lists them)."
         )
-    return f"Unknown option(s) {', '.join(hints)}. `python recipes/finetune.py --help` lists them all."
+    return f"Unknown option(s) {', '.join(hints)}. `hf-cd train --help` lists them all."

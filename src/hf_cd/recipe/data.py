@@ -30,8 +30,10 @@ def load_recipe_data(data_args: DataArguments, seed: int) -> DatasetDict:
     """Raw train / validation / test splits (``image``, ``label``) as `DataArguments` asks."""
     raw = load_image_dataset(
         data_args.dataset_name,
-        label=data_args.dataset_label,
-        image_column=data_args.image_column,
+        label=data_args.label_column_name,
+        image_column=data_args.image_column_name,
+        config_name=data_args.dataset_config_name,
+        revision=data_args.dataset_revision,
         validation_fraction=data_args.validation_fraction,
         seed=seed,
         max_train_samples=data_args.max_train_samples,

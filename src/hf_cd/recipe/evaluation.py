@@ -20,6 +20,7 @@ from hf_cd.diagnostics import (
     measure_alignment,
     outlier_summary,
 )
+from hf_cd.quant.results import rows_as_fractions, rows_as_percent
 from hf_cd.recipe.arguments import QuantArguments, RecipeArgumentError
 from hf_cd.table import Table
 
@@ -36,7 +37,7 @@ def predictions_from_logits(logits, labels):
 def accuracy_metric(prediction: EvalPrediction) -> dict[str, float]:
     predictions = np.asarray(prediction.predictions)
     labels = np.asarray(prediction.label_ids)
-    return {"accuracy": 100.0 * float((predictions == labels).mean())}  # percent, as hf_cd.quant rows
+    return {"accuracy": float((predictions == labels).mean())}  # in [0, 1], as evaluate and Trainer cards
 
 
 # --- diagnostics, quantization -------------------------------------------------------------------
@@ -129,8 +130,8 @@ def run_quantized_evaluation(
     """Quantize the trained model with each pipeline and bit width and evaluate it; a record for results.json.
 
     ``calibration_dataset`` is the (eval-transformed) train split: `hf_cd.quant` draws
-    ``quant_num_calibration`` images from it with ``seed``. Accuracies in the rows are percentages.
-    ``on_record`` receives the record (status ``running``) after each finished row, so the caller can
+    ``quant_num_calibration`` images from it with ``seed``. Accuracies in the record's rows are
+    fractions in [0, 1], as results.json holds them (``done_rows`` too). ``on_record`` receives the record (status ``running``) after each finished row, so the caller can
     write it out; rows in ``done_rows`` (an earlier run's) for the same model, settings and data are
     reused instead of measured again, and the record counts them in ``reused_rows``.
     """
@@ -165,10 +166,10 @@ def run_quantized_evaluation(
         pipelines=list(quant_args.quant_pipelines),
         bits=quant_args.bit_pairs(),
         config=config,
-        done_rows=[dict(row) for row in done_rows],
+        done_rows=rows_as_percent(done_rows),
         on_row=None
         if on_record is None
-        else lambda rows: on_record({**record, "status": "running", "rows": rows}),
+        else lambda rows: on_record({**record, "status": "running", "rows": rows_as_fractions(rows)}),
     )
     if table.num_reused:
         logger.info(
@@ -181,6 +182,6 @@ def run_quantized_evaluation(
         **record,
         "status": "done",
         "reason": None,
-        "rows": table.to_dicts(),
+        "rows": rows_as_fractions(table.to_dicts()),
         "reused_rows": table.num_reused,
     }

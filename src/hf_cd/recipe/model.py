@@ -7,7 +7,6 @@ from typing import Any
 
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
     AutoModelForImageClassification,
     PreTrainedModel,
     ViTConfig,
@@ -15,6 +14,8 @@ from transformers import (
 )
 
 from hf_cd.data.statistics import ChannelStatistics, channel_statistics
+from hf_cd.data.transforms import load_image_processor
+from hf_cd.extras import require
 from hf_cd.pretrained import adapt_to_resolution
 from hf_cd.recipe.arguments import (
     MODEL_PRESETS,
@@ -24,13 +25,7 @@ from hf_cd.recipe.arguments import (
 
 
 def _image_processor_class():
-    """``ViTImageProcessor`` needs torchvision; without it, its PIL twin (same config, same output)."""
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        from transformers import ViTImageProcessor
-
-        return ViTImageProcessor
+    """The PIL ``ViTImageProcessor`` on every machine (why: `hf_cd.data.transforms.IMAGE_PROCESSOR_BACKEND`)."""
     from transformers import ViTImageProcessorPil
 
     return ViTImageProcessorPil
@@ -150,7 +145,7 @@ def build_model(
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         **hub,
     )
-    image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path, **hub)
+    image_processor = load_image_processor(model_args.model_name_or_path, **hub)
     if model_args.image_size is not None:
         try:
             adapt_to_resolution(model, image_processor, model_args.image_size)
@@ -161,7 +156,8 @@ def build_model(
 
 def add_lora(model: PreTrainedModel, model_args: ModelArguments):
     """Wrap ``model`` in LoRA adapters on the chosen encoder linears (the head trains in full)."""
-    from peft import LoraConfig, get_peft_model
+    peft = require("peft", "LoRA fine-tuning (--use_lora)")
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     targets = [name for name in model_args.lora_target if name in present]

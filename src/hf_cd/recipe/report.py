@@ -69,7 +69,10 @@ def write_model_card(output_dir: Path, results: Mapping[str, Any] | Iterable[Map
 
 
 def _percent(value: float | None) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}%"
+    """An accuracy in [0, 1] (as results.json holds it) as a percentage, for people."""
+    return (
+        "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
+    )
 
 
 def _is_full_precision(row: Mapping[str, Any]) -> bool:
@@ -77,7 +80,10 @@ def _is_full_precision(row: Mapping[str, Any]) -> bool:
 
 
 def quantized_accuracy_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Pipelines down, bit widths across (accuracy in %, drop from full precision in points)."""
+    """Pipelines down, bit widths across (accuracy in %, drop from full precision in points).
+
+    ``rows`` hold accuracies in [0, 1], as results.json does; the table shows percent.
+    """
     full_precision = [row for row in rows if _is_full_precision(row)]
     quantized = [row for row in rows if not _is_full_precision(row)]
     labels = list(dict.fromkeys(f"W{row['w_bits']}A{row['a_bits']}" for row in quantized))
@@ -88,7 +94,7 @@ def quantized_accuracy_table(rows: Sequence[Mapping[str, Any]]) -> str:
         values = [_quant_cell(cells.get((pipeline, label))) for label in labels]
         lines.append(f"| {pipeline} | " + " | ".join(values) + " |")
     if full_precision:
-        lines.append(f"full precision on the same images: {full_precision[0]['accuracy']:.2f}%")
+        lines.append(f"full precision on the same images: {_percent(full_precision[0]['accuracy'])}")
     return "\n".join(lines)
 
 
@@ -96,12 +102,17 @@ def _quant_cell(row: Mapping[str, Any] | None) -> str:
     if row is None:
         return "—"
     drop = row.get("accuracy_drop")
-    return f"{row['accuracy']:.2f}%" + ("" if drop is None else f" ({0.0 - drop:+.2f})")
+    return _percent(row["accuracy"]) + ("" if drop is None else f" ({0.0 - 100 * drop:+.2f})")
 
 
 def _change(before: float, after: float) -> str:
+    if f"{before:.4g}" == f"{after:.4g}":  # a change below the printed precision is not a change
+        return f"{before:.4g} → {after:.4g}  (unchanged)"
     ratio = before / after if after else float("inf")
     direction = f"÷{ratio:.1f}" if ratio >= 1 else f"×{1 / ratio:.1f}"
+    if direction in ("÷1.0", "×1.0"):
+        direction = "+" if after > before else "−"
+        direction += f"{abs(after - before) / before:.1%}"
     return f"{before:.4g} → {after:.4g}  ({direction})"
 
 
@@ -119,19 +130,39 @@ def plot_title(results: Mapping[str, Any]) -> str:
 
 
 def _block_changes(before: Mapping[str, float], after: Mapping[str, float]) -> str:
-    """Which blocks' mean alignment rose: the per-block view that a mean over blocks can hide."""
-    rose = [
-        (block, before[block], value)
-        for block, value in after.items()
-        if block in before and value > before[block]
-    ]
-    if not rose:
+    """Which blocks' mean alignment rose: the per-block view that a mean over blocks can hide.
+
+    Values are compared as printed (3 significant digits): a change below that precision is
+    "unchanged", never "rose 0.0276 → 0.0276".
+    """
+    rose, fell, unchanged = [], [], []
+    for block, value in after.items():
+        if block not in before:
+            continue
+        shown_before, shown_after = f"{before[block]:.3g}", f"{value:.3g}"
+        if shown_before == shown_after:
+            unchanged.append(block)
+        elif value > before[block]:
+            rose.append((block, shown_before, shown_after))
+        else:
+            fell.append(block)
+    compared = len(rose) + len(fell) + len(unchanged)
+    if len(fell) == compared:
         return "fell in every block"
-    if len(rose) == len(after):
+    if len(rose) == compared:
         return "rose in every block"
-    shown = ", ".join(f"{block} ({b:.3g} → {a:.3g})" for block, b, a in rose[:4])
-    more = f" and {len(rose) - 4} more" if len(rose) > 4 else ""
-    return f"rose in block{'s' if len(rose) > 1 else ''} {shown}{more}; fell in the other {len(after) - len(rose)}"
+    if len(unchanged) == compared:
+        return "unchanged in every block (at 3 significant digits)"
+    parts = []
+    if rose:
+        shown = ", ".join(f"{block} ({b} → {a})" for block, b, a in rose[:4])
+        more = f" and {len(rose) - 4} more" if len(rose) > 4 else ""
+        parts.append(f"rose in block{'s' if len(rose) > 1 else ''} {shown}{more}")
+    if fell:
+        parts.append(f"fell in {'the other ' if not unchanged else ''}{len(fell)}")
+    if unchanged:
+        parts.append(f"unchanged in {len(unchanged)}")
+    return "; ".join(parts)
 
 
 def _diagnostics_lines(results: Mapping[str, Any]) -> list[str]:

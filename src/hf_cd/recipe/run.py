@@ -30,7 +30,9 @@ from hf_cd.diagnostics import (
     plot_activation_stats,
     plot_alignment,
 )
+from hf_cd.extras import has_extra_package
 from hf_cd.locking import OutputDirLock
+from hf_cd.quant.results import ACCURACY_UNIT, rows_as_fractions
 from hf_cd.recipe.arguments import (
     LORA_ADAPTER_DIR,
     RecipeArgumentError,
@@ -133,11 +135,14 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
 def _earlier_quantized_rows(results_path: Path) -> list[dict[str, Any]]:
     """The quantized rows an earlier run on this output_dir left in results.json (reused where they match)."""
     try:
-        earlier = json.loads(results_path.read_text()).get("quantized") or {}
+        saved = json.loads(results_path.read_text())
+        earlier = saved.get("quantized") or {}
     except (OSError, ValueError, AttributeError):
         return []
     rows = earlier.get("rows") or earlier.get("earlier_rows") or []
-    return [row for row in rows if isinstance(row, dict) and row.get("fingerprint")]
+    rows = [row for row in rows if isinstance(row, dict) and row.get("fingerprint")]
+    # fractions, as results.json holds them; a file from before accuracy_unit held percent
+    return rows if saved.get("accuracy_unit") == ACCURACY_UNIT else rows_as_fractions(rows)
 
 
 def _training_record(train_output) -> dict[str, Any]:
@@ -241,9 +246,18 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
     state = trainer.state
     results: dict[str, Any] = {
         "hf_cd_version": __version__,
+        "accuracy_unit": ACCURACY_UNIT,  # every accuracy below is in [0, 1]
         "dataset": {
             "name": data_args.dataset_name,
-            "label": data_args.dataset_label,
+            "label": data_args.label_column_name,
+            **{  # a Hub dataset's subset and pinned revision, when given
+                key: value
+                for key, value in (
+                    ("config_name", data_args.dataset_config_name),
+                    ("revision", data_args.dataset_revision),
+                )
+                if value is not None
+            },
             "num_labels": labels["num_labels"],
             "train_samples": len(raw["train"]),
             "validation_samples": len(raw["validation"]),
@@ -286,7 +300,9 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
     results_path = output_dir / RESULTS_FILE
     write_json_atomic(results_path, results)  # full-precision results survive an interrupted quantization
 
-    logger.info("Test accuracy %.2f%%; results so far in %s.", results["test"]["accuracy"], results_path)
+    logger.info(
+        "Test accuracy %.2f%%; results so far in %s.", 100 * results["test"]["accuracy"], results_path
+    )
     model.eval()
     quant_started = time.perf_counter()
     eval_subset = subsample_stratified(raw["test"], quant_args.quant_max_eval_samples, data_seed)
@@ -310,18 +326,18 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
     after = measure_diagnostics(model, diagnostics_batch, training_args)
     results["diagnostics"]["after"] = after.summary()
     title, (start, end) = plot_title(results), moment_labels(results)
-    results["plots"] = {
-        "alignment": str(
-            plot_alignment(
-                {start: before.alignment, end: after.alignment}, output_dir / ALIGNMENT_PLOT, title
-            )
-        ),
-        "activation_max": str(
-            plot_activation_stats(
-                {start: before.activations, end: after.activations}, output_dir / ACTIVATION_PLOT, title
-            )
-        ),
-    }
+    if has_extra_package("matplotlib"):
+        plot_alignment({start: before.alignment, end: after.alignment}, output_dir / ALIGNMENT_PLOT, title)
+        plot_activation_stats(
+            {start: before.activations, end: after.activations}, output_dir / ACTIVATION_PLOT, title
+        )
+        results["plots"] = {
+            "alignment": str(output_dir / ALIGNMENT_PLOT),
+            "activation_max": str(output_dir / ACTIVATION_PLOT),
+        }
+    else:  # the numbers are in results.json either way
+        logger.warning("No plots: they need matplotlib, pip install 'hf-cd[plots]'.")
+        results["plots"] = {}
     card = write_model_card(output_dir, rounded(results))  # the card shows results.json's numbers
     results["model_card"] = None if card is None else str(card)
     results["wall_time_s"]["total"] = time.perf_counter() - started
@@ -330,9 +346,9 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
         # The Trainer pushed at save time, before the test and quantized numbers existed: push the
         # finished card, weights and results.json (and nothing else) now.
         hub.push_cd_model(
-            output_dir,
             trainer.hub_model_id,
-            private=bool(training_args.hub_private_repo),
+            output_dir,
+            private=training_args.hub_private_repo,
             token=training_args.hub_token,
         )
     return RecipeRun(trainer, rounded(results))  # as results.json holds them
