@@ -776,6 +776,13 @@ def main() -> None:
         "'auto' takes the validation rule's choice (select_final)",
     )
     parser.add_argument(
+        "--records",
+        type=Path,
+        default=RECORDS,
+        help="the records file (the report and plots go beside it); a suite run from its own checkout "
+        "writes outside it, so the checkout stays clean and can move to a newer commit between runs",
+    )
+    parser.add_argument(
         "--allow-dirty",
         action="store_true",
         help="record from uncommitted code (the commit is marked -dirty)",

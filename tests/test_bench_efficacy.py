@@ -93,3 +93,12 @@ def test_records_under_bench_results_do_not_make_the_tree_dirty(tmp_path):
     with pytest.raises(SystemExit, match="--allow-dirty"):
         common.require_clean_tree(cwd=bench)
     common.require_clean_tree(allow_dirty=True, cwd=bench)
+
+
+def test_report_reads_and_writes_beside_the_records_file_it_is_given(tmp_path):
+    records = tmp_path / "elsewhere" / "efficacy.json"
+    records.parent.mkdir()
+    records.write_text("[]\n")
+    subprocess.run([sys.executable, str(BENCH / "efficacy.py"), "--report", "--records", str(records)], check=True,
+                   capture_output=True)  # fmt: skip
+    assert "No runs recorded yet." in records.with_suffix(".md").read_text()
