@@ -372,9 +372,8 @@ def float_model(model: nn.Module) -> nn.Module:
         plain = type(source)(config)
     parameter = next(source.parameters())
     plain.to(device=parameter.device, dtype=parameter.dtype)
-    weights = {
-        name: tensor for name, tensor in source.state_dict().items() if name not in qat_state_dict(source)
-    }
+    quantizer_tensors = qat_state_dict(source)
+    weights = {name: tensor for name, tensor in source.state_dict().items() if name not in quantizer_tensors}
     result = plain.load_state_dict(weights, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(

@@ -46,9 +46,15 @@ def _savable_float_model(model: nn.Module) -> nn.Module:
             "CDTrainer writes its checkpoints."
         )
     state = quantization_state(source)  # raises for a model that quantize() did not return
-    plain = float_model(source).eval()
-    modules = dict(source.named_modules())
-    changed = [name for name, module in plain.named_modules() if type(modules.get(name)) is not type(module)]
+    try:
+        plain = float_model(source).eval()
+    except RuntimeError as error:  # its weights do not fit the architecture's own modules
+        plain, changed = None, [str(error)]
+    else:
+        modules = dict(source.named_modules())
+        changed = [
+            name for name, module in plain.named_modules() if type(modules.get(name)) is not type(module)
+        ]
     if changed:
         raise ValueError(
             f"A {state.config.pipeline!r} model cannot be saved for from_pretrained: it changed the model's modules "
