@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import Dinov2ForImageClassification, ViTForImageClassification
 
-from conftest import tiny_dinov2_config, tiny_vit_config
+from conftest import requires_fashion_mnist, tiny_dinov2_config, tiny_vit_config
 from hf_cd import CDConfig, CDTrainer, alignment_summary, measure_alignment
 from hf_cd.architectures import UnsupportedArchitectureError
 from hf_cd.quant import (
@@ -339,3 +339,92 @@ def test_a_float_checkpoint_does_not_resume_a_qat_run(tmp_path):
     qat = _trainer(tmp_path / "qat")
     with pytest.raises(RuntimeError, match=f"no {QAT_STATE_FILE}"):
         qat.train(resume_from_checkpoint=str(tmp_path / "float" / "out" / "checkpoint-3"))
+
+
+# --- in the recipe ------------------------------------------------------------------------------
+
+
+def test_qat_options_come_from_yaml_and_the_command_line(tmp_path):
+    from hf_cd.recipe import parse_recipe_args
+
+    config = tmp_path / "qat.yaml"
+    config.write_text(
+        "model_preset: vit_tiny\nqat_bits: W4A4\nqat_init: repq\nqat_distill: 0.5\nqat_step_lr: 0.0001\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+    )
+    from_yaml = parse_recipe_args(["--config", str(config)]).training
+    assert (from_yaml.qat_bits, from_yaml.qat_init, from_yaml.qat_distill, from_yaml.qat_step_lr) == (
+        "W4A4",
+        "repq",
+        0.5,
+        1e-4,
+    )
+    flags = parse_recipe_args(
+        ["--config", str(config), "--qat_bits", "W6A6", "--qat_init", "minmax"]
+    ).training
+    assert (flags.qat_bits, flags.qat_init) == ("W6A6", "minmax")
+    assert flags.qat_config().init.w_bits == 6 and flags.qat_config().init.pipeline == "minmax"
+    off = parse_recipe_args(["--config", str(config), "--qat_bits", "none"]).training
+    assert off.qat_bits is None and off.qat_config() is None
+
+
+def test_the_recipe_refuses_qat_with_lora_before_any_work(tmp_path):
+    from hf_cd.recipe import RecipeArgumentError, check_qat_arguments, parse_recipe_args
+
+    args = parse_recipe_args(
+        [
+            "--model_preset",
+            "vit_tiny",
+            "--use_lora",
+            "true",
+            "--qat_bits",
+            "W4A4",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    with pytest.raises(RecipeArgumentError, match="QAT with LoRA is not supported"):
+        check_qat_arguments(args.model, args.training)
+
+
+@pytest.mark.slow
+@requires_fashion_mnist
+def test_recipe_trains_with_qat_and_reports_the_qat_row_beside_the_ptq_rows(tmp_path):
+    import json
+
+    from hf_cd.hub import build_model_card
+    from hf_cd.recipe import QAT_MODEL_DIR
+    from test_recipe import QUICK, TINY_PRESET, load_finetune
+
+    out = tmp_path / "run"
+    run = load_finetune().main(
+        [*TINY_PRESET, *QUICK, "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "16",
+         "--max_train_samples", "200", "--max_eval_samples", "40", "--max_test_samples", "60",
+         "--save_steps", "3", "--diagnostics_samples", "8", "--quant_pipelines", "percentile",
+         "--quant_bits", "W4A4", "--quant_num_calibration", "8", "--quant_max_eval_samples", "40",
+         "--qat_bits", "W4A4", "--qat_num_calibration", "8", "--qat_distill", "0.5"]
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    rows = results["quantized"]["rows"]
+    assert [(r["pipeline"], r["w_bits"], r["a_bits"]) for r in rows] == [
+        ("full_precision", 32, 32),
+        ("percentile", 4, 4),
+        ("qat", 4, 4),
+    ]
+    qat_row = rows[-1]
+    assert (
+        qat_row["qat_init"] == "percentile" and qat_row["num_eval"] == 40 and qat_row["num_calibration"] == 8
+    )
+    assert qat_row["accuracy_drop"] == pytest.approx(rows[0]["accuracy"] - qat_row["accuracy"])
+    assert results["cd_settings"]["qat_bits"] == "W4A4" and results["cd_settings"]["qat_distill"] == 0.5
+    # the saved QAT model reloads with the logits of the trained one
+    x = torch.randn(4, 1, 28, 28)
+    reloaded = load_quantized(out / QAT_MODEL_DIR)
+    assert torch.equal(_logits(reloaded, x), _logits(convert(run.trainer.model.cpu()).eval(), x))
+    # output_dir holds the latent float weights (from_pretrained) and the step sizes of the last step
+    assert (out / QAT_STATE_FILE).is_file() and (out / "checkpoint-6" / QAT_STATE_FILE).is_file()
+    # the card's model-index carries the QAT row, and the card does not call the QAT test accuracy full precision
+    card = build_model_card(results, "user/qat-model")
+    metrics = [m for r in card.data.eval_results for m in [r.metric_config]]
+    assert "w4a4-qat" in metrics and "w4a4-percentile" in metrics
+    assert "Accuracy (QAT W4A4, quantized)" in str(card)

@@ -18,6 +18,7 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
 
 from hf_cd._version import __version__
 from hf_cd.quant.config import DEFAULT_PROTOCOL
+from hf_cd.quant.qat import QAT_PIPELINE
 from hf_cd.quant.results import FULL_PRECISION, RESULT_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -621,7 +622,8 @@ def _reproduce_command(
     """The ``python -m hf_cd.quant`` call that measures the card's rows again."""
     command = ["python -m hf_cd.quant", f"--model {model_id}"]
     command.append(f"--dataset {dataset['name'] if dataset else '<dataset>'}")
-    quantized = [row for row in rows if not is_full_precision(row)]
+    # QAT rows come from training, not from `python -m hf_cd.quant`: the command measures the PTQ rows
+    quantized = [row for row in rows if not is_full_precision(row) and row["pipeline"] != QAT_PIPELINE]
     if quantized:
         command.append("--pipelines " + " ".join(dict.fromkeys(row["pipeline"] for row in quantized)))
         command.append(
@@ -665,6 +667,7 @@ def _template_values(results: Mapping[str, Any], model_id: str) -> dict[str, Any
         if key not in ("library", "version")
     ]
     quantized = results.get("quantized") or {}
+    qat_bits = (results.get("cd_settings") or {}).get("qat_bits")
     test = results.get("test") or {}
     validation = results.get("validation") or {}
     return {
@@ -676,6 +679,8 @@ def _template_values(results: Mapping[str, Any], model_id: str) -> dict[str, Any
         "model": model,
         "training": _training_line(results.get("training")),
         "test_accuracy": _percent(test.get("accuracy")),
+        # a QAT run trains and tests the fake-quantized model: its test accuracy is not full precision
+        "test_accuracy_kind": f"QAT {qat_bits}, quantized" if qat_bits else "full precision",
         "test_samples": dataset.get("test_samples") if dataset else None,
         "validation_accuracy": _percent(validation.get("accuracy")),
         "cd_settings": cd_settings,

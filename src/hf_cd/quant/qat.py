@@ -442,3 +442,54 @@ def describe_steps(model: nn.Module) -> dict[str, Any]:
         "activation_sites": sum(1 for s in state.activations if s.quantizer.mode == "quantize"),
         "step_sizes": sum(p.numel() for p in step_size_parameters(source)),
     }
+
+
+QAT_PIPELINE = "qat"
+"""``pipeline`` of a QAT model's result row (beside the PTQ rows; ``qat_init`` names the pipeline it started from)."""
+
+
+def qat_result_row(
+    model: nn.Module,
+    eval_data: Any,
+    *,
+    reference_accuracy: float | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The result row (`hf_cd.quant.results`) of a trained QAT model: its `convert` form, evaluated.
+
+    ``model`` is a QAT model or its `convert` result; ``extra`` adds keys (e.g. the steps trained).
+    """
+    import time
+
+    from hf_cd.quant.evaluate import evaluate_accuracy
+    from hf_cd.quant.results import result_row
+
+    started = time.perf_counter()
+    converted = model if not is_qat_model(model) else convert(model)
+    convert_seconds = time.perf_counter() - started
+    state = quantization_state(converted)
+    init = state.config
+    started = time.perf_counter()
+    accuracy, count = evaluate_accuracy(
+        converted, eval_data, batch_size, progress, description=f"{QAT_PIPELINE} {init.label} eval"
+    )
+    return result_row(
+        pipeline=QAT_PIPELINE,
+        runtime="fake_quant",
+        w_bits=init.w_bits,
+        a_bits=init.a_bits,
+        embedding_bits=init.embedding_weight_bits,
+        classifier_bits=init.classifier_weight_bits,
+        protocol=init.protocol,
+        accuracy=accuracy,
+        num_eval=count,
+        num_calibration=state.num_calibration,
+        seed=init.seed,
+        quantize_seconds=convert_seconds,
+        eval_seconds=time.perf_counter() - started,
+        reference_accuracy=reference_accuracy,
+        qat_init=init.pipeline,
+        **{**get_pipeline(init.pipeline).row_fields(init), **extra},
+    )
