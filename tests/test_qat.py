@@ -428,3 +428,48 @@ def test_recipe_trains_with_qat_and_reports_the_qat_row_beside_the_ptq_rows(tmp_
     metrics = [m for r in card.data.eval_results for m in [r.metric_config]]
     assert "w4a4-qat" in metrics and "w4a4-percentile" in metrics
     assert "Accuracy (QAT W4A4, quantized)" in str(card)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@requires_fashion_mnist
+def test_qat_under_accelerate_launch_two_cpu_processes_keeps_the_ranks_identical(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    launcher = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
+    recipe_args = [
+        "--model_preset", "vit_tiny", "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
+        "--image_size", "28", "--patch_size", "7", "--num_channels", "1", "--output_dir", str(out), "--use_cpu", "true",
+        "--max_steps", "4", "--per_device_train_batch_size", "8", "--max_train_samples", "64",
+        "--max_eval_samples", "32", "--max_test_samples", "40", "--save_steps", "2", "--learning_rate", "3e-3",
+        "--cd_strength", "5", "--report_to", "none", "--disable_tqdm", "true", "--dataloader_pin_memory", "false",
+        "--seed", "0", "--quant_pipelines", "minmax", "--quant_bits", "W4A4", "--quant_num_calibration", "8",
+        "--quant_max_eval_samples", "16", "--diagnostics_samples", "4", "--qat_bits", "W4A4",
+        "--qat_num_calibration", "8", "--qat_distill", "0.5",
+    ]  # fmt: skip
+    script = Path(__file__).parent / "scripts" / "recipe_ddp.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [*launcher, str(script), *recipe_args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((out / f"fingerprint_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["global_step"] == ranks[1][
+        "global_step"
+    ] == 4
+    assert ranks[0]["sha256"] == ranks[1]["sha256"]  # latent weights and step sizes alike
+    results = json.loads((out / "results.json").read_text())
+    assert [row["pipeline"] for row in results["quantized"]["rows"]] == ["full_precision", "minmax", "qat"]
+    assert (out / "checkpoint-4" / QAT_STATE_FILE).is_file()
