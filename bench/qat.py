@@ -79,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-test", type=int, default=NUM_TEST)
     parser.add_argument("--train-samples", type=int, default=8000)
     parser.add_argument(
+        "--eval-samples", type=int, default=1000, help="Validation images of the recipe runs."
+    )
+    parser.add_argument(
         "--threads", type=int, default=2, help="torch threads (the machine is shared: say how many)."
     )
     parser.add_argument("--output-root", type=Path, default=ROOT / "outputs" / "bench_qat")
@@ -180,7 +183,8 @@ def recipe_argv(
 ) -> list[str]:
     return ["--config", str(CONFIG), "--model_name_or_path", str(model), "--output_dir", str(output_dir),
             "--seed", str(seed), "--data_seed", str(seed), "--max_steps", str(steps), "--save_steps", str(save_steps),
-            "--save_total_limit", "1000", "--max_train_samples", str(args.train_samples), "--max_test_samples", "500",
+            "--save_total_limit", "1000", "--max_train_samples", str(args.train_samples), "--max_test_samples", str(min(500, args.num_test)),
+            "--max_eval_samples", str(args.eval_samples),
             "--no_quant_eval", "--quant_max_eval_samples", "200", "--report_to", "none",
             *(["--cd_strength", "0"] if cd == "none" else args.cd_flags.split())]  # fmt: skip
 
