@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS_DIR, environment, record_header, require_clean_tree
+from efficacy import _stack, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "configs" / "fashion_mnist_dinov2_small_cpu.yaml"
@@ -152,7 +153,6 @@ def run_key(record: dict) -> tuple:
 
 def test_images(processor, count: int):
     """The fixed test images of `bench/efficacy.py`'s pretrained runs (seed 0), as tensors."""
-    from efficacy import _stack
     from hf_cd.data import load_image_dataset, with_image_transforms
 
     test = load_image_dataset("fashion_mnist", seed=0, max_train_samples=64, max_eval_samples=count)["test"]
@@ -160,7 +160,6 @@ def test_images(processor, count: int):
 
 
 def calibration_images(processor, seed: int):
-    from efficacy import _stack
     from hf_cd.data import load_image_dataset, with_image_transforms
 
     train = load_image_dataset("fashion_mnist", seed=seed, max_eval_samples=64)["train"].select(range(256))
@@ -296,19 +295,14 @@ def qat_run(
 # --- report -------------------------------------------------------------------------------------
 
 
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
-def best_ptq(record: dict, bits: str) -> tuple[str, float]:
+def best_ptq(record: dict, bits: str) -> tuple[str, float] | None:
+    """The most accurate PTQ row of a float run at ``bits`` (``None`` where none was measured)."""
     from hf_cd.quant.config import parse_bits
 
     w, a = parse_bits(bits)
     rows = [r for r in record["rows"] if (r["w_bits"], r["a_bits"]) == (w, a)]
+    if not rows:
+        return None
     best = max(rows, key=lambda r: r["accuracy"])
     return best["pipeline"], best["accuracy"]
 
@@ -322,8 +316,9 @@ def report(args, records: list[dict]) -> str:
         if r["kind"] == "float"
     }
     qats = [r for r in records if r["kind"] == "qat"]
-    bits_list = sorted({r["bits"] for r in qats} | set(args.bits))
-    lines = [f"# QAT vs PTQ on DINOv2-S/14 at 56 px{' (SMOKE RUN: not evidence)' if args.smoke else ''}", "",
+    measured = {f"W{row['w_bits']}A{row['a_bits']}" for r in floats.values() for row in r["rows"][1:]}
+    bits_list = sorted({r["bits"] for r in qats} | measured)
+    lines = [f"# QAT vs PTQ on DINOv2-S/14 at 56 px{' (SMOKE RUN: not evidence)' if any(r['settings']['smoke'] for r in records) else ''}", "",
              record_header(records[-1]), "",
              "Accuracy in % on the fixed test images (mean ± std over seeds). PTQ: the best pipeline per seed "
              "and bits, chosen on these test images (favours PTQ). Gap: full precision of the float run minus it.", "",
@@ -341,7 +336,7 @@ def report(args, records: list[dict]) -> str:
                 pairs = [(q, f) for q, f in pairs if f is not None]
                 if not pairs:
                     continue
-                ptq = [best_ptq(f, bits) for _, f in pairs]
+                ptq = [best for _, f in pairs if (best := best_ptq(f, bits)) is not None]
                 speed = [(q["train_s"] / q["steps"]) / (f["train_s"] / f["steps"]) for q, f in pairs]
                 lines.append(
                     f"| {cd} | {bits} | {len(pairs)} | {mean_std([f['fp_accuracy'] for _, f in pairs])} | "
@@ -382,16 +377,16 @@ def plot(args, records: list[dict], bits_list: list[str]) -> str:
             ax.axhline(
                 statistics.mean(r["fp_accuracy"] for r in floats), color=colour, linestyle=":", linewidth=1
             )
-        for label, values, style in (
-            ("best PTQ", [[best_ptq(r, b)[1] for r in floats] for b in order], "--"),
-            ("QAT", [[r["accuracy"] for r in qats if r["bits"] == b] for b in order], "-"),
+        for label, values, style, marker in (
+            ("best PTQ", [[best[1] for r in floats if (best := best_ptq(r, b))] for b in order], "--", "s"),
+            ("QAT", [[r["accuracy"] for r in qats if r["bits"] == b] for b in order], "-", "o"),
         ):
             present = [(b, v) for b, v in zip(order, values, strict=True) if v]
             if present:
                 means = [statistics.mean(v) for _, v in present]
                 errors = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in present]
-                ax.errorbar([b for b, _ in present], means, yerr=errors, linestyle=style, marker="o", color=colour,
-                            capsize=3, label=f"{label}, CD {cd}")  # fmt: skip
+                ax.errorbar([b for b, _ in present], means, yerr=errors, linestyle=style, marker=marker, color=colour,
+                            capsize=3, label=f"{label}, {'CD' if cd == 'cd' else 'no CD'}")  # fmt: skip
     ax.set_ylabel("top-1 % (fixed test images)")
     ax.set_xlabel("encoder bits (dotted: full precision)")
     ax.grid(alpha=0.3)

@@ -36,6 +36,8 @@ from hf_cd.quant.qat import (
 )
 from hf_cd.quant.quantizers import asymmetric_range, symmetric_range
 from hf_cd.trainer import QAT_STATE_FILE
+from test_trainer import RandomImages
+from test_trainer import _args as trainer_args
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -241,39 +243,11 @@ def test_qat_with_lora_is_refused_clearly():
 # --- in CDTrainer -------------------------------------------------------------------------------
 
 
-class RandomImages(torch.utils.data.Dataset):
-    def __init__(self, n: int = 64, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 1, 28, 28, generator=generator)
-        self.y = (self.x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (self.x[:, 0, :14].mean(dim=(1, 2)) > 0).long()
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
+QAT_ARGS = dict(max_steps=6, logging_steps=2, qat_bits="W4A4", qat_num_calibration=8, qat_step_lr=1e-3)
 
 
 def _args(tmp_path: Path, **overrides) -> CDConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        learning_rate=3e-3,
-        max_steps=6,
-        logging_steps=2,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        cd_strength=5.0,
-        qat_bits="W4A4",
-        qat_num_calibration=8,
-        qat_step_lr=1e-3,
-    )
-    values.update(overrides)
-    return CDConfig(**values)
+    return trainer_args(tmp_path, **{**QAT_ARGS, **overrides})
 
 
 def _trainer(tmp_path: Path, **overrides) -> CDTrainer:
@@ -435,36 +409,21 @@ def test_recipe_trains_with_qat_and_reports_the_qat_row_beside_the_ptq_rows(tmp_
 @requires_fashion_mnist
 def test_qat_under_accelerate_launch_two_cpu_processes_keeps_the_ranks_identical(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
+
+    from test_recipe_distributed import run_recipe_on_two_processes
 
     out = tmp_path / "ddp"
-    launcher = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-    ]  # fmt: skip
-    recipe_args = [
-        "--model_preset", "vit_tiny", "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2",
-        "--image_size", "28", "--patch_size", "7", "--num_channels", "1", "--output_dir", str(out), "--use_cpu", "true",
-        "--max_steps", "4", "--per_device_train_batch_size", "8", "--max_train_samples", "64",
-        "--max_eval_samples", "32", "--max_test_samples", "40", "--save_steps", "2", "--learning_rate", "3e-3",
-        "--cd_strength", "5", "--report_to", "none", "--disable_tqdm", "true", "--dataloader_pin_memory", "false",
-        "--seed", "0", "--quant_pipelines", "minmax", "--quant_bits", "W4A4", "--quant_num_calibration", "8",
-        "--quant_max_eval_samples", "16", "--diagnostics_samples", "4", "--qat_bits", "W4A4",
-        "--qat_num_calibration", "8", "--qat_distill", "0.5",
-    ]  # fmt: skip
-    script = Path(__file__).parent / "scripts" / "recipe_ddp.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [*launcher, str(script), *recipe_args],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_recipe_on_two_processes(
+        out,
+        "--quant_bits",
+        "W4A4",
+        "--qat_bits",
+        "W4A4",
+        "--qat_num_calibration",
+        "8",
+        "--qat_distill",
+        "0.5",
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = [json.loads((out / f"fingerprint_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["global_step"] == ranks[1][
         "global_step"
