@@ -286,6 +286,13 @@ def test_distillation_changes_the_loss_and_the_teacher_stays_the_float_model(tmp
     assert first(plain) != first(distilled)
 
 
+def test_distillation_and_tweo_combine(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=2, qat_distill=0.5, tweo_weight=0.01)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all("tweo/penalty" in entry and entry["loss"] > 0 for entry in logged)
+
+
 def test_qat_checkpoint_resumes_bitwise(tmp_path):
     whole = _trainer(tmp_path / "whole", save_strategy="steps", save_steps=3)
     whole.train()

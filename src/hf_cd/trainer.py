@@ -149,7 +149,9 @@ class CDTrainer(Trainer):
     """`Trainer` with the decoupled CD update after each optimizer step, configured by `CDConfig`.
 
     Pass a `CDCallback` in ``callbacks`` to override the config's CD settings; with
-    ``cd_strength=0`` and ``tweo_weight=0`` it is a plain Trainer.
+    ``cd_strength=0`` and ``tweo_weight=0`` it is a plain Trainer. With ``qat_bits`` the model is
+    prepared for QAT (`hf_cd.quant.prepare_qat`) on ``qat_calibration_data`` (else ``train_dataset``)
+    unless it already is; CD then decays its latent float weights.
     """
 
     def __init__(
