@@ -181,7 +181,7 @@ class CDConfig(TrainingArguments):
     def qat_config(self, **quant_config):
         """The `hf_cd.quant.QATConfig` of ``qat_bits`` / ``qat_init`` (``None`` without QAT).
 
-        ``quant_config`` adds `QuantConfig` fields (e.g. the recipe's ``extra`` pipeline options).
+        ``quant_config`` adds or overrides `QuantConfig` fields (e.g. ``extra`` pipeline options, ``protocol``).
         """
         if self.qat_bits is None:
             return None

@@ -237,4 +237,4 @@ def run_qat_evaluation(
         row["num_eval"],
         saved,
     )
-    return {"row": row, "model_dir": str(saved), "settings": training_args.cd_settings()}
+    return {"row": row, "model_dir": str(saved)}
