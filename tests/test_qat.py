@@ -373,7 +373,7 @@ def test_the_recipe_refuses_qat_with_lora_before_any_work(tmp_path):
 def test_recipe_trains_with_qat_and_reports_the_qat_row_beside_the_ptq_rows(tmp_path):
     import json
 
-    from hf_cd.hub import build_model_card
+    from hf_cd.hub import build_model_card, push_cd_model
     from hf_cd.recipe import QAT_MODEL_DIR
     from test_recipe import QUICK, TINY_PRESET, load_finetune
 
@@ -409,6 +409,13 @@ def test_recipe_trains_with_qat_and_reports_the_qat_row_beside_the_ptq_rows(tmp_
     metrics = [m for r in card.data.eval_results for m in [r.metric_config]]
     assert "w4a4-qat" in metrics and "w4a4-percentile" in metrics
     assert "Accuracy (QAT W4A4, quantized)" in str(card)
+    # and an upload carries the quantized model beside the latent weights
+    files = push_cd_model(out, "user/qat-model", dry_run=True).files
+    assert (
+        f"{QAT_MODEL_DIR}/model.safetensors" in files
+        and f"{QAT_MODEL_DIR}/hf_cd_quantizers.safetensors" in files
+    )
+    assert QAT_STATE_FILE not in files and not any(name.startswith("checkpoint") for name in files)
 
 
 @pytest.mark.slow

@@ -197,7 +197,18 @@ def _shareable_files(folder: Path, with_results: bool) -> tuple[str, ...]:
     files.append(CARD_FILE)
     if with_results:
         files.append(RESULTS_FILE)
-    return tuple(files)
+    return tuple(files) + _quantized_model_files(folder)
+
+
+def _quantized_model_files(folder: Path) -> tuple[str, ...]:
+    """A QAT run's quantized model (``qat_model/``, `hf_cd.quant.save_quantized`): the model its card's QAT row measured."""
+    from hf_cd.quant.saving import QAT_MODEL_DIR, QUANTIZATION_FILE, QUANTIZERS_FILE
+
+    subfolder = folder / QAT_MODEL_DIR
+    names = (CONFIG_NAME, SAFE_WEIGHTS_NAME, QUANTIZATION_FILE, QUANTIZERS_FILE)
+    if not all((subfolder / name).is_file() for name in names):
+        return ()
+    return tuple(f"{QAT_MODEL_DIR}/{name}" for name in names)
 
 
 def _card_for_upload(folder: Path, repo_id: str, results: dict | None) -> str:
@@ -236,8 +247,8 @@ def push_cd_model(
 ) -> HubUpload:
     """Create ``repo_id`` if needed and upload the checkpoint in ``output_dir`` with its model card.
 
-    Only the weights (safetensors), ``config.json``, the image processor config, ``README.md``
-    and ``results.json`` are sent: no checkpoints, optimizer states, ``training_args.bin`` or
+    Only the weights (safetensors), ``config.json``, the image processor config, ``README.md``,
+    ``results.json`` and a QAT run's quantized model (``qat_model/``) are sent: no checkpoints, optimizer states, ``training_args.bin`` or
     plots. ``README.md`` is regenerated from ``results.json`` so that its snippets name
     ``repo_id``. A ``results.json`` older than the weights belongs to an earlier run, so it is
     neither uploaded nor used, and the README.md already there goes up as is. ``dry_run=True`` prints and returns the exact files and card,

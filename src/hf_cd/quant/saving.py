@@ -35,6 +35,9 @@ from hf_cd.quant.qat import fake_quant_model, float_model, is_qat_model
 QUANTIZATION_FILE = "hf_cd_quantization.json"
 QUANTIZERS_FILE = "hf_cd_quantizers.safetensors"
 FORMAT_VERSION = 1
+QAT_MODEL_DIR = "qat_model"
+"""Sub-folder of a QAT run's ``output_dir`` holding its quantized model (written by the recipe); the
+folder itself holds the latent float weights and the step sizes (a checkpoint to resume from)."""
 
 
 def _savable_float_model(model: nn.Module) -> nn.Module:

@@ -21,6 +21,7 @@ from hf_cd.diagnostics import (
     measure_alignment,
     outlier_summary,
 )
+from hf_cd.quant.saving import QAT_MODEL_DIR
 from hf_cd.recipe.arguments import ModelArguments, QuantArguments, RecipeArgumentError
 from hf_cd.table import Table
 
@@ -185,11 +186,6 @@ def run_quantized_evaluation(
         "rows": table.to_dicts(),
         "reused_rows": table.num_reused,
     }
-
-
-QAT_MODEL_DIR = "qat_model"
-"""Sub-folder of ``output_dir`` holding a QAT run's quantized model (`hf_cd.quant.save_quantized`);
-``output_dir`` itself holds the latent float weights and the step sizes (a checkpoint to resume from)."""
 
 
 def check_qat_arguments(model_args: ModelArguments, training_args: CDConfig) -> None:
