@@ -16,8 +16,8 @@ SCRIPT = Path(__file__).parent / "scripts" / "recipe_ddp.py"
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, requires_fashion_mnist]
 
 
-def test_two_process_cpu_run_completes_and_the_ranks_agree(tmp_path):
-    out = tmp_path / "ddp"
+def run_recipe_on_two_processes(out: Path, *extra: str) -> None:
+    """The recipe's tiny preset under `accelerate launch` with two CPU processes; ``extra`` adds flags."""
     # `--cpu --num_processes 2` would need mpirun (accelerate's multi-CPU launcher) and otherwise runs ONE
     # process; `--multi_gpu` is accelerate's torchrun launcher, and `--use_cpu true` keeps it on the CPU (gloo).
     launcher = [
@@ -32,18 +32,23 @@ def test_two_process_cpu_run_completes_and_the_ranks_agree(tmp_path):
         "--save_steps", "2", "--hidden_dropout_prob", "0.1", "--learning_rate", "3e-3", "--cd_strength", "5",
         "--report_to", "none", "--disable_tqdm", "true", "--dataloader_pin_memory", "false", "--seed", "0",
         "--quant_pipelines", "minmax", "--quant_bits", "W8A8", "--quant_num_calibration", "8",
-        "--quant_max_eval_samples", "16", "--diagnostics_samples", "4",
+        "--quant_max_eval_samples", "16", "--diagnostics_samples", "4", *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [*launcher, str(SCRIPT), *recipe_args],
         env=env,
-        cwd=tmp_path,
+        cwd=out.parent,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_two_process_cpu_run_completes_and_the_ranks_agree(tmp_path):
+    out = tmp_path / "ddp"
+    run_recipe_on_two_processes(out)
 
     ranks = [json.loads((out / f"fingerprint_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]

@@ -109,6 +109,37 @@ class CDConfig(TrainingArguments):
     )
     tweo_tau: float = field(default=3.0, metadata={"help": "TWEO threshold τ."})
     tweo_p: float = field(default=4.0, metadata={"help": "TWEO exponent p."})
+    qat_bits: str | None = field(
+        default=None,
+        metadata={
+            "help": "Quantization-aware training at these encoder bits, WxAy (e.g. W4A4, W6A6): weights and "
+            "activations fake-quantized in every forward at the sites and bits PTQ uses, step sizes learned "
+            "(LSQ) from qat_init's calibration. CD acts on the latent float weights. Unset: float training."
+        },
+    )
+    qat_init: str = field(
+        default="percentile",
+        metadata={
+            "help": "PTQ pipeline whose calibration gives the initial step sizes (percentile, minmax, repq or "
+            "per_tensor)."
+        },
+    )
+    qat_num_calibration: int = field(
+        default=32, metadata={"help": "Calibration images for qat_init (drawn from the training data)."}
+    )
+    qat_distill: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight α of distillation from the float model: loss = (1 − α)·cross-entropy + α·KL(float "
+            "logits ‖ QAT logits). 0 (default): labels only."
+        },
+    )
+    qat_step_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the QAT step sizes (no weight decay, the same schedule); default: learning_rate."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={
@@ -144,6 +175,38 @@ class CDConfig(TrainingArguments):
             raise ValueError(
                 f"TWEO needs weight ≥ 0, tau > 0 and p > 0; got {self.tweo_weight}, {self.tweo_tau}, {self.tweo_p}."
             )
+        self._check_qat()
+
+    def _check_qat(self) -> None:
+        self.qat_bits = None if str(self.qat_bits).strip().lower() in ("", "none", "null") else self.qat_bits
+        if not 0.0 <= self.qat_distill <= 1.0:
+            raise ValueError(f"qat_distill is a weight in [0, 1], got {self.qat_distill}.")
+        if self.qat_step_lr is not None and not self.qat_step_lr > 0:
+            raise ValueError(f"qat_step_lr must be > 0 (or unset: learning_rate), got {self.qat_step_lr}.")
+        if self.qat_num_calibration < 1:
+            raise ValueError(f"qat_num_calibration must be ≥ 1, got {self.qat_num_calibration}.")
+        if self.qat_bits is not None:
+            try:
+                self.qat_config()
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"qat_bits={self.qat_bits} qat_init={self.qat_init}: {error}") from None
+
+    def qat_config(self, **quant_config):
+        """The `hf_cd.quant.QATConfig` of ``qat_bits`` / ``qat_init`` (``None`` without QAT).
+
+        ``quant_config`` adds or overrides `QuantConfig` fields (e.g. ``extra`` pipeline options, ``protocol``).
+        """
+        if self.qat_bits is None:
+            return None
+        from hf_cd.quant import QATConfig  # not at import: `import hf_cd` does not pay for hf_cd.quant
+
+        values = {
+            "num_calibration": self.qat_num_calibration,
+            "seed": self.data_seed if self.data_seed is not None else self.seed,
+            "progress": not self.disable_tqdm,
+            **quant_config,
+        }
+        return QATConfig.from_bits(self.qat_bits, init=self.qat_init, **values)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -187,4 +250,14 @@ class CDConfig(TrainingArguments):
         """The method's settings as a model card and ``config.json`` record them."""
         settings = {k: v for k, v in self.cd_callback_kwargs().items() if k != "check_finite"}
         settings.update({"tweo_weight": self.tweo_weight, "tweo_tau": self.tweo_tau, "tweo_p": self.tweo_p})
+        if self.qat_bits is not None:  # only QAT runs: float runs keep the settings they always had
+            settings.update(
+                {
+                    "qat_bits": self.qat_bits,
+                    "qat_init": self.qat_init,
+                    "qat_num_calibration": self.qat_num_calibration,
+                    "qat_distill": self.qat_distill,
+                    "qat_step_lr": self.qat_step_lr if self.qat_step_lr is not None else self.learning_rate,
+                }
+            )
         return settings

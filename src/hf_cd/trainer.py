@@ -28,6 +28,27 @@ from hf_cd.tweo import BlockOutputCollector, tweo_penalty
 
 logger = logging.getLogger(__name__)
 
+QAT_STATE_FILE = "hf_cd_qat.safetensors"
+"""What a QAT run's checkpoint (and final save) holds besides the latent float weights: every step size
+and zero-point, by the name it has in the QAT model."""
+
+
+def write_safetensors_atomic(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` to ``path`` through a temporary file in the same folder, so it appears whole or not at all."""
+    from safetensors.torch import save_file
+
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            temporary,
+            metadata={"format": "pt"},
+        )
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
 
 @contextlib.contextmanager
 def no_transformers_progress_bars():
@@ -133,13 +154,24 @@ class CDTrainer(Trainer):
     ``output_dir`` lock and three fixes of the Trainer's own behaviour that a baseline needs as much
     as a CD run: resumed checkpoints load through ``from_pretrained`` (transformers 5 resumes ViT
     keys silently wrong), ``train_loss`` covers the whole run after a resume, and NaN weights are
-    refused before the first step.
+    refused before the first step. With ``qat_bits`` the model is prepared for QAT
+    (`hf_cd.quant.prepare_qat`) on ``qat_calibration_data`` (else ``train_dataset``) unless it already
+    is; CD then decays its latent float weights.
     """
 
     def __init__(
-        self, model=None, args: TrainingArguments | None = None, *positional, callbacks=None, **kwargs
+        self,
+        model=None,
+        args: TrainingArguments | None = None,
+        *positional,
+        callbacks=None,
+        qat_calibration_data=None,
+        **kwargs,
     ):
         args = _as_cd_config(args)
+        self._qat_teacher = None
+        if args.qat_bits is not None and model is not None:
+            model = self._prepare_qat(model, args, qat_calibration_data, kwargs.get("train_dataset"))
         callbacks = list(callbacks or [])
         if args.cd_strength > 0 and not any(isinstance(cb, CDCallback) for cb in callbacks):
             callbacks.append(CDCallback(**args.cd_callback_kwargs()))
@@ -154,8 +186,78 @@ class CDTrainer(Trainer):
 
     @property
     def uses_cd(self) -> bool:
-        """Whether this trainer changes training at all: CD (or the TWEO baseline's penalty) is on."""
-        return self.cd_callback is not None or self._tweo is not None
+        """Whether this trainer changes training at all: CD, the TWEO baseline's penalty or QAT is on."""
+        return self.cd_callback is not None or self._tweo is not None or self.args.qat_bits is not None
+
+    # -- quantization-aware training ---------------------------------------------------------------
+
+    def _prepare_qat(self, model, args: CDConfig, calibration_data, train_dataset):
+        """The model to train for ``args.qat_bits`` (`hf_cd.quant.prepare_qat`), and the float teacher if distilling.
+
+        Calibration images: ``qat_calibration_data`` (the recipe passes the eval-transformed training
+        split, as PTQ uses), else ``train_dataset``.
+        """
+        from hf_cd import quant
+
+        if quant.is_qat_model(model):
+            prepared = quant.qat.qat_config(model)
+            if prepared.label != args.qat_config().label:
+                raise ValueError(
+                    f"The model was prepared for QAT at {prepared.label} but qat_bits is {args.qat_bits}; "
+                    "pass the float model, or the same bits."
+                )
+            qat_model = model
+        else:
+            data = calibration_data if calibration_data is not None else train_dataset
+            if data is None:
+                raise ValueError(
+                    f"qat_bits={args.qat_bits} calibrates its initial step sizes on images: pass "
+                    "qat_calibration_data=... (or a train_dataset) to CDTrainer."
+                )
+            qat_model = quant.prepare_qat(model, args.qat_config(), data)
+        if args.qat_distill > 0:
+            self._qat_teacher = quant.float_model(qat_model).eval().requires_grad_(False)
+        return qat_model
+
+    @property
+    def is_qat(self) -> bool:
+        from hf_cd.quant.qat import is_qat_model
+
+        return self.model is not None and is_qat_model(self.model)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; for QAT the step sizes get a group of their own (``qat_step_lr``, no decay)."""
+        optimizer = super().create_optimizer(model)
+        if not self.is_qat or getattr(self, "_qat_group_added", False):
+            return optimizer
+        from hf_cd.quant.qat import step_size_parameters
+
+        steps = step_size_parameters(self.model)
+        if steps:
+            ids = {id(p) for p in steps}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            rate = self.args.qat_step_lr if self.args.qat_step_lr is not None else self.args.learning_rate
+            optimizer.add_param_group({"params": steps, "lr": rate, "weight_decay": 0.0})
+            self._qat_group_added = True
+        return optimizer
+
+    def _distillation_loss(self, inputs, outputs) -> torch.Tensor:
+        """KL(float ‖ QAT) of the logits, per image, on the batch the model has just seen."""
+        import torch.nn.functional as F
+
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+        teacher = self._qat_teacher
+        if next(teacher.parameters()).device != logits.device:
+            teacher.to(logits.device)
+        with torch.no_grad():
+            target = teacher(pixel_values=inputs["pixel_values"]).logits
+        return F.kl_div(
+            F.log_softmax(logits.float(), dim=-1),
+            F.log_softmax(target.float(), dim=-1),
+            log_target=True,
+            reduction="batchmean",
+        )
 
     # -- training ------------------------------------------------------------------------------
 
@@ -249,11 +351,17 @@ class CDTrainer(Trainer):
         return {"library": "hf-cd", "version": __version__, **settings}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self._tweo is None or not model.training:
+        if (self._tweo is None and self._qat_teacher is None) or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._tweo is None:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            loss = self._with_distillation(loss, inputs, outputs, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
         with self._tweo.collect() as block_outputs:
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
             penalty = tweo_penalty(block_outputs, self.args.tweo_tau, self.args.tweo_p)
+        if self._qat_teacher is not None:
+            loss = self._with_distillation(loss, inputs, outputs, num_items_in_batch)
         detached = penalty.detach()
         self._tweo_sum = detached if self._tweo_sum is None else self._tweo_sum + detached
         self._tweo_steps += 1
@@ -263,6 +371,14 @@ class CDTrainer(Trainer):
             penalty = penalty / self.current_gradient_accumulation_steps
         loss = loss + self.args.tweo_weight * penalty
         return (loss, outputs) if return_outputs else loss
+
+    def _with_distillation(self, loss, inputs, outputs, num_items_in_batch) -> torch.Tensor:
+        """``(1 − α)·loss + α·KL``; the KL is a per-micro-batch mean, scaled for accumulation as the TWEO penalty."""
+        divergence = self._distillation_loss(inputs, outputs)
+        if self._loss_is_scaled_for_ga(num_items_in_batch):
+            divergence = divergence / self.current_gradient_accumulation_steps
+        alpha = self.args.qat_distill
+        return (1.0 - alpha) * loss + alpha * divergence
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """Mirror of the Trainer's own rule in `training_step`."""
@@ -296,11 +412,32 @@ class CDTrainer(Trainer):
         dtype = next(model.parameters()).dtype
         reloaded = type(model).from_pretrained(checkpoint, config=model.config, dtype=dtype)
         result = model.load_state_dict(reloaded.state_dict(), strict=False)
-        if result.missing_keys or result.unexpected_keys:
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+        if self.is_qat:  # the step sizes and zero-points are in a file of their own
+            missing = self._load_qat_state(checkpoint, missing)
+        if missing or unexpected:
             raise RuntimeError(
-                f"Checkpoint {checkpoint} does not match the model: missing {result.missing_keys[:5]}, "
-                f"unexpected {result.unexpected_keys[:5]}. Was it written by another architecture?"
+                f"Checkpoint {checkpoint} does not match the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}. Was it written by another architecture?"
             )
+
+    def _load_qat_state(self, checkpoint: str, missing: list[str]) -> list[str]:
+        """Load a checkpoint's `QAT_STATE_FILE` into the QAT model; return the keys still missing."""
+        from safetensors.torch import load_file
+
+        path = os.path.join(checkpoint, QAT_STATE_FILE)
+        if not os.path.isfile(path):
+            raise RuntimeError(
+                f"Checkpoint {checkpoint} has no {QAT_STATE_FILE}: it was not written by a QAT run (qat_bits), "
+                "so it holds no step sizes to resume from. Resume a QAT run's checkpoint, or start over."
+            )
+        tensors = load_file(path)
+        result = unwrap_model(self.model).load_state_dict(tensors, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(
+                f"{path} does not match the QAT model (other bits or init?): unexpected {result.unexpected_keys[:5]}."
+            )
+        return [key for key in missing if key not in tensors]
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if model is None and self._plain_checkpoint(resume_from_checkpoint):
@@ -315,9 +452,20 @@ class CDTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # every checkpoint and the final model: no nested "Writing model shards" bar under the
         # training bar, and weights readable like the config beside them
+        qat_tensors = None
+        if self.is_qat:  # the latent float weights as a plain checkpoint, the QAT tensors beside them
+            from hf_cd.quant.qat import qat_state_dict
+
+            qat_tensors = qat_state_dict(self.model)
+            if state_dict is None:
+                state_dict = unwrap_model(self.model).state_dict()
+            state_dict = {name: tensor for name, tensor in state_dict.items() if name not in qat_tensors}
         with no_transformers_progress_bars():
             super()._save(output_dir, state_dict)
-        respect_umask(output_dir if output_dir is not None else self.args.output_dir)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        if qat_tensors is not None and self.args.should_save:
+            write_safetensors_atomic(os.path.join(folder, QAT_STATE_FILE), qat_tensors)
+        respect_umask(folder)
 
     # -- model card ----------------------------------------------------------------------------
 
@@ -330,7 +478,8 @@ class CDTrainer(Trainer):
     ) -> None:
         """Write the hf-cd card (`hf_cd.hub`), not the generic one, so `push_to_hub` uploads it.
 
-        A baseline trainer (no CD, no TWEO) writes the Trainer's own card instead. The card holds the CD settings. It also holds the quantized accuracy when ``output_dir``
+        A baseline trainer (no CD, no TWEO, no QAT) writes the Trainer's own card instead. The card
+        holds the CD settings. It also holds the quantized accuracy when ``output_dir``
         holds this run's ``results.json``. ``license``, ``language`` and ``tags`` go into its
         metadata; the other `Trainer.create_model_card` arguments describe the generic card and are ignored.
         """

@@ -18,6 +18,7 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
 
 from hf_cd._version import __version__
 from hf_cd.quant.config import DEFAULT_PROTOCOL
+from hf_cd.quant.qat import QAT_PIPELINE
 from hf_cd.quant.results import ACCURACY_UNIT, FULL_PRECISION, RESULT_COLUMNS, rows_as_fractions
 
 logger = logging.getLogger(__name__)
@@ -665,7 +666,8 @@ def _reproduce_command(
     command.append(f"--dataset_name {dataset['name'] if dataset else '<dataset>'}")
     if dataset and dataset.get("config_name"):
         command.append(f"--dataset_config_name {dataset['config_name']}")
-    quantized = [row for row in rows if not is_full_precision(row)]
+    # QAT rows come from training, not from `hf-cd quantize`: the command measures the PTQ rows
+    quantized = [row for row in rows if not is_full_precision(row) and row["pipeline"] != QAT_PIPELINE]
     if quantized:
         command.append("--quant_pipelines " + " ".join(dict.fromkeys(row["pipeline"] for row in quantized)))
         command.append(
@@ -724,6 +726,7 @@ def _template_values(results: Mapping[str, Any], model_id: str) -> dict[str, Any
         if key not in ("library", "version")
     ]
     quantized = results.get("quantized") or {}
+    qat_bits = (results.get("cd_settings") or {}).get("qat_bits")
     test = results.get("test") or {}
     validation = results.get("validation") or {}
     return {
@@ -739,6 +742,8 @@ def _template_values(results: Mapping[str, Any], model_id: str) -> dict[str, Any
         "model": model,
         "training": _training_line(results.get("training")),
         "test_accuracy": _percent(test.get("accuracy")),
+        # a QAT run trains and tests the fake-quantized model: its test accuracy is not full precision
+        "test_accuracy_kind": f"QAT {qat_bits}, quantized" if qat_bits else "full precision",
         "test_samples": dataset.get("test_samples") if dataset else None,
         "validation_accuracy": _percent(validation.get("accuracy")),
         "cd_settings": cd_settings,

@@ -201,7 +201,18 @@ def _shareable_files(folder: Path, with_results: bool) -> tuple[str, ...]:
     files.append(CARD_FILE)
     if with_results:
         files.append(RESULTS_FILE)
-    return tuple(files)
+    return tuple(files) + _quantized_model_files(folder)
+
+
+def _quantized_model_files(folder: Path) -> tuple[str, ...]:
+    """A QAT run's quantized model (``qat_model/``, `hf_cd.quant.save_quantized`): the model its card's QAT row measured."""
+    from hf_cd.quant.saving import QAT_MODEL_DIR, QUANTIZATION_FILE, QUANTIZERS_FILE
+
+    subfolder = folder / QAT_MODEL_DIR
+    names = (CONFIG_NAME, SAFE_WEIGHTS_NAME, QUANTIZATION_FILE, QUANTIZERS_FILE)
+    if not all((subfolder / name).is_file() for name in names):
+        return ()
+    return tuple(f"{QAT_MODEL_DIR}/{name}" for name in names)
 
 
 def _card_for_upload(folder: Path, repo_id: str, results: dict | None) -> str:
@@ -243,8 +254,8 @@ def push_cd_model(
 
     The arguments follow ``huggingface_hub.upload_folder(repo_id=..., folder_path=...)``; every
     flag is keyword-only. Only the weights (safetensors), ``config.json``, the image processor
-    config, ``README.md`` and ``results.json`` are sent: no checkpoints, optimizer states,
-    ``training_args.bin`` or plots.
+    config, ``README.md``, ``results.json`` and a QAT run's quantized model (``qat_model/``) are
+    sent: no checkpoints, optimizer states, ``training_args.bin`` or plots.
 
     The card: a ``README.md`` that hf-cd wrote (its metadata has an ``hf_cd`` block) is regenerated
     from ``results.json`` so that its snippets name ``repo_id``, and rewritten locally (logged). A

@@ -15,6 +15,8 @@ both attention matmuls' inputs, and the patch embedding and classifier at 8 bits
 (``protocol="deploy"``; ``protocol="repq_vit"`` is RepQ-ViT's published bit assignment).
 Reconstruction pipelines ``gptq``, ``gptaq``, ``marr`` and ``marr_grid`` solve the encoder weights
 layer by layer (options in ``QuantConfig.extra``: `hf_cd.quant.reconstruction`).
+Quantization-aware training with learned step sizes: `prepare_qat` / `convert` (`hf_cd.quant.qat`);
+`save_quantized` / `load_quantized` save and reload a `quantize` or `convert` result.
 """
 
 from hf_cd.quant import pipelines as _builtin_pipelines  # noqa: F401  (registers the built-ins)
@@ -33,6 +35,7 @@ from hf_cd.quant.observers import NoCalibrationDataError
 from hf_cd.quant.params import QuantParams
 from hf_cd.quant.pipelines import FakeQuantPipeline
 from hf_cd.quant.prepare import quantization_state
+from hf_cd.quant.qat import QATConfig, convert, float_model, is_qat_model, prepare_qat, qat_init_pipelines
 from hf_cd.quant.reconstruction import measure_reconstruction_errors, reconstruction_report
 from hf_cd.quant.registry import (
     PIPELINES,
@@ -49,6 +52,7 @@ from hf_cd.quant.runtimes import (  # noqa: F401  (also registers onnxruntime-in
     RuntimeUnavailableError,
     TorchaoRuntimeConfig,
 )
+from hf_cd.quant.saving import load_quantized, save_quantized
 from hf_cd.quant.sensitivity import SITE_GROUPS, plot_sensitivity, sensitivity, site_statistics
 
 __all__ = [
@@ -67,22 +71,30 @@ __all__ = [
     "FakeQuantPipeline",
     "NoCalibrationDataError",
     "Pipeline",
+    "QATConfig",
     "QuantConfig",
     "QuantParams",
     "QuantResults",
     "UnknownPipelineError",
     "available_pipelines",
+    "convert",
     "evaluate_accuracy",
     "evaluate_quantized",
+    "float_model",
     "get_pipeline",
+    "is_qat_model",
+    "load_quantized",
     "measure_reconstruction_errors",
     "plot_sensitivity",
+    "prepare_qat",
+    "qat_init_pipelines",
     "quantization_report",
     "quantization_state",
     "quantize",
     "reconstruction_report",
     "register_pipeline",
     "result_row",
+    "save_quantized",
     "sensitivity",
     "site_statistics",
 ]

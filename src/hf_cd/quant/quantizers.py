@@ -164,10 +164,10 @@ def _rows(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().reshape(weight.shape[0], -1).float()
 
 
-def quantize_weight_symmetric(
+def symmetric_weight_scale(
     weight: torch.Tensor, bits: int, per_channel: bool = True, clip_ratios: Sequence[float] = (1.0,)
 ) -> torch.Tensor:
-    """Fake-quantize a weight symmetrically, per output channel or per tensor.
+    """The scale of `quantize_weight_symmetric`: ``(C, 1)`` per output channel, or ``(1, 1)`` per tensor.
 
     Each channel (or the tensor) takes the clipping ratio of ``absmax`` from ``clip_ratios`` with the
     least squared error (the first on ties): clipping a few large weights buys finer steps for all
@@ -193,7 +193,15 @@ def quantize_weight_symmetric(
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             best_scale = torch.where(better.view(-1, 1), scale, best_scale)
-    return fake_quantize_symmetric(rows, best_scale, bits).reshape(weight.shape).to(weight.dtype)
+    return best_scale
+
+
+def quantize_weight_symmetric(
+    weight: torch.Tensor, bits: int, per_channel: bool = True, clip_ratios: Sequence[float] = (1.0,)
+) -> torch.Tensor:
+    """Fake-quantize a weight symmetrically, per output channel or per tensor (`symmetric_weight_scale`)."""
+    best_scale = symmetric_weight_scale(weight, bits, per_channel, clip_ratios)
+    return fake_quantize_symmetric(_rows(weight), best_scale, bits).reshape(weight.shape).to(weight.dtype)
 
 
 def sorted_quantile(sorted_rows: torch.Tensor, q: float) -> torch.Tensor:

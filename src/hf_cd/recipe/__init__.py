@@ -44,11 +44,14 @@ from hf_cd.recipe.data import (
     load_recipe_data,
 )
 from hf_cd.recipe.evaluation import (
+    QAT_MODEL_DIR,
     Diagnostics,
     accuracy_metric,
+    check_qat_arguments,
     check_quant_arguments,
     measure_diagnostics,
     predictions_from_logits,
+    run_qat_evaluation,
     run_quantized_evaluation,
 )
 from hf_cd.recipe.model import (
@@ -85,6 +88,7 @@ __all__ = [
     "LORA_TARGETS",
     "MODEL_PRESETS",
     "PRESET_ONLY_OPTIONS",
+    "QAT_MODEL_DIR",
     "RESULTS_FILE",
     "RESUME_LATEST",
     "DataArguments",
@@ -100,6 +104,7 @@ __all__ = [
     "add_lora",
     "build_model",
     "check_model_source",
+    "check_qat_arguments",
     "check_quant_arguments",
     "check_resumable_augmentation",
     "checkpoint_config",
@@ -118,6 +123,7 @@ __all__ = [
     "recipe_argument_parser",
     "resolve_checkpoint",
     "rounded",
+    "run_qat_evaluation",
     "run_quantized_evaluation",
     "run_recipe",
     "write_json_atomic",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,8 @@ from hf_cd.diagnostics import (
     outlier_summary,
 )
 from hf_cd.quant.results import rows_as_fractions, rows_as_percent
-from hf_cd.recipe.arguments import QuantArguments, RecipeArgumentError
+from hf_cd.quant.saving import QAT_MODEL_DIR
+from hf_cd.recipe.arguments import ModelArguments, QuantArguments, RecipeArgumentError
 from hf_cd.table import Table
 
 logger = logging.getLogger(__name__)
@@ -185,3 +187,51 @@ def run_quantized_evaluation(
         "rows": rows_as_fractions(table.to_dicts()),
         "reused_rows": table.num_reused,
     }
+
+
+def check_qat_arguments(model_args: ModelArguments, training_args: CDConfig) -> None:
+    """QAT and LoRA do not combine (the rounded weight would be W0 + B·A): refuse before any work."""
+    if training_args.qat_bits and model_args.use_lora:
+        raise RecipeArgumentError(
+            f"--qat_bits {training_args.qat_bits} with --use_lora: QAT with LoRA is not supported (LoRA keeps "
+            "B·A apart from the weight QAT rounds). Drop --use_lora to fine-tune every weight with QAT."
+        )
+
+
+def run_qat_evaluation(
+    qat_model: torch.nn.Module,
+    eval_dataset,
+    quantized: dict[str, Any],
+    output_dir,
+    training_args: CDConfig,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the trained QAT model (converted) on the quantized evaluation's images, add its row to
+    ``quantized["rows"]`` (beside the PTQ rows, so the card's model-index carries it) and save it.
+
+    The row's ``accuracy_drop`` is against the full-precision row, the latent float weights.
+    """
+    reference = next(
+        (row["accuracy"] for row in quantized.get("rows", []) if row["pipeline"] == quant.FULL_PRECISION),
+        None,
+    )
+    converted = quant.convert(qat_model)
+    row = quant.qat.qat_result_row(
+        converted,
+        eval_dataset,
+        reference_accuracy=reference,
+        progress=progress,
+        qat_distill=training_args.qat_distill,
+    )
+    if quantized.get("status") == "done":  # results.json holds fractions, as the PTQ rows beside it
+        quantized["rows"] = [*quantized["rows"], *rows_as_fractions([row])]
+    saved = quant.save_quantized(converted, Path(output_dir) / QAT_MODEL_DIR)
+    logger.info(
+        "QAT W%dA%d: %.2f%% on %d test images; saved to %s.",
+        row["w_bits"],
+        row["a_bits"],
+        row["accuracy"],
+        row["num_eval"],
+        saved,
+    )
+    return {"row": row, "model_dir": str(saved)}

@@ -15,7 +15,7 @@ from typing import Any
 from datasets import DatasetDict
 from transformers import set_seed
 
-from hf_cd import hub
+from hf_cd import hub, quant
 from hf_cd._version import __version__
 from hf_cd.checkpoints import checkpoint_dirs, latest_complete_checkpoint
 from hf_cd.config import CDConfig
@@ -47,9 +47,11 @@ from hf_cd.recipe.data import (
 )
 from hf_cd.recipe.evaluation import (
     accuracy_metric,
+    check_qat_arguments,
     check_quant_arguments,
     measure_diagnostics,
     predictions_from_logits,
+    run_qat_evaluation,
     run_quantized_evaluation,
 )
 from hf_cd.recipe.model import (
@@ -174,6 +176,7 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
     earlier_rows = _earlier_quantized_rows(output_dir / RESULTS_FILE) if is_main else []
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     check_quant_arguments(quant_args, data_seed)
+    check_qat_arguments(model_args, training_args)
     check_resumable_augmentation(training_args)
 
     if model_args.model_name_or_path:
@@ -219,6 +222,10 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
         compute_metrics=accuracy_metric,
         preprocess_logits_for_metrics=predictions_from_logits,
         callbacks=[SeededAugmentation.EpochCallback(train_dataset)],
+        # QAT's initial step sizes: calibrated on the training split as the PTQ rows are
+        qat_calibration_data=eval_transformed(raw["train"], image_processor, num_channels)
+        if training_args.qat_bits
+        else None,
     )
     logger.info("Model: %s, %.2f M parameters.", model_args.source, model.num_parameters() / 1e6)
     train_started = time.perf_counter()
@@ -243,6 +250,9 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
         respect_umask(output_dir)
         image_processor.save_pretrained(output_dir)
 
+    qat_model = trainer.model if trainer.is_qat else None
+    if qat_model is not None:  # the PTQ rows and the diagnostics start from the latent float weights
+        model = quant.float_model(qat_model)
     state = trainer.state
     results: dict[str, Any] = {
         "hf_cd_version": __version__,
@@ -321,6 +331,15 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
         done_rows=earlier_rows,
         on_record=write_running,
     )
+    if qat_model is not None:
+        results["qat"] = run_qat_evaluation(
+            qat_model,
+            eval_transformed(eval_subset, image_processor, num_channels),
+            results["quantized"],
+            output_dir,
+            training_args,
+            progress=not training_args.disable_tqdm,
+        )
     results["wall_time_s"]["quant_eval"] = time.perf_counter() - quant_started
 
     after = measure_diagnostics(model, diagnostics_batch, training_args)

@@ -16,6 +16,7 @@ from torch import nn
 from hf_cd.quant.calibration import calibrate, load_presets
 from hf_cd.quant.config import QuantConfig
 from hf_cd.quant.observers import Observer
+from hf_cd.quant.params import QuantParams
 from hf_cd.quant.prepare import (
     ActivationSite,
     QuantizationState,
@@ -34,6 +35,9 @@ class FakeQuantPipeline:
     description: str = ""
     weights_prefix_tokens: bool = False
     """Default of `QuantConfig.weight_prefix_tokens` for this pipeline (when the config leaves it None)."""
+    qat_init: bool = False
+    """Whether `hf_cd.quant.qat` can start from this pipeline: its weights are rounded to a per-row grid
+    that `weight_params` returns, and it keeps the model's modules (no rotation, no solved weights)."""
 
     def __call__(
         self, model: nn.Module, config: QuantConfig, calibration_images: torch.Tensor | None
@@ -42,6 +46,17 @@ class FakeQuantPipeline:
         state = quantization_state(quantized)
         self.before_weights(quantized, state, config, calibration_images)
         self.quantize_weights(state, config)
+        self.calibrate_activations(quantized, state, config, calibration_images)
+        return quantized
+
+    def calibrate_activations(
+        self,
+        quantized: nn.Module,
+        state: QuantizationState,
+        config: QuantConfig,
+        calibration_images: torch.Tensor | None,
+    ) -> None:
+        """Load the preset activation sites and calibrate the others (after the weights are quantized)."""
         observers = {
             site.name: self.observer(site, config)
             for site in load_presets(state, list(state.activations))
@@ -61,7 +76,6 @@ class FakeQuantPipeline:
                 description=f"{self.name} {config.label} calibration",
             )
         state.num_calibration = 0 if calibration_images is None else int(calibration_images.shape[0])
-        return quantized
 
     def before_weights(
         self,
@@ -81,6 +95,14 @@ class FakeQuantPipeline:
 
     def quantize_weight(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
         raise NotImplementedError
+
+    def weight_params(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> QuantParams:
+        """The per-row grid `quantize_weight` rounds ``weight`` to (scale ``(C, 1)``), where ``qat_init``.
+
+        ``weight_params(w, b, c).apply(w.reshape(C, -1))`` equals ``quantize_weight(w, b, c)``: the
+        learned step sizes of `hf_cd.quant.qat` start from these.
+        """
+        raise NotImplementedError(f"Pipeline {self.name!r} does not expose its weight grid.")
 
     def weight_scheme(self, site: WeightSite, config: QuantConfig) -> str:
         """How `quantize_weight` quantizes ``site`` (``symmetric`` unless a pipeline says otherwise)."""

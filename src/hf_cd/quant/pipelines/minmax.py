@@ -7,17 +7,22 @@ import torch
 
 from hf_cd.quant.config import QuantConfig
 from hf_cd.quant.observers import MinMaxObserver, Observer
+from hf_cd.quant.params import QuantParams
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
 from hf_cd.quant.prepare import ActivationSite
-from hf_cd.quant.quantizers import quantize_weight_symmetric
+from hf_cd.quant.quantizers import quantize_weight_symmetric, symmetric_weight_scale
 
 
 class MinMaxPipeline(FakeQuantPipeline):
     name = "minmax"
     description = "per-channel symmetric weights, per-tensor min/max asymmetric activations"
+    qat_init = True
 
     def quantize_weight(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
         return quantize_weight_symmetric(weight, bits, per_channel=True)
+
+    def weight_params(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> QuantParams:
+        return QuantParams("symmetric", bits, symmetric_weight_scale(weight, bits, per_channel=True))
 
     def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
         return MinMaxObserver(site.bits, site.name, include_zero=config.activation_include_zero)

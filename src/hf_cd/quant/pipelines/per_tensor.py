@@ -10,17 +10,22 @@ import torch
 
 from hf_cd.quant.config import QuantConfig
 from hf_cd.quant.observers import AbsMaxObserver, Observer
+from hf_cd.quant.params import QuantParams
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
 from hf_cd.quant.prepare import ActivationSite
-from hf_cd.quant.quantizers import quantize_weight_symmetric
+from hf_cd.quant.quantizers import quantize_weight_symmetric, symmetric_weight_scale
 
 
 class PerTensorPipeline(FakeQuantPipeline):
     name = "per_tensor"
     description = "per-tensor AbsMax symmetric weights and activations"
+    qat_init = True
 
     def quantize_weight(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
         return quantize_weight_symmetric(weight, bits, per_channel=False)
+
+    def weight_params(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> QuantParams:
+        return QuantParams("symmetric", bits, symmetric_weight_scale(weight, bits, per_channel=False))
 
     def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
         return AbsMaxObserver(site.bits, site.name)

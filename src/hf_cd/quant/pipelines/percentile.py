@@ -18,9 +18,16 @@ import torch
 
 from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, QuantConfig, options_from_extra
 from hf_cd.quant.observers import Observer, PercentileObserver
+from hf_cd.quant.params import QuantParams
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
 from hf_cd.quant.prepare import ActivationSite, WeightSite
-from hf_cd.quant.quantizers import is_float_bits, quantize_weight_asymmetric, quantize_weight_symmetric
+from hf_cd.quant.quantizers import (
+    asymmetric_weight_params,
+    is_float_bits,
+    quantize_weight_asymmetric,
+    quantize_weight_symmetric,
+    symmetric_weight_scale,
+)
 
 WEIGHTS_OPTION = "percentile_weights"
 WEIGHT_SCHEMES = {
@@ -35,6 +42,7 @@ class PercentilePipeline(FakeQuantPipeline):
         "per-row MSE-percentile asymmetric weights, per-tensor MSE-percentile asymmetric activations"
     )
     weights_prefix_tokens = True
+    qat_init = True
 
     def check(self, config: QuantConfig) -> None:
         self._weights(config)
@@ -58,6 +66,15 @@ class PercentilePipeline(FakeQuantPipeline):
                 weight, bits, per_channel=True, clip_ratios=config.weight_clip_ratios
             )
         return quantize_weight_asymmetric(weight, bits, DEFAULT_ACTIVATION_PERCENTILES)
+
+    def weight_params(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> QuantParams:
+        if self._weights(config) == "symmetric":
+            scale = symmetric_weight_scale(
+                weight, bits, per_channel=True, clip_ratios=config.weight_clip_ratios
+            )
+            return QuantParams("symmetric", bits, scale)
+        scale, zero_point = asymmetric_weight_params(weight, bits, DEFAULT_ACTIVATION_PERCENTILES)
+        return QuantParams("asymmetric", bits, scale, zero_point)
 
     def weight_scheme(self, site: WeightSite, config: QuantConfig) -> str:
         return "float" if is_float_bits(site.bits) else self._weights(config)

@@ -55,7 +55,13 @@ from hf_cd.quant.observers import LogSqrt2Observer, Observer, PercentileObserver
 from hf_cd.quant.params import QuantParams
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
 from hf_cd.quant.prepare import ActivationSite, QuantizationState, WeightSite
-from hf_cd.quant.quantizers import is_float_bits, quantize_weight_asymmetric, quantize_weight_symmetric
+from hf_cd.quant.quantizers import (
+    asymmetric_weight_params,
+    is_float_bits,
+    quantize_weight_asymmetric,
+    quantize_weight_symmetric,
+    symmetric_weight_scale,
+)
 from hf_cd.quant.reparam import fold_into_layernorm, layernorm_reparameterization, post_layernorm_target
 
 POST_LAYERNORM_ROLES = ("attention_input", "ffn_input")
@@ -104,6 +110,7 @@ class RepQPipeline(FakeQuantPipeline):
     description = (
         "RepQ-ViT: LayerNorm scale reparameterization, log√2 softmax, asymmetric percentile elsewhere"
     )
+    qat_init = True
 
     def check(self, config: QuantConfig) -> None:
         RepQOptions.from_extra(config.extra)
@@ -162,6 +169,16 @@ class RepQPipeline(FakeQuantPipeline):
                 weight, bits, per_channel=True, clip_ratios=config.weight_clip_ratios
             )
         return quantize_weight_asymmetric(weight, bits, options.repq_weight_percentiles)
+
+    def weight_params(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> QuantParams:
+        options = RepQOptions.from_extra(config.extra)
+        if options.repq_weights == "symmetric":
+            scale = symmetric_weight_scale(
+                weight, bits, per_channel=True, clip_ratios=config.weight_clip_ratios
+            )
+            return QuantParams("symmetric", bits, scale)
+        scale, zero_point = asymmetric_weight_params(weight, bits, options.repq_weight_percentiles)
+        return QuantParams("asymmetric", bits, scale, zero_point)
 
     def weight_scheme(self, site: WeightSite, config: QuantConfig) -> str:
         if is_float_bits(site.bits):
