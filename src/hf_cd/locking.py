@@ -3,8 +3,8 @@
 Two runs writing checkpoints, weights and ``results.json`` into one directory interleave their
 files without any error. The lock is an OS file lock (``flock``) on ``output_dir/_hf_cd.lock``,
 so the kernel releases it when its process dies, even by SIGKILL: a lock file left behind by a
-dead run is simply taken over. The file also records the pid, host and command, so the error
-names the other run. (The leading underscore keeps it out of the Trainer's Hub uploads.)
+dead run is simply taken over. The file also records the pid, host and command (with the values of
+secret flags such as ``--hub_token`` hidden), so the error names the other run. (The leading underscore keeps it out of the Trainer's Hub uploads.)
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import socket
 import sys
 import time
 from pathlib import Path
+
+from hf_cd.errors import redact, redacted_argv
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ def _describe_holder(path: Path) -> str:
         f", running since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}" if started else ""
     )
     command = f": {holder['command']}" if holder.get("command") else ""
-    return f"pid {holder.get('pid')} on {holder.get('host', '?')}{since}{command}"
+    return redact(f"pid {holder.get('pid')} on {holder.get('host', '?')}{since}{command}")
 
 
 def _previous_holder(fd: int) -> dict:
@@ -109,7 +111,7 @@ class OutputDirLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.time(),
-            "command": " ".join(sys.argv)[:500],
+            "command": " ".join(redacted_argv(sys.argv))[:500],  # no --hub_token value on disk
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)

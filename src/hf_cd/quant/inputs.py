@@ -8,6 +8,7 @@ to ``pixel_values`` / ``labels``, or a torch ``Dataset``), read through a ``Data
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+
+logger = logging.getLogger(__name__)
 
 
 class CalibrationDataError(ValueError):
@@ -203,6 +206,14 @@ def select_calibration_images(data: Any, num_images: int, seed: int, batch_size:
             if taken >= num_images:
                 break
     images = [image.detach().cpu() for image in images if image.shape[0]]
+    found = sum(image.shape[0] for image in images)
+    if images and found < num_images:
+        logger.warning(
+            "Asked for %d calibration images, but the calibration data holds only %d: all %d are used.",
+            num_images,
+            found,
+            found,
+        )
     if not images:
         raise CalibrationDataError(
             "The calibration data is empty: no images to calibrate activation ranges on. Pass at least one image "

@@ -27,10 +27,10 @@ from hf_cd.data import (
     DATASETS,
     UnknownDatasetError,
 )
+from hf_cd.errors import DEBUG_FLAG, one_line, one_line_parser_errors, split_debug_flag  # noqa: F401 (split_debug_flag: re-exported)
 
 logger = logging.getLogger(__name__)
 
-DEBUG_FLAG = "--debug"
 
 DEFAULT_QUANT_PIPELINES = ("minmax", "percentile", "repq", "per_tensor")
 DEFAULT_QUANT_BITS = ("W8A8", "W6A6", "W4A4")
@@ -409,21 +409,21 @@ class QuantArguments:
         if isinstance(self.quant_bits, str):
             self.quant_bits = [self.quant_bits]
         self.quant_extra = parse_quant_extra(self.quant_extra)
-        self.bit_pairs()  # validates
+        self.quant_bits = [f"W{w}A{a}" for w, a in self.bit_pairs()]  # validates; one spelling in results
         for name in ("quant_num_calibration", "quant_batch_size"):
             if getattr(self, name) < 1:
                 raise RecipeArgumentError(f"{name} must be a positive integer, got {getattr(self, name)}.")
 
     def bit_pairs(self) -> list[tuple[int, int]]:
         """``["W8A8", "W4A8"]`` → ``[(8, 8), (4, 8)]``."""
+        from hf_cd.quant.config import parse_bits
+
         pairs = []
         for label in self.quant_bits:
-            match = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", str(label).strip())
-            if not match:
-                raise RecipeArgumentError(
-                    f"quant_bits entry {label!r} is not of the form WxAy (e.g. W8A8, W4A4, W4A8)."
-                )
-            pairs.append((int(match.group(1)), int(match.group(2))))
+            try:
+                pairs.append(parse_bits(str(label)))
+            except (TypeError, ValueError) as error:
+                raise RecipeArgumentError(f"quant_bits: {error}") from None
         return pairs
 
 
@@ -589,7 +589,84 @@ def recipe_argument_parser() -> HfArgumentParser:
         title = _group_of(action.dest)
         general._group_actions.remove(action)
         groups[title]._group_actions.append(action)
-    return parser
+    return one_line_parser_errors(parser)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise RecipeArgumentError(
+                    f"{self.name}: {key!r} is set twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    "keep one."
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _dict_fields() -> set[str]:
+    """Options whose dataclass type takes a mapping (``quant_extra``, ``lr_scheduler_kwargs``, ...)."""
+    classes = (ModelArguments, DataArguments, CDConfig, QuantArguments)
+    return {f.name for cls in classes for f in dataclasses.fields(cls) if "dict" in str(f.type).lower()}
+
+
+def _typed_config_value(action: argparse.Action, value: Any, where: str, dict_fields: set[str]) -> Any:
+    """A YAML value as the option's type, or a `RecipeArgumentError` naming it: never a silent conversion.
+
+    Why: YAML values become parser defaults, which argparse does not convert, so ``cd_every: 2.5``
+    would reach the dataclass as a float and a list where a number belongs would fail deep inside.
+    The command line's conversions apply instead, with exact checks (``2.5`` is not an int).
+    """
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        if action.dest in dict_fields:
+            return dict(value)
+        raise RecipeArgumentError(f"{where} takes a single value, got a mapping {dict(value)!r}.")
+    if isinstance(value, (list, tuple)):
+        if action.nargs not in ("+", "*"):
+            raise RecipeArgumentError(f"{where} takes a single value, got a list {list(value)!r}.")
+        return [_typed_scalar(action, item, where) for item in value]
+    return _typed_scalar(action, value, where)
+
+
+def _typed_scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    from transformers.hf_argparser import string_to_bool
+
+    kind = action.type
+    expected = {int: "an integer", float: "a number", string_to_bool: "true or false"}.get(kind)
+    if isinstance(value, (list, tuple, Mapping)):
+        raise RecipeArgumentError(f"{where} takes {expected or 'a single value'} per entry, got {value!r}.")
+    try:
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            converted: Any = int(value) if isinstance(value, (int, float)) else int(str(value))
+        elif kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            converted = float(value)
+        elif kind is string_to_bool:
+            if not isinstance(value, (bool, str)):
+                raise ValueError
+            converted = value if isinstance(value, bool) else string_to_bool(value)
+        elif kind is str:
+            converted = str(value).lower() if isinstance(value, bool) else str(value)
+        elif kind is not None and action.choices is not None and isinstance(value, str):
+            converted = kind(value)
+        else:
+            return value  # the Trainer's own special types check themselves
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise RecipeArgumentError(f"{where} must be {expected or 'text'}, got {value!r}.") from None
+    if action.choices is not None and converted not in action.choices:
+        raise RecipeArgumentError(
+            f"{where} must be one of {', '.join(map(str, action.choices))}, got {value!r}."
+        )
+    return converted
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -597,7 +674,11 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise RecipeArgumentError(f"--config {str(path)!r}: no such file.")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        with path.open(encoding="utf-8") as stream:
+            values = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as error:
+        raise RecipeArgumentError(f"{path}: not valid YAML ({one_line(error)}).") from None
     if not isinstance(values, Mapping):
         raise RecipeArgumentError(
             f"{path}: a recipe config is a mapping of option: value, got {type(values).__name__}."
@@ -617,10 +698,16 @@ def _apply_config_defaults(parser: HfArgumentParser, values: Mapping[str, Any], 
         raise RecipeArgumentError(
             f"{source}: unknown option(s) {', '.join(hints)}. `python recipes/finetune.py --help` lists them all."
         )
+    dict_fields = _dict_fields()
+    typed = {}
+    for action in parser._actions:
+        if action.dest in values and action.dest not in typed and action.option_strings:
+            where = f"{source}: {action.dest}"
+            typed[action.dest] = _typed_config_value(action, values[action.dest], where, dict_fields)
     for action in parser._actions:
         if action.dest in values:
             action.required = False
-    parser.set_defaults(**values)
+    parser.set_defaults(**{**values, **typed})
 
 
 def _given_on_command_line(argv: Sequence[str], name: str) -> bool:
@@ -651,20 +738,6 @@ def _command_line_model_source_wins(
     if dropped:
         logger.info("The command line's model source replaces %s's %s.", source, ", ".join(dropped))
     return values
-
-
-def split_debug_flag(argv: Sequence[str]) -> tuple[bool, list[str]]:
-    """Whether a bare ``--debug`` (no value after it) was given, and the arguments without it.
-
-    Why bare only: ``--debug underflow_overflow`` is TrainingArguments' own option and goes to the Trainer.
-    """
-    argv = list(argv)
-    bare = [
-        i
-        for i, arg in enumerate(argv)
-        if arg == DEBUG_FLAG and (i + 1 == len(argv) or argv[i + 1].startswith("-"))
-    ]
-    return bool(bare), [arg for i, arg in enumerate(argv) if i not in bare]
 
 
 def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeArguments:
