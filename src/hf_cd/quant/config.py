@@ -83,7 +83,7 @@ def parse_bits(entry: Any) -> tuple[int, int]:
         pair = int(entry[0]), int(entry[1])
     if pair is None:
         raise ValueError(
-            f"A bits entry is 'WxAy' (e.g. W4A4, w4a8), 'x,y' (e.g. 4,4) or a (w_bits, a_bits) pair; got {entry!r}."
+            f"{entry!r} is not a bits entry: write WxAy (e.g. W4A4, w4a8), x,y (e.g. 4,4) or a (w_bits, a_bits) pair."
         )
     return check_bits(f"{entry!r}: w_bits", pair[0]), check_bits(f"{entry!r}: a_bits", pair[1])
 

@@ -610,8 +610,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _dict_fields() -> set[str]:
     """Options whose dataclass type takes a mapping (``quant_extra``, ``lr_scheduler_kwargs``, ...)."""
+    import typing
+
+    def takes_mapping(annotation: Any) -> bool:
+        if annotation is dict or typing.get_origin(annotation) is dict:
+            return True
+        return any(takes_mapping(arg) for arg in typing.get_args(annotation))
+
+    # The annotations, not dataclasses.fields(): HfArgumentParser rewrites a field's type in place
+    # (dict | str becomes str).
     classes = (ModelArguments, DataArguments, CDConfig, QuantArguments)
-    return {f.name for cls in classes for f in dataclasses.fields(cls) if "dict" in str(f.type).lower()}
+    return {
+        name
+        for cls in classes
+        for name, annotation in typing.get_type_hints(cls).items()
+        if takes_mapping(annotation)
+    }
 
 
 def _typed_config_value(action: argparse.Action, value: Any, where: str, dict_fields: set[str]) -> Any:
