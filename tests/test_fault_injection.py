@@ -66,12 +66,12 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
-def _run_until_paused(output_dir: Path, pause: str) -> int:
+def _run_until_paused(output_dir: Path, pause: str, extra: tuple[str, ...] = ()) -> int:
     """Start the recipe in a subprocess, wait until it pauses at ``pause``, SIGKILL it; its pid."""
     env = {**os.environ, "HF_CD_TEST_PAUSE": pause, "PYTHONPATH": str(ROOT / "src")}
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the same float sums as the uninterrupted run
     process = subprocess.Popen(
-        [sys.executable, str(PAUSED), *RUN, "--output_dir", str(output_dir)],
+        [sys.executable, str(PAUSED), *extra, *RUN, "--output_dir", str(output_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -183,6 +183,18 @@ def test_no_file_or_log_of_a_recipe_run_holds_the_token_and_a_rerun_reuses_its_q
     assert again.results["quantized"]["reused_rows"] == 2 and "2 of 2 rows were already in" in caplog.text
     accuracies = [r["accuracy"] for r in first.results["quantized"]["rows"]]
     assert [r["accuracy"] for r in again.results["quantized"]["rows"]] == accuracies
+
+
+@pytest.mark.slow
+@requires_fashion_mnist
+def test_no_file_left_by_a_sigkilled_run_holds_the_token(tmp_path):
+    """The token given on the command line is in no file under output_dir, the lock file included,
+    also when the run was killed and could not clean up after itself."""
+    out = tmp_path / "killed"
+    _run_until_paused(out, "2:trainer_state", ("--hub_token", TOKEN))  # first: the lock notes 500 characters
+    written = [path for path in out.rglob("*") if path.is_file()]
+    assert LOCK_FILE in {p.name for p in written} and "training_args.bin" in {p.name for p in written}
+    assert [str(p) for p in written if TOKEN.encode() in p.read_bytes()] == []
 
 
 def _imagefolder_with_a_corrupt_image(root: Path) -> Path:
