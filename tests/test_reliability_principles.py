@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -100,7 +101,9 @@ def test_pretrained_never_replaces_a_folder_it_did_not_write_nor_the_current_dir
     (project / "README.md").write_text("a project")
     monkeypatch.chdir(project / "src")
     for output in (".", "..", str(project)):  # the current directory and its parents
-        _one_line_exit_2(capsys, lambda o=output: pretrained_main(["--output", o, "--force"]), "current directory")
+        _one_line_exit_2(
+            capsys, lambda o=output: pretrained_main(["--output", o, "--force"]), "current directory"
+        )
     assert (project / "README.md").read_text() == "a project"
 
 
@@ -187,18 +190,16 @@ def test_the_recipe_refuses_a_nan_checkpoint_by_name_before_any_svd(tmp_path, ca
     # In the encoder: the recipe replaces the classifier (the dataset has 2 labels, the model 10).
     parameter = next(name for name, _ in _tiny_vit().named_parameters() if ".0." in name and "weight" in name)
     _nan_model(parameter).save_pretrained(checkpoint)
-    ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.5], image_std=[0.5]).save_pretrained(checkpoint)
-    data = _imagefolder(tmp_path / "images")
-    _one_line_exit_2(
-        capsys,
-        lambda: _finetune(
-            ["--model_name_or_path", str(checkpoint), "--dataset_name", str(data), "--dataset_cache_dir",
-             str(tmp_path / "cache"), "--use_cpu", "true", "--report_to", "none", "--max_steps", "1",
-             "--no_quant_eval", "--output_dir", str(tmp_path / "out")]
-        ),  # fmt: skip
-        "NaN/Inf",
-        f"{parameter} (1 non-finite values)",
+    ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.5], image_std=[0.5]).save_pretrained(
+        checkpoint
     )
+    data = _imagefolder(tmp_path / "images")
+    argv = [
+        "--model_name_or_path", str(checkpoint), "--dataset_name", str(data), "--dataset_cache_dir",
+        str(tmp_path / "cache"), "--use_cpu", "true", "--report_to", "none", "--max_steps", "1",
+        "--no_quant_eval", "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    _one_line_exit_2(capsys, lambda: _finetune(argv), "NaN/Inf", f"{parameter} (1 non-finite values)")
 
 
 # --- 4. secrets stay in memory ----------------------------------------------------------------------
@@ -245,7 +246,9 @@ def saved_model(tmp_path) -> Path:
     return folder
 
 
-def test_quant_checks_paths_pipelines_and_bits_before_loading_anything(tmp_path, saved_model, monkeypatch, capsys):
+def test_quant_checks_paths_pipelines_and_bits_before_loading_anything(
+    tmp_path, saved_model, monkeypatch, capsys
+):
     from hf_cd.quant import cli
 
     def no_work(*args, **kwargs):
@@ -350,7 +353,10 @@ def test_resume_refuses_settings_that_cannot_change_and_applies_and_records_thos
         resumed = _trainer(out, cd_strength=0.25)
         resumed.train(resume_from_checkpoint=checkpoint)
     assert resumed.resume_changes == [{"step": 2, "setting": "cd_strength", "from": 5.0, "to": 0.25}]
-    assert resumed.cd_callback.strength == 0.25 and "cd_strength 0.25 instead of the checkpoint's 5.0" in caplog.text
+    assert (
+        resumed.cd_callback.strength == 0.25
+        and "cd_strength 0.25 instead of the checkpoint's 5.0" in caplog.text
+    )
     # The change travels with the next checkpoints: a later resume still reports it.
     again = _trainer(out, cd_strength=0.25)
     again.train(resume_from_checkpoint=str(out / "checkpoint-4"))
@@ -390,7 +396,7 @@ def test_yaml_values_are_checked_against_the_option_types_and_counts(tmp_path, y
 
     config = tmp_path / "recipe.yaml"
     config.write_text(f"model_preset: vit_tiny\noutput_dir: {tmp_path / 'out'}\n{yaml_text}")
-    with pytest.raises(RecipeArgumentError, match=needle.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(RecipeArgumentError, match=re.escape(needle)):
         parse_recipe_args(["--config", str(config)])
 
 

@@ -19,7 +19,12 @@ def source_commit() -> str:
 
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", "-C", str(package), *args], capture_output=True, text=True, check=True, env=env, timeout=30
+            ["git", "-C", str(package), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            timeout=30,
         ).stdout.strip()
 
     try:

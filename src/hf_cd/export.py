@@ -24,9 +24,8 @@ from torch import nn
 from hf_cd.errors import CommandLineError, command_errors, one_line_parser_errors, split_debug_flag
 from hf_cd.files import atomic_path, check_output_file
 from hf_cd.quant.api import calibration_images_for
-from hf_cd.quant.prepare import check_quantizable
-from hf_cd.recipe.arguments import check_model_source
 from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.prepare import check_quantizable
 from hf_cd.quant.runtimes.base import settings_from_extra
 from hf_cd.quant.runtimes.onnxruntime_int8 import (
     CALIBRATION_METHODS,
@@ -40,6 +39,7 @@ from hf_cd.quant.runtimes.onnxruntime_int8 import (
     onnx_metadata,
     written_by_hf_cd,
 )
+from hf_cd.recipe.arguments import check_model_source
 
 EXPORT_FORMATS: tuple[str, ...] = ("onnx",)
 INT8_PIPELINE = "onnxruntime-int8"

@@ -30,7 +30,11 @@ def non_finite_parameters(model: nn.Module) -> dict[str, int]:
     norms = torch._foreach_norm([tensor.float() for _, tensor in named])
     if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
         return {}
-    return {name: int((~torch.isfinite(tensor)).sum()) for name, tensor in named if not bool(torch.isfinite(tensor).all())}
+    return {
+        name: int((~torch.isfinite(tensor)).sum())
+        for name, tensor in named
+        if not bool(torch.isfinite(tensor).all())
+    }
 
 
 def require_finite_weights(model: nn.Module, when: str) -> None:

@@ -140,7 +140,9 @@ def compare_on_resume(
     """
     stored = stored_run_settings(checkpoint)
     if stored is None:
-        logger.info("%s records no run settings (an older hf-cd wrote it): they are not compared.", checkpoint)
+        logger.info(
+            "%s records no run settings (an older hf-cd wrote it): they are not compared.", checkpoint
+        )
         return [], []
     before, earlier = stored
     differ = [key for key in current if key in before and before[key] != current[key]]

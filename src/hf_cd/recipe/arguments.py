@@ -27,7 +27,7 @@ from hf_cd.data import (
     DATASETS,
     UnknownDatasetError,
 )
-from hf_cd.errors import DEBUG_FLAG, one_line, one_line_parser_errors, split_debug_flag  # noqa: F401 (split_debug_flag: re-exported)
+from hf_cd.errors import DEBUG_FLAG, one_line, one_line_parser_errors, split_debug_flag
 
 logger = logging.getLogger(__name__)
 
