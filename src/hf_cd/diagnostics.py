@@ -14,6 +14,7 @@ from torch import nn
 
 from hf_cd.architectures import resolve_blocks, unwrap_model
 from hf_cd.colinearity import alignment
+from hf_cd.files import atomic_path
 from hf_cd.pairs import DEFAULT_KINDS, MatrixPair, factor_heads, find_pairs
 from hf_cd.table import Table
 from hf_cd.weights import read_weights, weight_sources
@@ -268,7 +269,7 @@ def plot_alignment(tables: Table | Mapping[str, Table], path: str | Path, title:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _distinct_sites(tables: Mapping[str, Table]) -> list[tuple[str, list[str]]]:
@@ -328,14 +329,15 @@ def plot_activation_stats(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure whole or not at all (`hf_cd.files.atomic_path`), then close it."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

@@ -116,3 +116,27 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
         handle.flush()
         os.fsync(handle.fileno())
     return path
+
+
+@contextlib.contextmanager
+def staged_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden folder inside ``folder``; on success each file written there replaces its
+    namesake in ``folder`` (`os.replace`: whole), and the staging folder is removed either way.
+
+    For writers that take a folder (``save_pretrained``): a kill leaves old files or new ones, never a
+    half-written ``model.safetensors``, and nothing in ``folder`` is deleted that the writer did not write.
+    """
+    import shutil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".hf_cd-staging-", dir=folder))
+    try:
+        yield staging
+        for source in sorted(staging.rglob("*")):
+            if source.is_file():
+                target = folder / source.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # ours: made above, emptied by the moves

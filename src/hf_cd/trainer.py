@@ -22,6 +22,7 @@ from hf_cd.architectures import unwrap_model
 from hf_cd.callback import CDCallback
 from hf_cd.checkpoints import respect_umask
 from hf_cd.config import CDConfig
+from hf_cd.files import staged_files
 from hf_cd.finite import non_finite_parameters, require_finite_weights  # noqa: F401 (re-exported)
 from hf_cd.locking import OutputDirLock
 from hf_cd.resume import CALLBACK_ATTRIBUTES, RunSettings, compare_on_resume, run_settings
@@ -312,10 +313,18 @@ class CDTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # every checkpoint and the final model: no nested "Writing model shards" bar under the
-        # training bar, and weights readable like the config beside them
+        # training bar, weights readable like the config beside them, and each file whole or absent
+        # (a kill mid-save leaves no half-written model.safetensors for a later command to read)
+        target = output_dir if output_dir is not None else self.args.output_dir
+        stage = self.args.should_save and not getattr(self, "is_distributed_loading_by_transformers", False)
         with no_transformers_progress_bars():
-            super()._save(output_dir, state_dict)
-        respect_umask(output_dir if output_dir is not None else self.args.output_dir)
+            if stage:
+                with staged_files(target) as staging:
+                    super()._save(str(staging), state_dict)
+                    respect_umask(staging)
+            else:
+                super()._save(output_dir, state_dict)
+        respect_umask(target)
 
     # -- model card ----------------------------------------------------------------------------
 

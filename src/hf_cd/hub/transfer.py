@@ -24,6 +24,7 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
+from hf_cd.files import atomic_write_text
 from hf_cd.hub.card import (
     CARD_COLUMNS,
     CARD_FILE,
@@ -266,7 +267,7 @@ def push_cd_model(
         f"push to {repo_id!r}", token, offline_hint="pass dry_run=True to see what would be uploaded"
     ):
         repo = create_repo(repo_id, token=auth, private=private, exist_ok=True)
-        (folder / CARD_FILE).write_text(plan.card, encoding="utf-8")
+        atomic_write_text(folder / CARD_FILE, plan.card)
         commit = upload_folder(
             repo_id=repo.repo_id,
             folder_path=folder,

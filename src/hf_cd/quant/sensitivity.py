@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_cd.architectures import ResolvedBlock, resolve_blocks, unwrap_model
+from hf_cd.diagnostics import save_figure
 from hf_cd.quant.api import calibration_images_for
 from hf_cd.quant.calibration import forward_images
 from hf_cd.quant.config import QuantConfig
@@ -218,8 +219,4 @@ def plot_sensitivity(tables: Table | dict[str, Table], path: str | Path) -> Path
         bits = next((r["a_bits"] for r in table if r["group"] != BASELINE_GROUP), "?")
         ax.set_title(f"{label}: one group at A{bits}, rest at A8")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -30,7 +30,7 @@ from hf_cd.diagnostics import (
     plot_activation_stats,
     plot_alignment,
 )
-from hf_cd.files import check_writable_dir
+from hf_cd.files import check_writable_dir, staged_files
 from hf_cd.finite import require_finite_weights
 from hf_cd.locking import LOCK_FILE, OutputDirLock
 from hf_cd.recipe.arguments import (
@@ -268,10 +268,10 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
     if model_args.use_lora:
         # What deploys is the merged model: it is quantized, diagnosed and saved like any other.
         model = trainer.model.merge_and_unload()
-        with no_transformers_progress_bars():
-            model.save_pretrained(output_dir)
+        with no_transformers_progress_bars(), staged_files(output_dir) as staging:
+            model.save_pretrained(staging)
+            image_processor.save_pretrained(staging)
         respect_umask(output_dir)
-        image_processor.save_pretrained(output_dir)
 
     state = trainer.state
     results: dict[str, Any] = {
