@@ -230,12 +230,15 @@ _HOLD = textwrap.dedent(
 )
 
 
-def test_a_second_recipe_run_on_a_busy_output_dir_is_refused_before_any_work(tmp_path):
+def test_a_second_recipe_run_on_a_busy_output_dir_is_refused_before_any_work(tmp_path, capsys):
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(OutputDirLockedError, match=f"in use by pid {holder.pid} "):
+        with pytest.raises(SystemExit) as exit_:  # one line and exit status 2, as every user error
             _finetune_main([*RUN, "--output_dir", str(tmp_path)])
+        assert exit_.value.code == 2 and f"in use by pid {holder.pid} " in capsys.readouterr().err
+        with pytest.raises(OutputDirLockedError, match=f"in use by pid {holder.pid} "):
+            _finetune_main([*RUN, "--output_dir", str(tmp_path), "--debug"])
     finally:
         holder.kill()
         holder.wait()

@@ -98,7 +98,7 @@ def captured_figures(monkeypatch):
         figures.append(fig)
         return Path(path)
 
-    monkeypatch.setattr(hf_cd.diagnostics, "_save", keep)
+    monkeypatch.setattr(hf_cd.diagnostics, "save_figure", keep)
     yield figures
     import matplotlib.pyplot as plt
 
