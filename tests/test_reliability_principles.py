@@ -120,6 +120,34 @@ def test_a_recipe_run_refuses_an_output_dir_holding_files_no_run_wrote(tmp_path,
     assert (out / "README.md").read_text() == "my own readme" and sorted(os.listdir(out)) == ["README.md"]
 
 
+def test_cards_and_row_files_never_overwrite_a_file_hf_cd_did_not_write(tmp_path):
+    from hf_cd import quant
+    from hf_cd.files import OutputPathError
+    from hf_cd.hub import write_model_card
+    from hf_cd.hub.errors import ModelCardError
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# my project\n")
+    results = {"cd_settings": {"strength": 1.0}}
+    with pytest.raises(ModelCardError, match="not an hf-cd model card"):
+        write_model_card(tmp_path, results)
+    assert readme.read_text() == "# my project\n"
+    readme.unlink()
+    write_model_card(tmp_path, results)
+    write_model_card(tmp_path, {"cd_settings": {"strength": 2.0}})  # ours: replaced
+    assert "| `strength` | 2 |" in readme.read_text()
+
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"my": "notes"}')
+    data = (_images(8), torch.randint(0, 10, (8,)))
+    config = quant.QuantConfig(progress=False, num_calibration=4)
+    with pytest.raises(OutputPathError, match="not written by hf-cd"):
+        quant.evaluate_quantized(
+            _tiny_vit(), data, data[0], pipelines=["minmax"], config=config, results_file=notes
+        )
+    assert notes.read_text() == '{"my": "notes"}'
+
+
 # --- 2. every file appears whole or not at all ------------------------------------------------------
 
 

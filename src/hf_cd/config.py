@@ -119,6 +119,13 @@ class CDConfig(TrainingArguments):
                 f"num_train_epochs must be > 0 (or give --max_steps N), got {self.num_train_epochs}: the run "
                 "would save an untrained model."
             )
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if self.cd_strength < 0:
             raise ValueError(f"cd_strength must be ≥ 0 (0 turns CD off), got {self.cd_strength}.")
         if isinstance(self.cd_kinds, str):

@@ -197,6 +197,8 @@ def _main(argv: list[str]) -> int:
             progress=False,
             extra={ONNX_EXTRA_KEY: settings},
         )
+        if args.int8:
+            OnnxRuntimeInt8Pipeline(settings).check(config.replace(w_bits=8, a_bits=8))
     except (TypeError, ValueError) as error:
         raise CommandLineError(str(error)) from None
     from transformers import AutoModelForImageClassification

@@ -97,6 +97,8 @@ def _plain(value: Any) -> Any:
 def run_settings(args: Any, model: Any) -> dict[str, Any]:
     """The settings a checkpoint records: `FIXED_ON_RESUME`, `ADJUSTABLE_ON_RESUME` and ``model.<shape>``."""
     values = {name: getattr(args, name, None) for name in (*FIXED_ON_RESUME, *ADJUSTABLE_ON_RESUME)}
+    if (getattr(args, "max_steps", -1) or -1) > 0:
+        values["num_train_epochs"] = None  # max_steps decides the schedule; the epoch count plays no part
     config = getattr(model, "config", None)
     for key in MODEL_SHAPE_KEYS:
         if config is not None and hasattr(config, key):

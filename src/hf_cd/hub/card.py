@@ -226,8 +226,31 @@ def write_model_card(
     card = build_model_card(
         results, repo_id or folder.resolve().name, license=license, language=language, tags=tags
     )
-    path = folder / CARD_FILE
-    return atomic_write_text(path, str(card))  # an interrupted write never leaves half a card
+    return write_card_file(folder / CARD_FILE, str(card))
+
+
+def is_hf_cd_card(path: Path) -> bool:
+    """Whether the card at ``path`` was written by hf-cd (its metadata has the ``hf_cd`` block or our tag)."""
+    try:
+        data = ModelCard.load(path).data.to_dict()
+    except Exception:  # unreadable, or no metadata: not a card hf-cd wrote
+        return False
+    return "hf_cd" in data or CARD_TAGS[0] in (data.get("tags") or [])
+
+
+def check_card_replaceable(path: Path) -> None:
+    """Refuse (`ModelCardError`) a README.md that exists and that hf-cd did not write."""
+    if path.exists() and not is_hf_cd_card(path):
+        raise ModelCardError(
+            f"{path} exists and is not an hf-cd model card; it would be overwritten. Move it away, or write "
+            "the card into the folder that holds the model the card describes."
+        )
+
+
+def write_card_file(path: Path, text: str) -> Path:
+    """Write a card whole (temporary file + `os.replace`), never over a README.md that hf-cd did not write."""
+    check_card_replaceable(path)
+    return atomic_write_text(path, text)
 
 
 def _unique(items: Sequence[str]) -> list[str]:

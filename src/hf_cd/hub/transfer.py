@@ -24,14 +24,15 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
-from hf_cd.files import atomic_write_text
 from hf_cd.hub.card import (
     CARD_COLUMNS,
     CARD_FILE,
     RESULTS_FILE,
     build_model_card,
+    check_card_replaceable,
     fresh_results,
     user_card_metadata,
+    write_card_file,
 )
 from hf_cd.hub.errors import (
     LOAD_HINT,
@@ -261,13 +262,14 @@ def push_cd_model(
     if dry_run:
         print(f"push_cd_model dry run: nothing is uploaded.\n{plan.describe()}", flush=True)
         return plan
+    check_card_replaceable(folder / CARD_FILE)  # before the repository is created
     # token=True: huggingface_hub uses the stored login, and raises LocalTokenNotFoundError without one
     auth = token if token is not None else True
     with hub_errors(
         f"push to {repo_id!r}", token, offline_hint="pass dry_run=True to see what would be uploaded"
     ):
         repo = create_repo(repo_id, token=auth, private=private, exist_ok=True)
-        atomic_write_text(folder / CARD_FILE, plan.card)
+        write_card_file(folder / CARD_FILE, plan.card)
         commit = upload_folder(
             repo_id=repo.repo_id,
             folder_path=folder,

@@ -241,8 +241,11 @@ def _checked_config(args: argparse.Namespace) -> QuantConfig:
             extra=args.extra,
         )
         for pipeline in args.pipelines:
+            check = getattr(get_pipeline(pipeline), "check", None)
             for w_bits, a_bits in args.bits:
-                config.replace(pipeline=pipeline, w_bits=w_bits, a_bits=a_bits)
+                row = config.replace(pipeline=pipeline, w_bits=w_bits, a_bits=a_bits)
+                if callable(check):
+                    check(row)  # e.g. an 8-bit runtime asked for W4A4, before any row runs
     except (TypeError, ValueError) as error:
         raise CommandLineError(one_line(error)) from None
     return config
