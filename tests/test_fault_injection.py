@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import requires_fashion_mnist
+from data_fixtures import random_imagefolder
 from hf_cd.locking import LOCK_FILE, OutputDirLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,13 +198,7 @@ def test_no_file_left_by_a_sigkilled_run_holds_the_token(tmp_path):
 
 
 def _imagefolder_with_a_corrupt_image(root: Path) -> Path:
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", 12), ("test", 4)):
-        for label in ("a", "b"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(count):
-                pixels = (torch.rand(28, 28, generator=generator) * 255).to(torch.uint8).numpy()
-                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    random_imagefolder(root, {"train": 12, "test": 4})
     (root / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     return root
 

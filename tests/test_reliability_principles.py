@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import ViTForImageClassification
 
 from conftest import tiny_vit_config
+from data_fixtures import random_imagefolder
 from hf_cd import CDConfig, CDTrainer, NonFiniteWeightsError
 from hf_cd.locking import LOCK_FILE, OutputDirLock, OutputDirLockedError
 
@@ -54,14 +54,7 @@ def _images(count: int = 8, seed: int = 0) -> torch.Tensor:
 
 
 def _imagefolder(root: Path) -> Path:
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", 8), ("test", 4)):
-        for label in ("a", "b"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(count):
-                pixels = (torch.rand(28, 28, generator=generator) * 255).to(torch.uint8).numpy()
-                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
-    return root
+    return random_imagefolder(root, {"train": 8, "test": 4})
 
 
 def _one_line_exit_2(capsys, call, *needles: str) -> str:

@@ -31,7 +31,7 @@ from hf_cd.errors import (
 )
 from hf_cd.files import atomic_write_text, check_output_file
 from hf_cd.quant.config import PROTOCOLS, QuantConfig, parse_bits
-from hf_cd.quant.evaluate import DEFAULT_BITS, DEFAULT_PIPELINES, evaluate_quantized
+from hf_cd.quant.evaluate import DEFAULT_BITS, DEFAULT_PIPELINES, check_rows, evaluate_quantized
 from hf_cd.quant.registry import available_pipelines, get_pipeline
 from hf_cd.recipe.arguments import check_model_source
 
@@ -240,12 +240,10 @@ def _checked_config(args: argparse.Namespace) -> QuantConfig:
             progress=not args.no_progress,
             extra=args.extra,
         )
-        for pipeline in args.pipelines:
-            check = getattr(get_pipeline(pipeline), "check", None)
-            for w_bits, a_bits in args.bits:
-                row = config.replace(pipeline=pipeline, w_bits=w_bits, a_bits=a_bits)
-                if callable(check):
-                    check(row)  # e.g. an 8-bit runtime asked for W4A4, before any row runs
+        # e.g. an 8-bit runtime asked for W4A4: refused before the model loads
+        check_rows(
+            [config.replace(pipeline=p, w_bits=w, a_bits=a) for p in args.pipelines for w, a in args.bits]
+        )
     except (TypeError, ValueError) as error:
         raise CommandLineError(one_line(error)) from None
     return config

@@ -130,6 +130,14 @@ def _row_fingerprint(parts: dict[str, Any], row_config: QuantConfig, feature_cos
     return hashlib.blake2b(payload.encode(), digest_size=12).hexdigest()
 
 
+def check_rows(configs: Sequence[QuantConfig]) -> None:
+    """Each row's pipeline checks its config, so every row's problem is reported before any row runs."""
+    for row_config in configs:
+        check = getattr(get_pipeline(row_config.pipeline), "check", None)
+        if callable(check):
+            check(row_config)
+
+
 def _is_rows_file(path: Path) -> bool:
     """A ``results_file`` written before (``{"rows": [...]}``); an empty or half-written one counts too."""
     try:
@@ -222,10 +230,7 @@ def evaluate_quantized(
         check_output_file(results_path, "results_file", ours=_is_rows_file)
         done_rows = [*done_rows, *read_done_rows(results_path)]
     persist = results_path is not None or on_row is not None or bool(done_rows)
-    for row_config in configs:  # every row's problem is reported before any row runs
-        check = getattr(get_pipeline(row_config.pipeline), "check", None)
-        if callable(check):
-            check(row_config)
+    check_rows(configs)
     calibrated = [c for c in configs if c.quantizes_activations]
     images = (
         calibration_images_for(calibrated[0], calib_data, model) if calibrated else None
