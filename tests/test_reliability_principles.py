@@ -433,6 +433,24 @@ def test_yaml_numbers_in_any_spelling_reach_the_dataclasses_with_their_types(tmp
     assert isinstance(args.cd_strength, float) and isinstance(args.max_steps, int)
 
 
+def test_a_results_json_with_wrong_nested_types_is_refused_naming_the_key(tmp_path):
+    from hf_cd.hub import write_model_card
+    from hf_cd.hub.errors import ModelCardError
+
+    for results, key in (
+        ({"dataset": "fashion_mnist"}, "results.dataset"),
+        ({"training": {"learning_rate": "fast"}}, "results.training.learning_rate"),
+        (
+            {"quantized": {"status": "done", "rows": [{"pipeline": "minmax", "w_bits": "8"}]}},
+            "results.quantized.rows[0].w_bits",
+        ),
+        ({"test": [0.9]}, "results.test"),
+    ):
+        with pytest.raises(ModelCardError, match=re.escape(f"`{key}` must be")):
+            write_model_card(tmp_path, {"cd_settings": {}, **results})
+    assert not (tmp_path / "README.md").exists()
+
+
 def test_counts_beyond_the_data_are_capped_with_a_warning(caplog):
     from hf_cd.quant.inputs import select_calibration_images
 

@@ -758,7 +758,7 @@ def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeArguments:
     """Parse ``--config file.yaml`` plus command-line flags (which override the file) into the four dataclasses."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _, argv = split_debug_flag(argv)  # hf_cd.recipe.cli reads it
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = one_line_parser_errors(argparse.ArgumentParser(prog="recipes/finetune.py", add_help=False))
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
     parser = recipe_argument_parser()
