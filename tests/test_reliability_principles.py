@@ -405,6 +405,7 @@ def test_the_recipe_records_a_change_made_on_resume_in_results_json(tmp_path):
         ("learning_rate: [0.1, 0.2]\n", "learning_rate takes a single value, got a list"),
         ("crop_scale: [0.5, high]\n", "crop_scale must be a number, got 'high'"),
         ("use_lora: 3\n", "use_lora must be true or false"),
+        ("learning_rate: .nan\n", "learning_rate must be a finite number, got nan"),
         ("cd_strength: 1.0\ncd_strength: 2.0\n", "'cd_strength' is set twice (lines 3 and 4)"),
         ("max_steps: 0\n", "max_steps must be a positive number"),
         ("num_train_epochs: 0\n", "num_train_epochs must be > 0"),

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -774,7 +775,18 @@ def parse_recipe_args(argv: Sequence[str] | None = None) -> RecipeArguments:
         raise
     except ValueError as error:  # TrainingArguments' own checks: the message names the option
         raise RecipeArgumentError(str(error)) from error
+    _refuse_non_finite(outputs[:4])
     return RecipeArguments(*outputs[:4])
+
+
+def _refuse_non_finite(arguments: Sequence[Any]) -> None:
+    """Non-finite numbers are errors: ``--learning_rate nan`` or ``cd_strength: .inf`` would train nothing sane."""
+    for options in arguments:
+        for item in dataclasses.fields(options):
+            value = getattr(options, item.name, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise RecipeArgumentError(f"{item.name} must be a finite number, got {value!r}.")
 
 
 def unknown_arguments_message(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
