@@ -458,7 +458,7 @@ def test_counts_beyond_the_data_are_capped_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="hf_cd"):
         images = select_calibration_images(_images(10), 100_000, seed=0)
     assert images.shape[0] == 10
-    assert "Asked for 100000 calibration images, but the calibration data holds only 10" in caplog.text
+    assert "Asked for 100000 calibration images, but the data holds only 10" in caplog.text
 
 
 # --- 8. data-safe cards -----------------------------------------------------------------------------

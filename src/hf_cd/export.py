@@ -204,6 +204,7 @@ def _main(argv: list[str]) -> int:
     from transformers import AutoModelForImageClassification
 
     model = AutoModelForImageClassification.from_pretrained(args.model).eval()
+    check_quantizable(model)  # NaN/Inf weights or an unknown architecture, before the data loads
     calib_data = _calibration_split(args, model) if args.int8 else None
     path = export_model(
         model, args.output, format=args.format, int8=args.int8, calib_data=calib_data, config=config

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from hf_cd.data.errors import DatasetSchemaError
+from hf_cd.data.loading import warn_if_capped
 from hf_cd.errors import (
     CommandLineError,
     command_errors,
@@ -32,6 +33,7 @@ from hf_cd.errors import (
 from hf_cd.files import atomic_write_text, check_output_file
 from hf_cd.quant.config import PROTOCOLS, QuantConfig, parse_bits
 from hf_cd.quant.evaluate import DEFAULT_BITS, DEFAULT_PIPELINES, check_rows, evaluate_quantized
+from hf_cd.quant.prepare import check_quantizable
 from hf_cd.quant.registry import available_pipelines, get_pipeline
 from hf_cd.recipe.arguments import check_model_source
 
@@ -156,6 +158,7 @@ def load_splits(args: argparse.Namespace, model) -> tuple[Any, Any]:
                 raise SystemExit(f"{path} has no split {name!r}; it has {sorted(loaded)}.")
             split = loaded[name]
             if args.max_eval_samples is not None and name == args.eval_split:
+                warn_if_capped("evaluation images", args.max_eval_samples, len(split))
                 split = split.select(range(min(args.max_eval_samples, len(split))))
             splits[name] = split.with_format("torch")
         return splits[args.eval_split], splits[args.calibration_split]
@@ -270,6 +273,7 @@ def _main(argv: list[str]) -> int:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = AutoModelForImageClassification.from_pretrained(args.model).to(device).eval()
+    check_quantizable(model)  # NaN/Inf weights or an unknown architecture, before the data loads
     eval_split, calibration_split = load_splits(args, model)
     results = evaluate_quantized(
         model, eval_split, calibration_split, pipelines=args.pipelines, bits=args.bits, config=config

@@ -8,7 +8,6 @@ to ``pixel_values`` / ``labels``, or a torch ``Dataset``), read through a ``Data
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-logger = logging.getLogger(__name__)
+from hf_cd.data.loading import warn_if_capped
 
 
 class CalibrationDataError(ValueError):
@@ -206,14 +205,8 @@ def select_calibration_images(data: Any, num_images: int, seed: int, batch_size:
             if taken >= num_images:
                 break
     images = [image.detach().cpu() for image in images if image.shape[0]]
-    found = sum(image.shape[0] for image in images)
-    if images and found < num_images:
-        logger.warning(
-            "Asked for %d calibration images, but the calibration data holds only %d: all %d are used.",
-            num_images,
-            found,
-            found,
-        )
+    if images:
+        warn_if_capped("calibration images", num_images, sum(image.shape[0] for image in images))
     if not images:
         raise CalibrationDataError(
             "The calibration data is empty: no images to calibrate activation ranges on. Pass at least one image "
