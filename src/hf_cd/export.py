@@ -177,7 +177,7 @@ def _main(argv: list[str]) -> int:
         if value < 1:
             raise CommandLineError(f"{flag} must be a positive integer, got {value}.")
     check_output_file(args.output, "--output", ours=written_by_hf_cd)
-    check_model_source(args.model)
+    check_model_source(args.model, "--model")
     try:  # every setting is checked before the model loads
         settings = OnnxRuntimeInt8Config(
             calibration_method=args.calibration_method,

@@ -59,7 +59,8 @@ def check_writable_dir(folder: str | os.PathLike, what: str = "--output") -> Non
         existing = existing.parent
     if not existing.is_dir():
         raise OutputPathError(
-            f"{what}: {str(existing)!r} is a file, so {str(folder)!r} cannot be a folder: give another path."
+            f"{what}: {str(existing)!r} is a file, not a folder, so nothing can be written under it: give "
+            "another path."
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputPathError(f"{what}: cannot write into {str(existing)!r} (permission denied).")

