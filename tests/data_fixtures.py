@@ -261,3 +261,17 @@ class FakeHub:
         if (path, name, revision) != expected:
             raise AssertionError(f"loader asked the Hub for {(path, name, revision)}, expected {expected}")
         return self.fixture.dataset
+
+
+def random_imagefolder(root: Path, counts: dict[str, int], labels: tuple[str, ...] = ("a", "b")) -> Path:
+    """An imagefolder tree ``root/<split>/<label>/<i>.png`` of seeded random 28×28 grayscale images."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    for split, count in counts.items():
+        for label in labels:
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = (torch.rand(28, 28, generator=generator) * 255).to(torch.uint8).numpy()
+                PILImage.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return root

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import requires_fashion_mnist
+from data_fixtures import random_imagefolder
 from hf_cd.locking import LOCK_FILE, OutputDirLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,12 +66,12 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
-def _run_until_paused(output_dir: Path, pause: str) -> int:
+def _run_until_paused(output_dir: Path, pause: str, extra: tuple[str, ...] = ()) -> int:
     """Start the recipe in a subprocess, wait until it pauses at ``pause``, SIGKILL it; its pid."""
     env = {**os.environ, "HF_CD_TEST_PAUSE": pause, "PYTHONPATH": str(ROOT / "src")}
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the same float sums as the uninterrupted run
     process = subprocess.Popen(
-        [sys.executable, str(PAUSED), *RUN, "--output_dir", str(output_dir)],
+        [sys.executable, str(PAUSED), *extra, *RUN, "--output_dir", str(output_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -185,14 +185,20 @@ def test_no_file_or_log_of_a_recipe_run_holds_the_token_and_a_rerun_reuses_its_q
     assert [r["accuracy"] for r in again.results["quantized"]["rows"]] == accuracies
 
 
+@pytest.mark.slow
+@requires_fashion_mnist
+def test_no_file_left_by_a_sigkilled_run_holds_the_token(tmp_path):
+    """The token given on the command line is in no file under output_dir, the lock file included,
+    also when the run was killed and could not clean up after itself."""
+    out = tmp_path / "killed"
+    _run_until_paused(out, "2:trainer_state", ("--hub_token", TOKEN))  # first: the lock notes 500 characters
+    written = [path for path in out.rglob("*") if path.is_file()]
+    assert LOCK_FILE in {p.name for p in written} and "training_args.bin" in {p.name for p in written}
+    assert [str(p) for p in written if TOKEN.encode() in p.read_bytes()] == []
+
+
 def _imagefolder_with_a_corrupt_image(root: Path) -> Path:
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", 12), ("test", 4)):
-        for label in ("a", "b"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(count):
-                pixels = (torch.rand(28, 28, generator=generator) * 255).to(torch.uint8).numpy()
-                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    random_imagefolder(root, {"train": 12, "test": 4})
     (root / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     return root
 
@@ -218,12 +224,15 @@ _HOLD = textwrap.dedent(
 )
 
 
-def test_a_second_recipe_run_on_a_busy_output_dir_is_refused_before_any_work(tmp_path):
+def test_a_second_recipe_run_on_a_busy_output_dir_is_refused_before_any_work(tmp_path, capsys):
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(OutputDirLockedError, match=f"in use by pid {holder.pid} "):
+        with pytest.raises(SystemExit) as exit_:  # one line and exit status 2, as every user error
             _finetune_main([*RUN, "--output_dir", str(tmp_path)])
+        assert exit_.value.code == 2 and f"in use by pid {holder.pid} " in capsys.readouterr().err
+        with pytest.raises(OutputDirLockedError, match=f"in use by pid {holder.pid} "):
+            _finetune_main([*RUN, "--output_dir", str(tmp_path), "--debug"])
     finally:
         holder.kill()
         holder.wait()

@@ -304,6 +304,7 @@ def test_folding_alone_keeps_the_function_and_sets_the_layer_scale_to_one():
 
 
 def test_cli_takes_pipeline_options_as_json():
+    from hf_cd.errors import CommandLineError
     from hf_cd.quant.cli import build_parser
 
     args = build_parser().parse_args(
@@ -317,7 +318,9 @@ def test_cli_takes_pipeline_options_as_json():
         ]
     )
     assert args.extra == {"rotate_activations": "dynamic_per_token"}
-    with pytest.raises(SystemExit):
+    with pytest.raises(
+        CommandLineError, match="--quant_extra must be a JSON object"
+    ):  # one line, exit 2 in main
         build_parser().parse_args(["--model_name_or_path", "m", "--quant_extra", "[1]"])
 
 

@@ -425,7 +425,7 @@ def test_bare_debug_is_the_recipes_and_debug_with_values_the_trainers(tmp_path):
     ("argv", "needle"),
     [
         (["--cd_strenght", "2"], "did you mean --cd_strength?"),
-        (["--quant_bits", "W9A9"], "--quant_pipelines minmax at W9A9: w_bits=9 is out of range"),
+        (["--quant_bits", "W9A9"], "quant_bits: 'W9A9': w_bits=9 is out of range"),
         (["--resume_from_checkpoint", "latest"], "holds no checkpoint"),
         (["--config", "no_such.yaml"], "--config 'no_such.yaml': no such file"),
         (["--quant_pipelines", "rotate_gptaq", "--quant_bits", "W4A4", "--quant_extra",

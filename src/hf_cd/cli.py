@@ -95,17 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_reporting_user_errors(run: Callable[..., object], argv: list[str], prog: str) -> int:
     """Run a subcommand; a bad input is one line on stderr and exit 2 (``--debug``: the traceback).
 
-    The one place that gives the non-recipe subcommands the recipe's error style (`hf_cd.recipe.cli`).
+    Each subcommand's ``main`` reports its own errors (`hf_cd.errors.command_errors`); this catches
+    what escapes before it starts (e.g. an import), in the same style.
     """
-    from hf_cd.recipe.arguments import split_debug_flag
-    from hf_cd.recipe.cli import USER_ERRORS, debug_requested, exit_on_user_error
+    from hf_cd.errors import command_errors
 
-    debug = debug_requested(argv)
-    argv = split_debug_flag(argv)[1]
-    try:
+    with command_errors(argv):
         status = run(argv, prog=prog)
-    except (*USER_ERRORS, FileNotFoundError) as error:
-        exit_on_user_error(error, debug)
     return status if isinstance(status, int) else 0
 
 

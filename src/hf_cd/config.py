@@ -150,6 +150,24 @@ class CDConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        # Counts of work: 0 would save an untrained model (epochs) or train a step anyway (max_steps).
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(
+                f"max_steps must be a positive number of optimizer steps, or -1 to train num_train_epochs; "
+                f"got {self.max_steps}."
+            )
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise ValueError(
+                f"num_train_epochs must be > 0 (or give --max_steps N), got {self.num_train_epochs}: the run "
+                "would save an untrained model."
+            )
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if self.cd_strength < 0:
             raise ValueError(f"cd_strength must be ≥ 0 (0 turns CD off), got {self.cd_strength}.")
         if isinstance(self.cd_kinds, str):

@@ -6,7 +6,6 @@ estimates through `CDCallback`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from torch import nn
 from hf_cd.architectures import resolve_blocks, unwrap_model
 from hf_cd.colinearity import alignment
 from hf_cd.extras import require
+from hf_cd.files import atomic_path
 from hf_cd.pairs import DEFAULT_KINDS, MatrixPair, factor_heads, find_pairs
 from hf_cd.table import Table
 from hf_cd.weights import read_weights, weight_sources
@@ -349,8 +349,6 @@ def new_figure(figsize: tuple[float, float]) -> Figure:
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` whole or not at all: a temporary file in the same folder, then `os.replace`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     return path

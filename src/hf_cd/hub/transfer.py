@@ -24,12 +24,15 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
+from hf_cd.files import atomic_write_text
 from hf_cd.hub.card import (
     CARD_COLUMNS,
     CARD_FILE,
     RESULTS_FILE,
     build_model_card,
+    check_card_replaceable,
     fresh_results,
+    is_hf_cd_card,
     user_card_metadata,
 )
 from hf_cd.hub.errors import (
@@ -298,6 +301,7 @@ def push_cd_model(
     if dry_run:
         print(f"push_cd_model dry run: nothing is uploaded.\n{plan.describe()}", flush=True)
         return plan
+    check_card_replaceable(folder / CARD_FILE)  # before the repository is created
     # token=True: huggingface_hub uses the stored login, and raises LocalTokenNotFoundError without one
     auth = token if token is not None else True
     with hub_errors(
@@ -311,7 +315,7 @@ def push_cd_model(
                 logger.warning("Replacing your %s with the generated card (regenerate_card=True).", card_path)
             else:
                 logger.info("Rewriting %s so that its snippets name %s.", card_path, repo_id)
-            write_text_atomic(card_path, plan.card)
+            atomic_write_text(card_path, plan.card)
         commit = upload_folder(
             repo_id=repo.repo_id,
             folder_path=folder,
@@ -325,16 +329,5 @@ def push_cd_model(
 
 
 def written_by_hf_cd(card_path: Path) -> bool:
-    """Whether a ``README.md`` is a card hf-cd generated (its metadata has the ``hf_cd`` block)."""
-    try:
-        data = ModelCard(card_path.read_text(encoding="utf-8-sig")).data.to_dict()
-    except (ValueError, yaml.YAMLError, KeyError, TypeError):
-        return False
-    return isinstance(data.get("hf_cd"), dict)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """The whole file or none of it: a temporary file in the same folder, then `os.replace`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Whether a ``README.md`` is a card hf-cd generated (`hf_cd.hub.card.is_hf_cd_card`)."""
+    return is_hf_cd_card(card_path)

@@ -22,25 +22,33 @@ from typing import Any
 
 import torch
 
+from hf_cd.data.errors import DatasetSchemaError
+from hf_cd.data.loading import warn_if_capped
 from hf_cd.deprecation import rename_deprecated_flags
-from hf_cd.quant.config import PROTOCOLS, QuantConfig
-from hf_cd.quant.evaluate import DEFAULT_BITS, DEFAULT_PIPELINES, evaluate_quantized
-from hf_cd.quant.registry import available_pipelines
+from hf_cd.errors import (
+    CommandLineError,
+    command_errors,
+    one_line,
+    one_line_parser_errors,
+    redacted_argv,
+    split_debug_flag,
+)
+from hf_cd.files import atomic_write_text, check_output_file
+from hf_cd.quant.config import PROTOCOLS, QuantConfig, parse_bits
+from hf_cd.quant.evaluate import DEFAULT_BITS, DEFAULT_PIPELINES, check_rows, evaluate_quantized
+from hf_cd.quant.prepare import check_quantizable
+from hf_cd.quant.registry import available_pipelines, get_pipeline
 from hf_cd.quant.results import ACCURACY_UNIT, rows_as_fractions
+from hf_cd.recipe.arguments import check_model_source
 
 logger = logging.getLogger("hf_cd.quant")
 
 
 def _bits_pair(text: str) -> tuple[int, int]:
     try:
-        w_bits, a_bits = (
-            int(part) for part in text.replace("W", "").replace("w", "").split("," if "," in text else "A")
-        )
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a bits pair; write W,A e.g. 4,4 (or W4A4)."
-        ) from error
-    return w_bits, a_bits
+        return parse_bits(text)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -48,10 +56,10 @@ def _json_object(text: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise argparse.ArgumentTypeError(
-            f'--extra must be a JSON object, e.g. \'{{"rotate_solver": "gptaq"}}\': {error}'
+            f'--quant_extra must be a JSON object, e.g. \'{{"rotate_solver": "gptaq"}}\': {error}'
         ) from error
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"--extra must be a JSON object (key: value), got {text!r}.")
+        raise argparse.ArgumentTypeError(f"--quant_extra must be a JSON object (key: value), got {text!r}.")
     return value
 
 
@@ -153,7 +161,7 @@ def build_parser(prog: str = "hf-cd quantize") -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=None, help="write the rows and settings as JSON here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the markdown table here")
     parser.add_argument("--no_progress", action="store_true")
-    return parser
+    return one_line_parser_errors(parser)
 
 
 def _has_pixel_values(path: Path) -> bool:
@@ -164,6 +172,11 @@ def _has_pixel_values(path: Path) -> bool:
 
     loaded = load_from_disk(str(path))
     first = next(iter(loaded.values())) if hasattr(loaded, "keys") else loaded
+    if "pixel_values" in first.column_names and "labels" not in first.column_names:
+        raise DatasetSchemaError(
+            f"{path} holds pixel_values but no labels column (it has {', '.join(first.column_names)}): "
+            "save the labels beside the images as `labels`."
+        )
     return "pixel_values" in first.column_names
 
 
@@ -205,6 +218,7 @@ def load_splits(args: argparse.Namespace, model) -> tuple[Any, Any]:
                 raise SystemExit(f"{path} has no split {name!r}; it has {sorted(loaded)}.")
             split = loaded[name]
             if args.max_eval_samples is not None and name == args.eval_split:
+                warn_if_capped("evaluation images", args.max_eval_samples, len(split))
                 split = split.select(range(min(args.max_eval_samples, len(split))))
             splits[name] = split.with_format("torch")
         return splits[args.eval_split], splits[args.calibration_split]
@@ -239,25 +253,11 @@ def _provenance(device: str, argv: Sequence[str] | None) -> dict[str, str]:
     import datetime
     import platform
     import shlex
-    import subprocess
 
     import transformers
 
-    from hf_cd._version import __version__
+    from hf_cd._version import __version__, source_commit
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        commit += "-dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown (not run from a git checkout)"
     if device.startswith("cuda") and torch.cuda.is_available():
         description = torch.cuda.get_device_name(torch.device(device))
     else:
@@ -265,33 +265,85 @@ def _provenance(device: str, argv: Sequence[str] | None) -> dict[str, str]:
     arguments = list(argv) if argv is not None else sys.argv[1:]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
+        "commit": source_commit(),
         "device": description,
-        "command": " ".join(["hf-cd quantize", *(shlex.quote(a) for a in arguments)]),
+        "command": " ".join(["hf-cd quantize", *(shlex.quote(a) for a in redacted_argv(arguments))]),
         "hf_cd": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
 
 
+def _is_our_json(path: Path) -> bool:
+    """A JSON file this command wrote before (its rows and command), which a new run may replace."""
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(payload, dict) and {"rows", "command", "hf_cd"} <= payload.keys()
+
+
+def _is_our_markdown(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return handle.readline().startswith(MARKDOWN_TITLE)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+MARKDOWN_TITLE = "# Post-training quantization:"
+
+
+def _checked_config(args: argparse.Namespace) -> QuantConfig:
+    """The settings, and every (pipeline, bits) row they make, checked before the model loads."""
+    if args.max_eval_samples is not None and args.max_eval_samples < 1:
+        raise CommandLineError(
+            f"--quant_max_eval_samples must be a positive integer, got {args.max_eval_samples}."
+        )
+    for pipeline in args.pipelines:
+        get_pipeline(pipeline)  # UnknownPipelineError lists the known ones
+    try:
+        config = QuantConfig(
+            protocol=args.protocol,
+            embedding_bits=args.embedding_bits,
+            classifier_bits=args.classifier_bits,
+            num_calibration=args.num_calibration,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+            extra=args.extra,
+        )
+        # e.g. an 8-bit runtime asked for W4A4: refused before the model loads
+        check_rows(
+            [config.replace(pipeline=p, w_bits=w, a_bits=a) for p in args.pipelines for w, a in args.bits]
+        )
+    except (TypeError, ValueError) as error:
+        raise CommandLineError(one_line(error)) from None
+    return config
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "hf-cd quantize") -> int:
-    argv = rename_deprecated_flags(sys.argv[1:] if argv is None else argv, DEPRECATED_FLAGS, prog)
+    """Quantize and evaluate as the flags say; a bad flag, path, model or dataset is one line and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with command_errors(argv):
+        return _main(rename_deprecated_flags(split_debug_flag(argv)[1], DEPRECATED_FLAGS, prog), prog)
+
+
+def _main(argv: list[str], prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Everything that can be wrong is checked before the model loads and any row is measured.
+    config = _checked_config(args)
+    if args.output is not None:
+        check_output_file(args.output, "--output", ours=_is_our_json)
+    if args.markdown is not None:
+        check_output_file(args.markdown, "--markdown", ours=_is_our_markdown)
+    check_model_source(str(args.model), "--model_name_or_path")
     from transformers import AutoModelForImageClassification
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = AutoModelForImageClassification.from_pretrained(args.model).to(device).eval()
-    config = QuantConfig(
-        protocol=args.protocol,
-        embedding_bits=args.embedding_bits,
-        classifier_bits=args.classifier_bits,
-        num_calibration=args.num_calibration,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        extra=args.extra,
-    )
+    check_quantizable(model)  # NaN/Inf weights or an unknown architecture, before the data loads
     eval_split, calibration_split = load_splits(args, model)
     results = evaluate_quantized(
         model, eval_split, calibration_split, pipelines=args.pipelines, bits=args.bits, config=config
@@ -313,14 +365,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "hf-cd quantize") -> int
             "accuracy_unit": ACCURACY_UNIT,  # fractions in [0, 1], as results.json; the printed table is percent
             "rows": rows_as_fractions(results.to_dicts()),
         }
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(payload, indent=2) + "\n")
+        atomic_write_text(args.output, json.dumps(payload, indent=2) + "\n")
     if args.markdown is not None:
         header = "\n".join(
             f"- **{key}**: `{provenance[key]}`" for key in ("date", "commit", "device", "command")
         )
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(
-            f"# Post-training quantization: {args.model} on {args.dataset} ({args.eval_split})\n\n{header}\n\n{table}\n"
+        atomic_write_text(
+            args.markdown,
+            f"{MARKDOWN_TITLE} {args.model} on {args.dataset} ({args.eval_split})\n\n{header}\n\n{table}\n",
         )
     return 0

@@ -58,21 +58,34 @@ def check_option(options: Any, condition: bool, key: str, expected: str) -> None
         raise ValueError(f"QuantConfig.extra[{key!r}] must be {expected}, got {getattr(options, key)!r}.")
 
 
+_BITS_TEXT = re.compile(r"[Ww]?\s*(\d+)\s*(?:,|[Aa]|,\s*[Aa])\s*(\d+)")
+"""Every spelling of a bits pair that hf-cd accepts: ``W4A8``, ``w4a8``, ``4,8``, ``W4,A8``."""
+
+
 def parse_bits(entry: Any) -> tuple[int, int]:
-    """``"W4A8"`` (the recipe's form) or ``(4, 8)`` → ``(4, 8)``: encoder weight and activation bits."""
+    """``"W4A8"`` / ``"w4a8"`` / ``"4,8"`` or ``(4, 8)`` → ``(4, 8)``: encoder weight and activation bits.
+
+    The one parser behind the recipe's ``--quant_bits``, ``python -m hf_cd.quant --bits`` and the API,
+    so every spelling works everywhere; each width is checked (`check_bits`) here, before any work.
+    """
+    from hf_cd.quant.quantizers import check_bits
+
+    pair = None
     if isinstance(entry, str):
-        match = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", entry.strip())
+        match = _BITS_TEXT.fullmatch(entry.strip())
         if match:
-            return int(match.group(1)), int(match.group(2))
+            pair = int(match.group(1)), int(match.group(2))
     elif (
         isinstance(entry, (tuple, list))
         and len(entry) == 2
         and all(isinstance(b, int) and not isinstance(b, bool) for b in entry)
     ):
-        return int(entry[0]), int(entry[1])
-    raise ValueError(
-        f"A bits entry is 'WxAy' (e.g. 'W4A4', 'W4A8') or a (w_bits, a_bits) pair (e.g. (4, 4)); got {entry!r}."
-    )
+        pair = int(entry[0]), int(entry[1])
+    if pair is None:
+        raise ValueError(
+            f"{entry!r} is not a bits entry: write WxAy (e.g. W4A4, w4a8), x,y (e.g. 4,4) or a (w_bits, a_bits) pair."
+        )
+    return check_bits(f"{entry!r}: w_bits", pair[0]), check_bits(f"{entry!r}: a_bits", pair[1])
 
 
 def parse_bits_list(bits: Any) -> list[tuple[int, int]]:

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_cd.architectures import classifiers
+from hf_cd.files import atomic_write_text, check_output_file
 from hf_cd.quant.api import calibration_images_for
 from hf_cd.quant.calibration import forward_images
 from hf_cd.quant.config import QuantConfig, parse_bits_list
@@ -129,6 +130,27 @@ def _row_fingerprint(parts: dict[str, Any], row_config: QuantConfig, feature_cos
     return hashlib.blake2b(payload.encode(), digest_size=12).hexdigest()
 
 
+def check_rows(configs: Sequence[QuantConfig]) -> None:
+    """Each row's pipeline checks its config, so every row's problem is reported before any row runs."""
+    for row_config in configs:
+        check = getattr(get_pipeline(row_config.pipeline), "check", None)
+        if callable(check):
+            check(row_config)
+
+
+def _is_rows_file(path: Path) -> bool:
+    """A ``results_file`` written before (``{"rows": [...]}``); an empty or half-written one counts too."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return not text.strip() or text.lstrip().startswith('{"rows"')
+    return isinstance(payload, dict) and isinstance(payload.get("rows"), list)
+
+
 def read_done_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows a `results_file` holds (none when it does not exist or does not parse)."""
     path = Path(path)
@@ -143,9 +165,7 @@ def read_done_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _write_rows_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"rows": list(rows)}, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"rows": list(rows)}, indent=2) + "\n")
 
 
 def mean_feature_cosine(reference: torch.Tensor, quantized: torch.Tensor) -> float:
@@ -206,13 +226,11 @@ def evaluate_quantized(
     check_quantizable(model)
     configs = [base.replace(pipeline=name, w_bits=w, a_bits=a) for name in pipelines for w, a in bits]
     results_path = None if results_file is None else Path(results_file)
-    if results_path is not None:
+    if results_path is not None:  # a file that is not a rows file is someone else's: never overwritten
+        check_output_file(results_path, "results_file", ours=_is_rows_file)
         done_rows = [*done_rows, *read_done_rows(results_path)]
     persist = results_path is not None or on_row is not None or bool(done_rows)
-    for row_config in configs:  # every row's problem is reported before any row runs
-        check = getattr(get_pipeline(row_config.pipeline), "check", None)
-        if callable(check):
-            check(row_config)
+    check_rows(configs)
     calibrated = [c for c in configs if c.quantizes_activations]
     images = (
         calibration_images_for(calibrated[0], calib_data, model) if calibrated else None

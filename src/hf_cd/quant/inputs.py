@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from hf_cd.data.loading import warn_if_capped
+
 
 class CalibrationDataError(ValueError):
     """Calibration or evaluation data that cannot be used; the message says what was expected."""
@@ -203,6 +205,8 @@ def select_calibration_images(data: Any, num_images: int, seed: int, batch_size:
             if taken >= num_images:
                 break
     images = [image.detach().cpu() for image in images if image.shape[0]]
+    if images:
+        warn_if_capped("calibration images", num_images, sum(image.shape[0] for image in images))
     if not images:
         raise CalibrationDataError(
             "The calibration data is empty: no images to calibrate activation ranges on. Pass at least one image "

@@ -32,6 +32,7 @@ from hf_cd.architectures import (
     resolve_blocks,
     unwrap_model,
 )
+from hf_cd.finite import require_finite_weights
 from hf_cd.quant.attention import (
     ATTENTION_IMPLEMENTATION,
     QUANTIZERS_ATTRIBUTE,
@@ -142,6 +143,7 @@ def check_quantizable(model: nn.Module) -> None:
             "This model is already a fake-quantized copy; quantize the original float model instead."
         )
     _resolve(model)
+    require_finite_weights(model, "before quantization or export")
 
 
 def prepare_fake_quant_copy(model: nn.Module, config: QuantConfig) -> nn.Module:

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_cd.architectures import ResolvedBlock, resolve_blocks, unwrap_model
+from hf_cd.diagnostics import save_figure
 from hf_cd.quant.api import calibration_images_for
 from hf_cd.quant.calibration import forward_images
 from hf_cd.quant.config import QuantConfig
@@ -192,7 +193,7 @@ def plot_sensitivity(tables: Table | dict[str, Table], path: str | Path | None =
     """Heat-map of accuracy drop, blocks × site groups (per-block tables), one panel per model;
     a bar chart per group for whole-model tables. Returns the `matplotlib.figure.Figure`; ``path``
     also saves it there. The caller's matplotlib backend is never changed."""
-    from hf_cd.diagnostics import new_figure, save_figure
+    from hf_cd.diagnostics import new_figure
 
     tables = {"model": tables} if isinstance(tables, Table) else dict(tables)
     groups = list(SITE_GROUPS)

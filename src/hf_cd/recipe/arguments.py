@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -29,11 +30,11 @@ from hf_cd.data import (
 )
 from hf_cd.data.loading import check_dataset_source
 from hf_cd.deprecation import rename_deprecated_flags, rename_deprecated_keys
+from hf_cd.errors import DEBUG_FLAG, one_line, one_line_parser_errors, split_debug_flag
 from hf_cd.extras import has_extra_package
 
 logger = logging.getLogger(__name__)
 
-DEBUG_FLAG = "--debug"
 PROG = "hf-cd train"
 """How the recipe is run (``recipes/finetune.py`` and ``python -m hf_cd.cli train`` are the same command)."""
 
@@ -106,7 +107,7 @@ def _looks_like_a_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name
 
 
-def check_model_source(name: str) -> None:
+def check_model_source(name: str, flag: str = "--model_name_or_path") -> None:
     """Refuse a ``--model_name_or_path`` that is neither a checkpoint directory nor a Hub id, before any data loads.
 
     Why here: transformers would say "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"
@@ -116,18 +117,18 @@ def check_model_source(name: str) -> None:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise RecipeArgumentError(
-                f"--model_name_or_path {name!r} is a directory without a config.json, so not a transformers "
+                f"{flag} {name!r} is a directory without a config.json, so not a transformers "
                 "checkpoint: give the folder that save_pretrained() wrote (config.json + model.safetensors)."
             )
         return
     if path.exists():
         raise RecipeArgumentError(
-            f"--model_name_or_path {name!r} is a file: give the checkpoint's directory (the one holding "
+            f"{flag} {name!r} is a file: give the checkpoint's directory (the one holding "
             "config.json) or a Hub id."
         )
     if _looks_like_a_path(name):
         raise RecipeArgumentError(
-            f"--model_name_or_path {name!r}: no such directory ({path.resolve()}). Check the path, or give a "
+            f"{flag} {name!r}: no such directory ({path.resolve()}). Check the path, or give a "
             "Hub id such as facebook/dinov2-small."
         )
     from huggingface_hub.errors import HFValidationError
@@ -137,7 +138,7 @@ def check_model_source(name: str) -> None:
         validate_repo_id(name)
     except HFValidationError as error:
         raise RecipeArgumentError(
-            f"--model_name_or_path {name!r} is not a Hub id (namespace/name, letters, digits, '-', '_', '.') and "
+            f"{flag} {name!r} is not a Hub id (namespace/name, letters, digits, '-', '_', '.') and "
             f"no such directory exists ({path.resolve()}): {str(error).splitlines()[0]}"
         ) from None
 
@@ -423,21 +424,21 @@ class QuantArguments:
         if isinstance(self.quant_bits, str):
             self.quant_bits = [self.quant_bits]
         self.quant_extra = parse_quant_extra(self.quant_extra)
-        self.bit_pairs()  # validates
+        self.quant_bits = [f"W{w}A{a}" for w, a in self.bit_pairs()]  # validates; one spelling in results
         for name in ("quant_num_calibration", "quant_batch_size"):
             if getattr(self, name) < 1:
                 raise RecipeArgumentError(f"{name} must be a positive integer, got {getattr(self, name)}.")
 
     def bit_pairs(self) -> list[tuple[int, int]]:
         """``["W8A8", "W4A8"]`` → ``[(8, 8), (4, 8)]``."""
+        from hf_cd.quant.config import parse_bits
+
         pairs = []
         for label in self.quant_bits:
-            match = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", str(label).strip())
-            if not match:
-                raise RecipeArgumentError(
-                    f"quant_bits entry {label!r} is not of the form WxAy (e.g. W8A8, W4A4, W4A8)."
-                )
-            pairs.append((int(match.group(1)), int(match.group(2))))
+            try:
+                pairs.append(parse_bits(str(label)))
+            except (TypeError, ValueError) as error:
+                raise RecipeArgumentError(f"quant_bits: {error}") from None
         return pairs
 
 
@@ -608,7 +609,98 @@ def recipe_argument_parser(prog: str = PROG) -> HfArgumentParser:
         title = _group_of(action.dest)
         general._group_actions.remove(action)
         groups[title]._group_actions.append(action)
-    return parser
+    return one_line_parser_errors(parser)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise RecipeArgumentError(
+                    f"{self.name}: {key!r} is set twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    "keep one."
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _dict_fields() -> set[str]:
+    """Options whose dataclass type takes a mapping (``quant_extra``, ``lr_scheduler_kwargs``, ...)."""
+    import typing
+
+    def takes_mapping(annotation: Any) -> bool:
+        if annotation is dict or typing.get_origin(annotation) is dict:
+            return True
+        return any(takes_mapping(arg) for arg in typing.get_args(annotation))
+
+    # The annotations, not dataclasses.fields(): HfArgumentParser rewrites a field's type in place
+    # (dict | str becomes str).
+    classes = (ModelArguments, DataArguments, CDConfig, QuantArguments)
+    return {
+        name
+        for cls in classes
+        for name, annotation in typing.get_type_hints(cls).items()
+        if takes_mapping(annotation)
+    }
+
+
+def _typed_config_value(action: argparse.Action, value: Any, where: str, dict_fields: set[str]) -> Any:
+    """A YAML value as the option's type, or a `RecipeArgumentError` naming it: never a silent conversion.
+
+    Why: YAML values become parser defaults, which argparse does not convert, so ``cd_every: 2.5``
+    would reach the dataclass as a float and a list where a number belongs would fail deep inside.
+    The command line's conversions apply instead, with exact checks (``2.5`` is not an int).
+    """
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        if action.dest in dict_fields:
+            return dict(value)
+        raise RecipeArgumentError(f"{where} takes a single value, got a mapping {dict(value)!r}.")
+    if isinstance(value, (list, tuple)):
+        if action.nargs not in ("+", "*"):
+            raise RecipeArgumentError(f"{where} takes a single value, got a list {list(value)!r}.")
+        return [_typed_scalar(action, item, where) for item in value]
+    return _typed_scalar(action, value, where)
+
+
+def _typed_scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    from transformers.hf_argparser import string_to_bool
+
+    kind = action.type
+    expected = {int: "an integer", float: "a number", string_to_bool: "true or false"}.get(kind)
+    if isinstance(value, (list, tuple, Mapping)):
+        raise RecipeArgumentError(f"{where} takes {expected or 'a single value'} per entry, got {value!r}.")
+    try:
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            converted: Any = int(value) if isinstance(value, (int, float)) else int(str(value))
+        elif kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            converted = float(value)
+        elif kind is string_to_bool:
+            if not isinstance(value, (bool, str)):
+                raise ValueError
+            converted = value if isinstance(value, bool) else string_to_bool(value)
+        elif kind is str:
+            converted = str(value).lower() if isinstance(value, bool) else str(value)
+        elif kind is not None and action.choices is not None and isinstance(value, str):
+            converted = kind(value)
+        else:
+            return value  # the Trainer's own special types check themselves
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise RecipeArgumentError(f"{where} must be {expected or 'text'}, got {value!r}.") from None
+    if action.choices is not None and converted not in action.choices:
+        raise RecipeArgumentError(
+            f"{where} must be one of {', '.join(map(str, action.choices))}, got {value!r}."
+        )
+    return converted
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -616,7 +708,11 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise RecipeArgumentError(f"--config {str(path)!r}: no such file.")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        with path.open(encoding="utf-8") as stream:
+            values = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as error:
+        raise RecipeArgumentError(f"{path}: not valid YAML ({one_line(error)}).") from None
     if not isinstance(values, Mapping):
         raise RecipeArgumentError(
             f"{path}: a recipe config is a mapping of option: value, got {type(values).__name__}."
@@ -636,10 +732,16 @@ def _apply_config_defaults(parser: HfArgumentParser, values: Mapping[str, Any], 
         raise RecipeArgumentError(
             f"{source}: unknown option(s) {', '.join(hints)}. `hf-cd train --help` lists them all."
         )
+    dict_fields = _dict_fields()
+    typed = {}
+    for action in parser._actions:
+        if action.dest in values and action.dest not in typed and action.option_strings:
+            where = f"{source}: {action.dest}"
+            typed[action.dest] = _typed_config_value(action, values[action.dest], where, dict_fields)
     for action in parser._actions:
         if action.dest in values:
             action.required = False
-    parser.set_defaults(**values)
+    parser.set_defaults(**{**values, **typed})
 
 
 def _given_on_command_line(argv: Sequence[str], name: str) -> bool:
@@ -672,20 +774,6 @@ def _command_line_model_source_wins(
     return values
 
 
-def split_debug_flag(argv: Sequence[str]) -> tuple[bool, list[str]]:
-    """Whether a bare ``--debug`` (no value after it) was given, and the arguments without it.
-
-    Why bare only: ``--debug underflow_overflow`` is TrainingArguments' own option and goes to the Trainer.
-    """
-    argv = list(argv)
-    bare = [
-        i
-        for i, arg in enumerate(argv)
-        if arg == DEBUG_FLAG and (i + 1 == len(argv) or argv[i + 1].startswith("-"))
-    ]
-    return bool(bare), [arg for i, arg in enumerate(argv) if i not in bare]
-
-
 DEPRECATED_OPTIONS: dict[str, str] = {
     "dataset_label": "label_column_name",
     "image_column": "image_column_name",
@@ -707,7 +795,7 @@ def parse_recipe_args(argv: Sequence[str] | None = None, prog: str = PROG) -> Re
     argv = list(sys.argv[1:] if argv is None else argv)
     _, argv = split_debug_flag(argv)  # hf_cd.recipe.cli reads it
     argv = rename_deprecated_flags(argv, deprecated_flags(DEPRECATED_OPTIONS), prog)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = one_line_parser_errors(argparse.ArgumentParser(prog=prog, add_help=False))
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
     parser = recipe_argument_parser(prog)
@@ -727,7 +815,18 @@ def parse_recipe_args(argv: Sequence[str] | None = None, prog: str = PROG) -> Re
         raise
     except ValueError as error:  # TrainingArguments' own checks: the message names the option
         raise RecipeArgumentError(str(error)) from error
+    _refuse_non_finite(outputs[:4])
     return RecipeArguments(*outputs[:4])
+
+
+def _refuse_non_finite(arguments: Sequence[Any]) -> None:
+    """Non-finite numbers are errors: ``--learning_rate nan`` or ``cd_strength: .inf`` would train nothing sane."""
+    for options in arguments:
+        for item in dataclasses.fields(options):
+            value = getattr(options, item.name, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise RecipeArgumentError(f"{item.name} must be a finite number, got {value!r}.")
 
 
 def unknown_arguments_message(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_cd import hub
+from hf_cd.files import atomic_write_text
 
 RESULTS_FILE = "results.json"
 ALIGNMENT_PLOT = "alignment.png"
@@ -41,10 +42,7 @@ def rounded(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
 
 def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> Path:
     """Write JSON (floats `rounded`) through a temporary file, so an interrupted run never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(rounded(payload), indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(rounded(payload), indent=2, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:

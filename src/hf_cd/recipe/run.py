@@ -31,7 +31,9 @@ from hf_cd.diagnostics import (
     plot_alignment,
 )
 from hf_cd.extras import has_extra_package
-from hf_cd.locking import OutputDirLock
+from hf_cd.files import check_writable_dir, staged_files
+from hf_cd.finite import require_finite_weights
+from hf_cd.locking import LOCK_FILE, OS_LOCK_FILE, OutputDirLock
 from hf_cd.quant.results import ACCURACY_UNIT, rows_as_fractions
 from hf_cd.recipe.arguments import (
     LORA_ADAPTER_DIR,
@@ -130,8 +132,41 @@ def run_recipe(args: RecipeArguments) -> RecipeRun:
     """
     if args.training.process_index != 0:
         return _run_recipe(args)
+    check_run_output_dir(args.training.output_dir)
     with OutputDirLock(args.training.output_dir):
         return _run_recipe(args)
+
+
+RUN_OUTPUT_MARKERS: tuple[str, ...] = (
+    RESULTS_FILE,
+    LOCK_FILE,
+    OS_LOCK_FILE,
+    "trainer_state.json",
+    "training_args.bin",
+    "all_results.json",
+    "train_results.json",
+)
+"""Files a recipe run (or the Trainer it drives) leaves in output_dir: a folder holding one is an earlier run's."""
+
+
+def check_run_output_dir(output_dir: str | os.PathLike) -> None:
+    """Refuse an output_dir that holds files no run wrote: the run would overwrite its README.md, config.json...
+
+    Why: a run writes weights, config, card and plots straight into output_dir. An existing folder
+    is taken only when it is empty or an earlier run's (it holds a `RUN_OUTPUT_MARKERS` file or a
+    ``checkpoint-*`` folder), so ``--output_dir .`` inside a project is refused before any work.
+    """
+    folder = Path(output_dir).expanduser()
+    check_writable_dir(folder, "--output_dir")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if any((folder / name).exists() for name in RUN_OUTPUT_MARKERS) or checkpoint_dirs(folder):
+        return
+    raise RecipeArgumentError(
+        f"--output_dir {str(output_dir)!r} holds files that no hf-cd run wrote (no {RESULTS_FILE}, trainer_state.json "
+        "or checkpoint-*); a run would overwrite its README.md, config.json and weights. Give an empty or new "
+        "folder."
+    )
 
 
 def _earlier_quantized_rows(results_path: Path) -> list[dict[str, Any]]:
@@ -192,6 +227,7 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
     set_seed(training_args.seed)  # the same initial weights on every rank and on resume
     normalization = preset_normalization(model_args, raw["train"], data_seed)
     model, image_processor = build_model(model_args, labels, normalization)
+    require_finite_weights(model, "before training starts")  # before the diagnostics' SVDs meet it
     num_channels = model.config.num_channels
     evaluation = with_image_transforms(
         DatasetDict({"validation": raw["validation"], "test": raw["test"]}), image_processor, num_channels
@@ -245,10 +281,10 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
     if model_args.use_lora:
         # What deploys is the merged model: it is quantized, diagnosed and saved like any other.
         model = trainer.model.merge_and_unload()
-        with no_transformers_progress_bars():
-            model.save_pretrained(output_dir)
+        with no_transformers_progress_bars(), staged_files(output_dir) as staging:
+            model.save_pretrained(staging)
+            image_processor.save_pretrained(staging)
         respect_umask(output_dir)
-        image_processor.save_pretrained(output_dir)
 
     qat_model = trainer.model if trainer.is_qat else None
     if qat_model is not None:  # the PTQ rows and the diagnostics start from the latent float weights
@@ -295,6 +331,7 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
             "per_device_train_batch_size": training_args.per_device_train_batch_size,
             "world_size": training_args.world_size,
             "resumed_from": checkpoint,
+            "resume_changes": trainer.resume_changes,
             "seed": training_args.seed,
         },
         "cd_settings": trainer.cd_settings,

@@ -45,6 +45,7 @@ import copy
 import io
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -54,10 +55,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from hf_cd.architectures import unwrap_model
+from hf_cd.files import atomic_path
 from hf_cd.quant.config import QuantConfig
 from hf_cd.quant.evaluate import evaluate_accuracy
 from hf_cd.quant.prepare import check_quantizable
@@ -335,7 +338,11 @@ def ort_session(path: str | Path, num_threads: int | None = None):
 def onnx_logits_max_abs_diff(
     model: nn.Module, path: str | Path, images: torch.Tensor, num_threads: int | None = None
 ) -> float:
-    """Largest |ONNX Runtime logits − PyTorch logits| at batch 1 and at the batch of ``images``."""
+    """Largest |ONNX Runtime logits − PyTorch logits| at batch 1 and at the batch of ``images``.
+
+    ``inf`` when either side has a NaN or inf logit: ``max(0.0, nan)`` is 0.0, and a NaN graph must
+    fail the parity check, not pass it.
+    """
     session = ort_session(path, num_threads)
     reference_model = export_copy(model)
     images = images.detach().to(device="cpu", dtype=torch.float32)
@@ -345,7 +352,10 @@ def onnx_logits_max_abs_diff(
         got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
         if got.shape != expected.shape:
             raise OnnxParityError(f"ONNX logits have shape {got.shape}, PyTorch's {expected.shape}.")
-        worst = max(worst, float(abs(got - expected).max()))
+        difference = float(np.abs(got - expected).max())
+        if not (np.isfinite(got).all() and np.isfinite(expected).all() and math.isfinite(difference)):
+            return math.inf
+        worst = max(worst, difference)
     return worst
 
 
@@ -526,7 +536,18 @@ def add_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
             existing[key].value = text
         else:
             model_proto.metadata_props.add(key=key, value=text)
-    onnx.save(model_proto, str(path))
+    with atomic_path(path) as tmp:
+        onnx.save(model_proto, str(tmp))
+
+
+def written_by_hf_cd(path: str | Path) -> bool:
+    """Whether the ONNX file at ``path`` carries hf-cd's metadata (so an export may replace it)."""
+    try:
+        onnx, _ = require_onnxruntime()
+        model_proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not an ONNX file at all: not ours
+        return False
+    return any(prop.key == "hf_cd_version" for prop in model_proto.metadata_props)
 
 
 class OnnxRuntimeClassifier(nn.Module):
@@ -563,8 +584,8 @@ class OnnxRuntimeClassifier(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Copy the int8 ONNX model to ``path`` (one deployable file)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.onnx_path, path)
+        with atomic_path(path) as tmp:
+            shutil.copyfile(self.onnx_path, tmp)
         return path
 
     def __deepcopy__(self, memo):
