@@ -10,10 +10,20 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
+common = efficacy = None  # the bench modules, imported by `bench_modules`
 
-import common  # noqa: E402
-import efficacy  # noqa: E402
+
+@pytest.fixture(autouse=True, scope="module")
+def bench_modules():
+    """``common`` and ``efficacy`` from bench/, with sys.path as it was afterwards (other tests import by name)."""
+    saved = list(sys.path)
+    sys.path.insert(0, str(BENCH))
+    import common
+    import efficacy
+
+    globals().update(common=common, efficacy=efficacy)
+    yield
+    sys.path[:] = saved
 
 
 @pytest.mark.parametrize(

@@ -22,11 +22,11 @@ def common(monkeypatch):
 
 
 def test_a_benchmark_refuses_a_dirty_tree_before_any_work_unless_told(common, monkeypatch):
-    monkeypatch.setattr(common, "tree_is_dirty", lambda: True)
+    monkeypatch.setattr(common, "tree_is_dirty", lambda cwd=None: True)
     with pytest.raises(SystemExit, match="--allow-dirty"):
         common.parse_checked(argparse.ArgumentParser(), [])
     assert common.parse_checked(argparse.ArgumentParser(), ["--allow-dirty"]).allow_dirty
-    monkeypatch.setattr(common, "tree_is_dirty", lambda: False)
+    monkeypatch.setattr(common, "tree_is_dirty", lambda cwd=None: False)
     assert not common.parse_checked(argparse.ArgumentParser(), []).allow_dirty
 
 

@@ -13,6 +13,7 @@ import pytest
 import tomllib
 
 from hf_cd import cli
+from hf_cd.errors import CommandLineError
 from hf_cd.recipe.arguments import parse_recipe_args, recipe_argument_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +144,7 @@ def test_a_bad_input_to_a_subcommand_is_one_line_and_exit_2(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "missing" in err
-    with pytest.raises(FileNotFoundError):  # --debug: the traceback instead
+    with pytest.raises(CommandLineError):  # --debug: the traceback instead
         cli.main(["push", "--output_dir", str(tmp_path / "missing"), "--hub_model_id", "a/b", "--debug"])
 
 

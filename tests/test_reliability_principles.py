@@ -84,7 +84,7 @@ def test_pretrained_never_replaces_a_folder_it_did_not_write_nor_the_current_dir
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("my own work")
-    _one_line_exit_2(capsys, lambda: pretrained_main(["--output", str(mine)]), str(mine), "did not write")
+    _one_line_exit_2(capsys, lambda: pretrained_main(["--output_dir", str(mine)]), str(mine), "did not write")
     with pytest.raises(OutputPathError, match="did not write"):
         offline_dinov2_small(mine)
     assert (mine / "notes.txt").read_text() == "my own work"
@@ -95,7 +95,7 @@ def test_pretrained_never_replaces_a_folder_it_did_not_write_nor_the_current_dir
     monkeypatch.chdir(project / "src")
     for output in (".", "..", str(project)):  # the current directory and its parents
         _one_line_exit_2(
-            capsys, lambda o=output: pretrained_main(["--output", o, "--force"]), "current directory"
+            capsys, lambda o=output: pretrained_main(["--output_dir", o, "--force"]), "current directory"
         )
     assert (project / "README.md").read_text() == "a project"
 
@@ -280,23 +280,23 @@ def test_quant_checks_paths_pipelines_and_bits_before_loading_anything(
     a_file.write_text("x")
     foreign = tmp_path / "foreign.json"
     foreign.write_text('{"mine": true}')
-    base = ["--model", str(saved_model), "--dataset", "fashion_mnist"]
+    base = ["--model_name_or_path", str(saved_model), "--dataset_name", "fashion_mnist"]
     cases = [
         (["--output", str(tmp_path)], "is a folder"),
         (["--output", str(a_file / "ptq.json")], "is a file"),
         (["--output", str(foreign)], "not written by hf-cd"),
         (["--markdown", str(tmp_path)], "is a folder"),
-        (["--pipelines", "minmx"], "minmx"),
-        (["--bits", "W9A4"], "w_bits=9 is out of range"),
-        (["--num-calibration", "0"], "num_calibration must be a positive int"),
-        (["--max-eval-samples", "0"], "--max-eval-samples must be a positive integer"),
-        (["--model", str(tmp_path / "missing")], "no such directory"),
+        (["--quant_pipelines", "minmx"], "minmx"),
+        (["--quant_bits", "W9A4"], "w_bits=9 is out of range"),
+        (["--quant_num_calibration", "0"], "num_calibration must be a positive int"),
+        (["--quant_max_eval_samples", "0"], "--quant_max_eval_samples must be a positive integer"),
+        (["--model_name_or_path", str(tmp_path / "missing")], "no such directory"),
     ]
     for extra, needle in cases:
         _one_line_exit_2(capsys, lambda e=extra: cli.main([*base, *e]), needle)
     assert foreign.read_text() == '{"mine": true}'
     with pytest.raises(Exception, match="out of range"):  # --debug: the traceback instead of one line
-        cli.main([*base, "--bits", "W9A4", "--debug"])
+        cli.main([*base, "--quant_bits", "W9A4", "--debug"])
 
 
 def test_every_command_answers_bad_input_with_one_line_and_exit_status_2(tmp_path, saved_model, capsys):
@@ -305,10 +305,14 @@ def test_every_command_answers_bad_input_with_one_line_and_exit_status_2(tmp_pat
     from hf_cd.quant.cli import main as quant_main
 
     commands = [
-        (quant_main, ["--model", str(saved_model), "--no-such-flag"], "unrecognized arguments"),
-        (quant_main, ["--model", str(saved_model), "--batch-size", "many"], "invalid int value"),
-        (export_main, ["--model", str(saved_model), "--output", str(tmp_path)], "is a folder"),
-        (export_main, ["--model", str(saved_model)], "--output"),
+        (quant_main, ["--model_name_or_path", str(saved_model), "--no-such-flag"], "unrecognized arguments"),
+        (
+            quant_main,
+            ["--model_name_or_path", str(saved_model), "--quant_batch_size", "many"],
+            "invalid int value",
+        ),
+        (export_main, ["--model_name_or_path", str(saved_model), "--output", str(tmp_path)], "is a folder"),
+        (export_main, ["--model_name_or_path", str(saved_model)], "--output"),
         (pretrained_main, ["--onnx"], "expected one argument"),
         (_finetune, [*TINY, "--max_steps", "lots"], "invalid int value"),
     ]
@@ -322,7 +326,7 @@ def test_every_bits_spelling_is_accepted_by_the_recipe_and_by_quant(tmp_path):
 
     spellings = ["W4A4", "w4a8", "4,4", "8,8", "W6,A6"]
     expected = [(4, 4), (4, 8), (4, 4), (8, 8), (6, 6)]
-    quant_args = build_parser().parse_args(["--model", "m", "--bits", *spellings])
+    quant_args = build_parser().parse_args(["--model_name_or_path", "m", "--quant_bits", *spellings])
     assert quant_args.bits == expected
     recipe = parse_recipe_args(
         ["--model_preset", "vit_tiny", "--output_dir", str(tmp_path), "--quant_bits", *spellings]
@@ -483,7 +487,7 @@ def test_user_strings_are_escaped_in_the_card_body_and_its_command_is_shell_quot
     assert not any(line.startswith("- **injected line**") for line in body.splitlines())
     command = code.split("```", 1)[0].replace("\\\n", " ")
     words = shlex.split(command, comments=True)
-    assert words[words.index("--dataset") + 1] == name.replace("\n", " ")
+    assert words[words.index("--dataset_name") + 1] == name.replace("\n", " ")
 
 
 # --- 9. provenance ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 PROG = "hf-cd push"
 
@@ -52,10 +53,20 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Push as the flags say; a bad folder or repo id is one line on stderr and exit status 2."""
+    from hf_cd.errors import command_errors, split_debug_flag
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with command_errors(argv):
+        return _main(split_debug_flag(argv)[1], prog)
+
+
+def _main(argv: list[str], prog: str) -> int:
+    from hf_cd.errors import CommandLineError, one_line_parser_errors
     from hf_cd.hub.transfer import push_cd_model
 
-    parser = build_parser(prog)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    parser = one_line_parser_errors(build_parser(prog))
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -63,7 +74,13 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     try:
         validate_repo_id(args.hub_model_id)
     except HFValidationError as error:
-        parser.error(f"--hub_model_id {args.hub_model_id!r} is not a Hub repo id (user/name): {error}")
+        raise CommandLineError(
+            f"--hub_model_id {args.hub_model_id!r} is not a Hub repo id (user/name): {error}"
+        ) from None
+    if not Path(args.output_dir).expanduser().is_dir():
+        raise CommandLineError(
+            f"--output_dir {args.output_dir} is not a directory; give the output_dir of a trained model."
+        )
     upload = push_cd_model(
         args.hub_model_id,
         args.output_dir,

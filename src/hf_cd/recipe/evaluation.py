@@ -211,8 +211,12 @@ def run_qat_evaluation(
 
     The row's ``accuracy_drop`` is against the full-precision row, the latent float weights.
     """
-    reference = next(
-        (row["accuracy"] for row in quantized.get("rows", []) if row["pipeline"] == quant.FULL_PRECISION),
+    reference = next(  # the rows beside it are fractions (results.json); the row is built in percent
+        (
+            row["accuracy"]
+            for row in rows_as_percent(quantized.get("rows", []))
+            if row["pipeline"] == quant.FULL_PRECISION
+        ),
         None,
     )
     converted = quant.convert(qat_model)
