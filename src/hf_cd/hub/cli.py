@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,11 +53,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     """Push as the flags say; a bad folder or repo id is one line on stderr and exit status 2."""
-    from hf_cd.errors import command_errors, split_debug_flag
+    from hf_cd.errors import run_command
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    with command_errors(argv):
-        return _main(split_debug_flag(argv)[1], prog)
+    return run_command(lambda rest: _main(rest, prog), argv, prog=prog)
 
 
 def _main(argv: list[str], prog: str) -> int:

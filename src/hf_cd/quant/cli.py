@@ -24,14 +24,12 @@ import torch
 
 from hf_cd.data.errors import DatasetSchemaError
 from hf_cd.data.loading import warn_if_capped
-from hf_cd.deprecation import rename_deprecated_flags
 from hf_cd.errors import (
     CommandLineError,
-    command_errors,
     one_line,
     one_line_parser_errors,
     redacted_argv,
-    split_debug_flag,
+    run_command,
 )
 from hf_cd.files import atomic_write_text, check_output_file
 from hf_cd.quant.config import PROTOCOLS, QuantConfig, parse_bits
@@ -324,9 +322,7 @@ def _checked_config(args: argparse.Namespace) -> QuantConfig:
 
 def main(argv: Sequence[str] | None = None, prog: str = "hf-cd quantize") -> int:
     """Quantize and evaluate as the flags say; a bad flag, path, model or dataset is one line and exit status 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    with command_errors(argv):
-        return _main(rename_deprecated_flags(split_debug_flag(argv)[1], DEPRECATED_FLAGS, prog), prog)
+    return run_command(lambda rest: _main(rest, prog), argv, DEPRECATED_FLAGS, prog)
 
 
 def _main(argv: list[str], prog: str) -> int:
