@@ -410,7 +410,7 @@ def test_recipe_trains_with_qat_and_reports_the_qat_row_beside_the_ptq_rows(tmp_
     assert "w4a4-qat" in metrics and "w4a4-percentile" in metrics
     assert "Accuracy (QAT W4A4, quantized)" in str(card)
     # and an upload carries the quantized model beside the latent weights
-    files = push_cd_model(out, "user/qat-model", dry_run=True).files
+    files = push_cd_model("user/qat-model", out, dry_run=True).files
     assert (
         f"{QAT_MODEL_DIR}/model.safetensors" in files
         and f"{QAT_MODEL_DIR}/hf_cd_quantizers.safetensors" in files
