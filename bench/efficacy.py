@@ -73,6 +73,10 @@ PRETRAINED_FP_TOLERANCE = 0.2
 """The selection rule's full-precision margin: a candidate's validation FP must be ≥ the baseline's − this."""
 EVALUATION_VERSION = "pretrained-eval-2"
 """Part of every pretrained record's key: bump it when the measurement changes, so old and new never mix."""
+PRETRAINED_THREADS = 2
+"""Torch threads of the pretrained runs. The thread count changes the order of float reductions and so
+the trained weights: CD λ = 100, seed 0, trained at 1 thread instead of 2 scored 50.25 instead of 51.35
+at minmax W4A4. A paired comparison needs one count; records at another are kept but not reported."""
 PRETRAINED_NUM_TEST = 2000
 PRETRAINED_NUM_VALIDATION = 1000
 PRETRAINED_PROBE_DIR = ROOT / "outputs" / "pretrained_ptq" / "56px"
@@ -369,13 +373,16 @@ def measure_rows(
 def train_pretrained(method: Method, model: str, seed: int, output_root: Path) -> Path:
     """Fine-tune DINOv2-S/14 with ``method``'s recipe flags (resuming an interrupted run); returns the folder.
 
-    A folder that already holds the finished model (its results.json) is returned as it is.
+    A folder that already holds the finished model (its results.json) is returned as it is. The folder
+    names the torch thread count, which changes the trained weights (`PRETRAINED_THREADS`).
     """
+    import torch
+
     from hf_cd.pretrained import offline_dinov2_small
     from hf_cd.recipe import parse_recipe_args, run_recipe
 
     config, shapes, scale_flags = SCALES["pretrained-cpu"]
-    output_dir = output_root / f"{model}-{method.name}-seed{seed}"
+    output_dir = output_root / f"{model}-{method.name}-seed{seed}-threads{torch.get_num_threads()}"
     if (output_dir / "results.json").is_file() and (output_dir / "model.safetensors").is_file():
         return output_dir
     argv = ["--config", str(ROOT / config), "--model_name_or_path", str(offline_dinov2_small()),
@@ -449,21 +456,23 @@ def run_pretrained(method: Method, model: str, seed: int, output_root: Path, thr
 
 
 def run_key(record: dict) -> tuple:
-    """What makes two records the same run: the settings, not just the name (old records lack the last two)."""
+    """What makes two records the same run: the settings, not just the name (old records lack the last three)."""
+    evaluation = record.get("evaluation")
     return (record["name"], record["model"], record["seed"], record["scale"], tuple(record.get("flags", ())),
-            record.get("evaluation"))  # fmt: skip
+            evaluation, record.get("threads") if evaluation else None)  # fmt: skip
 
 
-def method_key(method: Method, model: str, seed: int, scale: str) -> tuple:
+def method_key(method: Method, model: str, seed: int, scale: str, threads: int | None = None) -> tuple:
     evaluation = EVALUATION_VERSION if scale == "pretrained-cpu" else None
-    return (method.name, model, seed, scale, tuple(method.flags) if evaluation else (), evaluation)
+    return (method.name, model, seed, scale, tuple(method.flags) if evaluation else (), evaluation,
+            threads if evaluation else None)  # fmt: skip
 
 
 def current_pretrained(records: list[dict]) -> list[dict]:
-    """The pretrained-cpu records measured the current way (older ones stay in the JSON, out of the report)."""
-    return [
-        r for r in records if r["scale"] == "pretrained-cpu" and r.get("evaluation") == EVALUATION_VERSION
-    ]
+    """The pretrained-cpu records measured the current way at `PRETRAINED_THREADS` (the others stay in the
+    JSON, out of the report and the selection)."""
+    return [r for r in records if r["scale"] == "pretrained-cpu" and r.get("evaluation") == EVALUATION_VERSION
+            and r.get("threads") == PRETRAINED_THREADS]  # fmt: skip
 
 
 def check_names(methods: list[Method], records: list[dict]) -> None:
@@ -816,7 +825,9 @@ def main() -> None:
         for seed in args.seeds:
             for model in models:
                 for method in methods:
-                    key = method_key(method, model, seed, args.scale)
+                    import torch
+
+                    key = method_key(method, model, seed, args.scale, torch.get_num_threads())
                     if key in done:
                         continue
                     if args.budget_minutes and (time.perf_counter() - started) / 60 > args.budget_minutes:

@@ -50,19 +50,21 @@ def test_malformed_final_cd_is_refused_with_the_reason(text):
 def test_a_run_key_changes_with_the_flags_and_the_evaluation():
     a = efficacy.cd("x", 100)
     b = efficacy.cd("x", 300)
-    key_a = efficacy.method_key(a, "m", 0, "pretrained-cpu")
-    assert key_a != efficacy.method_key(b, "m", 0, "pretrained-cpu")
+    key_a = efficacy.method_key(a, "m", 0, "pretrained-cpu", 2)
+    assert key_a != efficacy.method_key(b, "m", 0, "pretrained-cpu", 2)
     record = {"name": "x", "model": "m", "seed": 0, "scale": "pretrained-cpu", "flags": list(a.flags),
-              "evaluation": efficacy.EVALUATION_VERSION}  # fmt: skip
+              "evaluation": efficacy.EVALUATION_VERSION, "threads": 2}  # fmt: skip
     assert efficacy.run_key(record) == key_a
     assert efficacy.run_key({**record, "evaluation": "older"}) != key_a
+    assert efficacy.run_key({**record, "threads": 1}) != key_a  # the thread count changes the trained weights
 
 
 def _record(name, method, seed, fp, score, flags=()):
     rows = [{"pipeline": p, "w_bits": w, "a_bits": a, "acc": score}
             for p in ("percentile", "gptaq") for w, a in efficacy.PRETRAINED_SELECTION_BITS]  # fmt: skip
     return {"name": name, "method": method, "seed": seed, "scale": "pretrained-cpu", "val_fp_acc": fp,
-            "val_quant": rows, "flags": list(flags), "evaluation": efficacy.EVALUATION_VERSION}  # fmt: skip
+            "val_quant": rows, "flags": list(flags), "evaluation": efficacy.EVALUATION_VERSION,
+            "threads": efficacy.PRETRAINED_THREADS}  # fmt: skip
 
 
 def test_selection_takes_the_best_validation_score_within_the_fp_margin():
@@ -72,6 +74,9 @@ def test_selection_takes_the_best_validation_score_within_the_fp_margin():
     records += [_record("cd_c", "cd", 0, 86.0, 90.0)]  # one seed: not enough against two
     records += [_record("tweo_x", "tweo", s, 85.0, 71.0, ("--tweo_weight", "0.01")) for s in (0, 1)]
     records += [{**_record("cd_d", "cd", 0, 90.0, 99.0), "evaluation": "older"}]  # another measurement
+    records += [
+        {**_record("cd_e", "cd", s, 90.0, 99.0), "threads": 1} for s in (0, 1)
+    ]  # another thread count
     chosen = efficacy.select_final(records)
     assert chosen["cd"]["name"] == "cd_a" and chosen["cd"]["seeds"] == [0, 1]
     assert chosen["tweo"]["name"] == "tweo_x"
