@@ -37,11 +37,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS_DIR, environment, record_header, require_clean_tree
 from efficacy import BASELINE, SUITES, Method, cd, train_pretrained
+from hf_cd.quant.sensitivity import SITE_GROUPS
 
 ROLES = ("query", "key", "value", "output", "ffn_input_0", "ffn_output")
 SHORT = {"query": "q", "key": "k", "value": "v", "output": "o", "ffn_input_0": "fc1", "ffn_output": "fc2"}
 INPUT_ENERGY = 0.9
 """The input subspace of a matrix: the fewest principal directions holding this share of the input energy."""
+SITE_ORDER = tuple(SITE_GROUPS)
+"""The activation site groups of `hf_cd.quant.sensitivity`, in a block's forward order."""
 CLIP_QUANTILE = 0.999
 """Activations above this quantile of |x| at a site count as the mass a 4-bit per-tensor clip cuts."""
 
@@ -243,6 +246,12 @@ def markdown(payload: dict) -> str:
     for r in records:
         drops = {s["group"]: s["accuracy_drop"] for s in r["sensitivity"] if s["block"] == "all"}
         lines.append(f"| {r['name']} | " + " | ".join(f"{drops[g]:.2f}" for g in groups) + " |")
+    lines += ["", "Per group, the per-block drops summed over the 12 blocks (where in the network a group hurts "
+              "is in the next list):", "", "| model | " + " | ".join(SITE_ORDER) + " |", "|---" * (1 + len(SITE_ORDER)) + "|"]  # fmt: skip
+    for r in records:
+        summed = {g: sum(s["accuracy_drop"] for s in r["sensitivity"] if s["group"] == g and s["block"] != "all")
+                  for g in SITE_ORDER}  # fmt: skip
+        lines.append(f"| {r['name']} | " + " | ".join(f"{summed[g]:.1f}" for g in SITE_ORDER) + " |")
     lines += ["", "Per block (largest drops, any group):", ""]
     for r in records:
         per_block = sorted((s for s in r["sensitivity"] if s["block"] != "all" and s["group"] not in ("none", "all")),
@@ -292,6 +301,11 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def render(payload: dict) -> str:
+    note = f"\n- **note**: {payload['note']}" if payload.get("note") else ""
+    return f"# efficacy diagnosis\n\n{record_header(payload)}{note}\n\n{markdown(payload)}\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -305,6 +319,7 @@ def main() -> None:
     parser.add_argument("--allow-dirty", action="store_true")
     args = parser.parse_args()
     require_clean_tree(args.allow_dirty)
+    started_at = environment("cpu")  # the commit that runs, even if HEAD moves during a long diagnosis
     methods = known_methods()
     unknown = [name for name in args.runs if name not in methods]
     if unknown:
@@ -338,12 +353,12 @@ def main() -> None:
         tmp.write_text(json.dumps(record) + "\n")
         os.replace(tmp, cache)
         records.append(record)
-    payload = {**environment("cpu"), "threads": args.threads, "records": records}
+    payload = {**started_at, "threads": args.threads, "records": records}
     output = Path(args.output)
     tmp = output.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1) + "\n")
     os.replace(tmp, output)
-    text = f"# efficacy diagnosis\n\n{record_header(payload)}\n\n{markdown(payload)}\n"
+    text = render(payload)
     md = output.with_suffix(".md")
     md.with_suffix(".tmp").write_text(text)
     os.replace(md.with_suffix(".tmp"), md)
