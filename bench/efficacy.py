@@ -19,6 +19,17 @@ Its quantized accuracy is measured here rather than in the recipe, on the same 2
     python bench/efficacy.py --scale pretrained-cpu --suite pretrained_lambda --threads 2
     python bench/efficacy.py --scale pretrained-cpu --suite pretrained_final --seeds 0 1 2 \
         --final-cd "--cd_strength 300 --cd_mode plain" --final-tweo 0.01
+
+Round two (issue 24), seed by seed so paired comparisons exist early, then the final set chosen on
+validation by `select_final`. A long suite runs from its own checkout at a fixed commit and writes its
+records outside it, so the code can move on meanwhile (the records are copied back and committed)::
+
+    git worktree add --detach ../suite HEAD && cd ../suite
+    for seed in 0 1 2; do for suite in pretrained_round2 pretrained_forms; do
+      python bench/efficacy.py --scale pretrained-cpu --suite $suite --seeds $seed --threads 2 \
+          --records ../records/efficacy.json; done; done
+    python bench/efficacy.py --scale pretrained-cpu --suite pretrained_final --seeds 0 1 2 --threads 2 \
+        --final-cd auto --final-tweo auto --records ../records/efficacy.json
 """
 
 from __future__ import annotations
