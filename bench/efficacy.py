@@ -164,6 +164,7 @@ SUITES: dict[str, list[Method]] = {
         cd("cd_vo_100", 100, kinds=("value_output",)),
         cd("cd_in_100", 100, extra=("--cd_factors", "in")),
         cd("cd_fold_ls_100", 100, extra=("--cd_fold_layer_scale", "true")),
+        cd("cd_peak_100", 100, extra=("--cd_rate_schedule", "peak_lr")),
     ],
     "pilot": [BASELINE, cd("cd_plain_1", 1.0), cd("cd_outlier_rows_1", 1.0, "outlier_rows"),
               cd("cd_balanced_1", 1.0, "balanced"), Method("tweo", "tweo_w0.01", ("--cd_strength", "0", "--tweo_weight", "0.01"))],

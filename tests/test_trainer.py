@@ -158,6 +158,21 @@ def test_rate_comes_from_each_parameters_group_and_skipped_steps_are_skipped():
     assert torch.equal(model.fc2.weight, before["fc2.weight"])  # its group's lr is 0
 
 
+@pytest.mark.parametrize(("schedule", "rate"), [("follow_lr", 0.01), ("peak_lr", 0.1)])
+def test_the_rate_follows_the_annealed_lr_or_stays_at_the_peak(schedule, rate):
+    torch.manual_seed(0)
+    model = TwoLayer().double()
+    optimizer = torch.optim.SGD([model.fc1.weight, model.fc2.weight], lr=0.1)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1)  # sets initial_lr 0.1, lr 0.01
+    callback = CDCallback(strength=2.0, pairs=["fc1:fc2"], rate_schedule=schedule)
+    a, b = model.fc1.weight.detach().clone(), model.fc2.weight.detach().clone()
+    _on_step(callback, model, optimizer)
+    expected_a = a - rate * 2.0 * (b.T @ b @ a) / torch.linalg.matrix_norm(b, ord=2) ** 2
+    torch.testing.assert_close(model.fc1.weight.detach(), expected_a, rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match="follow_lr, peak_lr"):
+        CDCallback(rate_schedule="constant")
+
+
 def test_every_and_warmup_schedule_the_strength():
     model = TwoLayer()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_cd.architectures import unwrap_model
-from hf_cd.colinearity import CD_FACTORS, CD_MODES
+from hf_cd.colinearity import CD_FACTORS, CD_MODES, CD_RATE_SCHEDULES
 from hf_cd.decay import ColinearityDecay, StepStats
 from hf_cd.pairs import DEFAULT_KINDS, PAIR_KINDS, MatrixPair, find_pairs, parse_pair_spec
 
@@ -106,6 +106,8 @@ class CDCallback(TrainerCallback, ExportableState):
             (`hf_cd.colinearity.colinearity_directions` gives the equations).
         threshold: θ of the ``outlier_rows`` / ``balanced`` modes (θ× the median gain is typical).
         factors: which factor the step writes: ``both`` (the method), ``in`` (A only) or ``out`` (B only).
+        rate_schedule: ``follow_lr`` (the method: the rate is the lr each step used, times λ) or
+            ``peak_lr`` (every step at the group's initial lr, so the decay does not fade with the schedule).
         check_finite: stop with an error naming the pair when weights hold NaN/Inf (one host sync per step).
     """
 
@@ -124,6 +126,7 @@ class CDCallback(TrainerCallback, ExportableState):
         mode: str = "plain",
         threshold: float = 2.0,
         factors: str = "both",
+        rate_schedule: str = "follow_lr",
     ):
         if strength < 0 or not torch.isfinite(torch.tensor(float(strength))):
             raise ValueError(f"CD strength must be a finite number ≥ 0 (0 turns CD off), got {strength}.")
@@ -153,6 +156,11 @@ class CDCallback(TrainerCallback, ExportableState):
         if factors not in CD_FACTORS:
             raise ValueError(f"Unknown CD factors {factors!r}; choose from {', '.join(CD_FACTORS)}.")
         self.factors = factors
+        if rate_schedule not in CD_RATE_SCHEDULES:
+            raise ValueError(
+                f"Unknown CD rate schedule {rate_schedule!r}; choose from {', '.join(CD_RATE_SCHEDULES)}."
+            )
+        self.rate_schedule = rate_schedule
         self.check_finite = bool(check_finite)
         self.num_updates = 0
         self.engine_state: dict | None = None  # set by Trainer when resuming, consumed by `setup`
@@ -220,7 +228,10 @@ class CDCallback(TrainerCallback, ExportableState):
                     self._group_of_param[name] = index
             self._optimizer_id = id(optimizer)
         groups = optimizer.param_groups
-        return {name: groups[index]["lr"] for name, index in self._group_of_param.items()}
+        key = "initial_lr" if self.rate_schedule == "peak_lr" else "lr"  # initial_lr: set by LR schedulers
+        return {
+            name: groups[index].get(key, groups[index]["lr"]) for name, index in self._group_of_param.items()
+        }
 
     # -- Trainer events -------------------------------------------------------------------------
 
@@ -289,6 +300,7 @@ class CDCallback(TrainerCallback, ExportableState):
                 "mode": self.mode,
                 "threshold": self.threshold,
                 "factors": self.factors,
+                "rate_schedule": self.rate_schedule,
                 "check_finite": self.check_finite,
             },
             "attributes": {

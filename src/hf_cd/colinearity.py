@@ -126,6 +126,10 @@ def power_iteration_flops(
 
 CD_MODES: tuple[str, ...] = ("plain", "outlier_rows", "balanced")
 
+CD_RATE_SCHEDULES: tuple[str, ...] = ("follow_lr", "peak_lr")
+"""How the per-step rate follows the learning-rate schedule: ``follow_lr`` (η_t·λ, the method) or
+``peak_lr`` (η_peak·λ every step: a fixed decay budget per step that does not fade as the lr anneals)."""
+
 CD_FACTORS: tuple[str, ...] = ("both", "in", "out")
 """Which factor of each pair the step writes: both (the method), only A (the in side), or only B.
 

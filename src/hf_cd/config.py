@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
-from hf_cd.colinearity import CD_FACTORS, CD_MODES
+from hf_cd.colinearity import CD_FACTORS, CD_MODES, CD_RATE_SCHEDULES
 from hf_cd.pairs import DEFAULT_KINDS, PAIR_KINDS
 
 
@@ -97,6 +97,13 @@ class CDConfig(TrainingArguments):
             "output matrices fc2 / o_proj are left alone) or 'out' (B only)."
         },
     )
+    cd_rate_schedule: str = field(
+        default="follow_lr",
+        metadata={
+            "help": "How CD's per-step rate follows the lr schedule: 'follow_lr' (lr of the step × λ, the method) "
+            "or 'peak_lr' (the peak lr × λ at every step, so the decay does not fade as the lr anneals)."
+        },
+    )
     cd_check_finite: bool = field(
         default=True,
         metadata={
@@ -179,6 +186,10 @@ class CDConfig(TrainingArguments):
             raise ValueError(f"Unknown cd_mode {self.cd_mode!r}; choose from {', '.join(CD_MODES)}.")
         if self.cd_threshold <= 0:
             raise ValueError(f"cd_threshold must be > 0, got {self.cd_threshold}.")
+        if self.cd_rate_schedule not in CD_RATE_SCHEDULES:
+            raise ValueError(
+                f"Unknown cd_rate_schedule {self.cd_rate_schedule!r}; choose from {', '.join(CD_RATE_SCHEDULES)}."
+            )
         if self.cd_factors not in CD_FACTORS:
             raise ValueError(f"Unknown cd_factors {self.cd_factors!r}; choose from {', '.join(CD_FACTORS)}.")
         if self.cd_every < 1:
@@ -261,6 +272,7 @@ class CDConfig(TrainingArguments):
             "mode": self.cd_mode,
             "threshold": self.cd_threshold,
             "factors": self.cd_factors,
+            "rate_schedule": self.cd_rate_schedule,
             "check_finite": self.cd_check_finite,
         }
 

@@ -44,6 +44,12 @@ FIXED_ON_RESUME: tuple[str, ...] = (
     "cd_mode",
     "cd_fold_layer_scale",
     "cd_fold_norm",
+    "cd_factors",
+    "cd_rate_schedule",
+    "qat_bits",
+    "qat_init",
+    "qat_step_lr",
+    "qat_distill",
 )
 """Training settings that define the run: the optimizer and schedule restored from the checkpoint,
 the steps, and which matrices CD pairs. Changing one on resume is refused."""
