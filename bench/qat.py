@@ -6,7 +6,8 @@ setting (``none`` / ``cd``):
 
 1. **float**: the recipe fine-tunes the pretrained checkpoint in float for ``--total-steps`` steps,
    saving ``checkpoint-<F>`` (``F = total − qat steps``); then every PTQ pipeline of ``--ptq`` at each
-   ``--bits`` (the best of them is the PTQ row: chosen on test, which favours PTQ).
+   ``--bits``, on test and on the run's own validation split (the best of them, chosen on
+   validation, is the PTQ row).
 2. **qat** (per bits): from that run's ``checkpoint-<F>`` (the same starting weights), the recipe
    trains ``--qat-steps`` steps with ``--qat_bits`` (LSQ, init ``--qat-init``): the same total steps as
    the float run. Its checkpoints give the accuracy against QAT steps (``--curve-every``; on the first
@@ -140,6 +141,7 @@ def settings(args) -> dict:
         "train_samples": args.train_samples,
         "cd_flags": args.cd_flags,
         "smoke": args.smoke,
+        "ptq_chosen_on": "validation",  # records before this chose the best PTQ on test
     }
 
 
@@ -157,6 +159,16 @@ def test_images(processor, count: int):
 
     test = load_image_dataset("fashion_mnist", seed=0, max_train_samples=64, max_eval_samples=count)["test"]
     return _stack(with_image_transforms({"test": test}, processor, 3, train_split="none")["test"])
+
+
+def validation_images(processor, seed: int, count: int = 1000):
+    """The run's own validation split (as `bench/efficacy.py`'s): what the best PTQ pipeline is chosen on."""
+    from hf_cd.data import load_image_dataset, with_image_transforms
+
+    validation = load_image_dataset("fashion_mnist", seed=seed, max_eval_samples=count)["validation"]
+    return _stack(
+        with_image_transforms({"validation": validation}, processor, 3, train_split="none")["validation"]
+    )
 
 
 def calibration_images(processor, seed: int):
@@ -222,18 +234,22 @@ def float_run(args, seed: int, cd: str, records: list[dict]) -> Path:
     model = AutoModelForImageClassification.from_pretrained(output_dir).eval()
     processor = AutoImageProcessor.from_pretrained(output_dir)
     test, calibration = test_images(processor, args.num_test), calibration_images(processor, seed)
-    rows = [{"pipeline": "full_precision", "w_bits": 32, "a_bits": 32, "accuracy": accuracy(model, test)}]
+    validation = validation_images(processor, seed, args.eval_samples)
+    rows = [{"pipeline": "full_precision", "w_bits": 32, "a_bits": 32, "accuracy": accuracy(model, test),
+             "val_accuracy": accuracy(model, validation)}]  # fmt: skip
     for bits in args.bits:
         for spec in args.ptq:
             name, extra = parse_spec(spec)
             w, a = parse_bits(bits)
             config = QuantConfig(w_bits=w, a_bits=a, pipeline=name, extra=extra, seed=seed, progress=False)
+            quantized = quantize(model, config, calibration)
             rows.append(
                 {
                     "pipeline": spec,
                     "w_bits": w,
                     "a_bits": a,
-                    "accuracy": accuracy(quantize(model, config, calibration), test),
+                    "accuracy": accuracy(quantized, test),
+                    "val_accuracy": accuracy(quantized, validation),
                 }
             )
     if train_s is None:
@@ -296,14 +312,18 @@ def qat_run(
 
 
 def best_ptq(record: dict, bits: str) -> tuple[str, float] | None:
-    """The most accurate PTQ row of a float run at ``bits`` (``None`` where none was measured)."""
+    """The PTQ row of a float run at ``bits`` that is best on *validation*, with its test accuracy.
+
+    ``None`` where none was measured, or where the rows have no validation accuracy (records from
+    before it was measured): choosing on the test images would favour PTQ.
+    """
     from hf_cd.quant.config import parse_bits
 
     w, a = parse_bits(bits)
-    rows = [r for r in record["rows"] if (r["w_bits"], r["a_bits"]) == (w, a)]
+    rows = [r for r in record["rows"] if (r["w_bits"], r["a_bits"]) == (w, a) and "val_accuracy" in r]
     if not rows:
         return None
-    best = max(rows, key=lambda r: r["accuracy"])
+    best = max(rows, key=lambda r: r["val_accuracy"])
     return best["pipeline"], best["accuracy"]
 
 
@@ -321,7 +341,7 @@ def report(args, records: list[dict]) -> str:
     lines = [f"# QAT vs PTQ on DINOv2-S/14 at 56 px{' (SMOKE RUN: not evidence)' if any(r['settings']['smoke'] for r in records) else ''}", "",
              record_header(records[-1]), "",
              "Accuracy in % on the fixed test images (mean ± std over seeds). PTQ: the best pipeline per seed "
-             "and bits, chosen on these test images (favours PTQ). Gap: full precision of the float run minus it.", "",
+             "and bits, chosen on the run's validation split. Gap: full precision of the float run minus it.", "",
              "| CD | bits | seeds | full precision | best PTQ (pipelines) | QAT (distill) | QAT gap | QAT train s / float train s per step |",
              "|---" * 8 + "|"]  # fmt: skip
     for cd in ("none", "cd"):
