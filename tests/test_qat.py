@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ from hf_cd.quant.qat import (
     step_size_parameters,
 )
 from hf_cd.quant.quantizers import asymmetric_range, symmetric_range
+from hf_cd.resume import ResumeSettingsError
 from hf_cd.trainer import QAT_STATE_FILE
 from test_trainer import RandomImages
 from test_trainer import _args as trainer_args
@@ -317,9 +319,15 @@ def test_qat_checkpoint_resumes_bitwise(tmp_path):
 def test_a_float_checkpoint_does_not_resume_a_qat_run(tmp_path):
     float_run = _trainer(tmp_path / "float", qat_bits=None, save_strategy="steps", save_steps=3)
     float_run.train()
+    checkpoint = tmp_path / "float" / "out" / "checkpoint-3"
     qat = _trainer(tmp_path / "qat")
-    with pytest.raises(RuntimeError, match=f"no {QAT_STATE_FILE}"):
-        qat.train(resume_from_checkpoint=str(tmp_path / "float" / "out" / "checkpoint-3"))
+    with pytest.raises(ResumeSettingsError, match="qat_bits None → 'W4A4'"):  # the recorded settings differ
+        qat.train(resume_from_checkpoint=str(checkpoint))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["stateful_callbacks"].pop("RunSettings")  # a checkpoint from before settings were recorded
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(RuntimeError, match=f"no {QAT_STATE_FILE}"):  # still refused: no step sizes in it
+        _trainer(tmp_path / "qat2").train(resume_from_checkpoint=str(checkpoint))
 
 
 # --- in the recipe ------------------------------------------------------------------------------
