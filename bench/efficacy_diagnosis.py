@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -35,8 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment, record_header, require_clean_tree
+from common import RESULTS_DIR, environment, parse_checked, record_header
 from efficacy import BASELINE, SUITES, Method, cd, train_pretrained
+from hf_cd.files import atomic_write_text
 from hf_cd.quant.sensitivity import SITE_GROUPS
 
 ROLES = ("query", "key", "value", "output", "ffn_input_0", "ffn_output")
@@ -316,9 +316,7 @@ def main() -> None:
     parser.add_argument("--num-test", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=str(RESULTS_DIR / "efficacy-diagnosis.json"))
-    parser.add_argument("--allow-dirty", action="store_true")
-    args = parser.parse_args()
-    require_clean_tree(args.allow_dirty)
+    args = parse_checked(parser)
     started_at = environment("cpu")  # the commit that runs, even if HEAD moves during a long diagnosis
     methods = known_methods()
     unknown = [name for name in args.runs if name not in methods]
@@ -349,19 +347,13 @@ def main() -> None:
         test, calibration = _stack(data["test"]), _stack(data["train"])[0]
         print(f"[{time.strftime('%H:%M:%S')}] diagnosing {name}", flush=True)
         record = diagnose(name, output_dir, test, calibration, args.seed)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record) + "\n")
-        os.replace(tmp, cache)
+        atomic_write_text(cache, json.dumps(record) + "\n")
         records.append(record)
     payload = {**started_at, "threads": args.threads, "records": records}
     output = Path(args.output)
-    tmp = output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, output)
+    atomic_write_text(output, json.dumps(payload, indent=1) + "\n")
     text = render(payload)
-    md = output.with_suffix(".md")
-    md.with_suffix(".tmp").write_text(text)
-    os.replace(md.with_suffix(".tmp"), md)
+    atomic_write_text(output.with_suffix(".md"), text)
     print(text)
 
 

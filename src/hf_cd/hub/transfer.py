@@ -283,7 +283,7 @@ def push_cd_model(
     except HFValidationError as error:
         raise ValueError(f"{repo_id!r} is not a valid Hub repo id (user/name): {error}") from None
     card_path = folder / CARD_FILE
-    user_card = card_path.is_file() and not written_by_hf_cd(card_path)
+    user_card = card_path.is_file() and not is_hf_cd_card(card_path)
     results = fresh_results(folder) if folder.is_dir() else None
     keep_user_card = user_card and not regenerate_card
     plan = HubUpload(
@@ -326,8 +326,3 @@ def push_cd_model(
         )
     logger.info("Uploaded %d files to %s", len(plan.files), commit.commit_url)
     return dataclasses.replace(plan, commit_url=commit.commit_url)
-
-
-def written_by_hf_cd(card_path: Path) -> bool:
-    """Whether a ``README.md`` is a card hf-cd generated (`hf_cd.hub.card.is_hf_cd_card`)."""
-    return is_hf_cd_card(card_path)
