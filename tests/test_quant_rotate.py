@@ -325,7 +325,7 @@ def test_cli_takes_pipeline_options_as_json():
 
 
 def test_card_labels_dynamic_rows_apart_and_parses_them_back():
-    from hf_cd.hub.card import _row_label
+    from hf_cd.hub.card_facts import _row_label
 
     static = {"pipeline": "rotate", "w_bits": 4, "a_bits": 4, "runtime": "fake_quant", "protocol": "deploy",
               "activation_mode": "static_per_tensor"}  # fmt: skip

@@ -25,7 +25,7 @@ The package has four modules: `card` writes the card, `parse` reads it back, `tr
 and pushes checkpoints, and `errors` holds the exceptions and turns Hub failures into clear errors.
 """
 
-from hf_cd.hub.card import (
+from hf_cd.hub.card_facts import (
     CARD_COLUMNS,
     CARD_TAGS,
     CD_TAGS,

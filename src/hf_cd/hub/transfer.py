@@ -25,7 +25,7 @@ from transformers.utils import (
 )
 
 from hf_cd.files import atomic_write_text
-from hf_cd.hub.card import (
+from hf_cd.hub.card_facts import (
     CARD_COLUMNS,
     CARD_FILE,
     RESULTS_FILE,
