@@ -469,7 +469,7 @@ def test_counts_beyond_the_data_are_capped_with_a_warning(caplog):
 
 
 def test_user_strings_are_escaped_in_the_card_body_and_its_command_is_shell_quoted():
-    from hf_cd.hub.card_facts import build_model_card
+    from hf_cd.hub.card import build_model_card
 
     name = "data <img src=x onerror=alert(1)>\n- **injected line**; rm -rf ~"
     results = {
