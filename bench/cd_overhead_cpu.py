@@ -62,7 +62,7 @@ def build_model(name: str, image_size: int) -> torch.nn.Module:
     if name == "dinov2_small":
         from transformers import Dinov2ForImageClassification
 
-        from hf_cd.pretrained import resize_position_embeddings
+        from hf_cd.resolution import resize_position_embeddings
 
         model = Dinov2ForImageClassification.from_pretrained(str(CHECKPOINT), num_labels=NUM_LABELS)
         return resize_position_embeddings(model, image_size)

@@ -131,7 +131,8 @@ def linear_probe_checkpoint(work: Path, image_size: int, num_train: int, num_eva
     when there); returns (model, processor, probe facts, the train/validation/test tensors)."""
     from transformers import AutoImageProcessor, Dinov2ForImageClassification
 
-    from hf_cd.pretrained import adapt_to_resolution, offline_dinov2_small
+    from hf_cd.pretrained import offline_dinov2_small
+    from hf_cd.resolution import adapt_to_resolution
 
     checkpoint = offline_dinov2_small()
     processor = AutoImageProcessor.from_pretrained(checkpoint)

@@ -46,7 +46,7 @@ def load(image_size: int, num_calibration: int):
     from transformers import AutoImageProcessor, Dinov2ForImageClassification
 
     from hf_cd.data import collate_fn, load_image_dataset, with_image_transforms
-    from hf_cd.pretrained import adapt_to_resolution
+    from hf_cd.resolution import adapt_to_resolution
 
     model = Dinov2ForImageClassification.from_pretrained(str(CHECKPOINT), num_labels=10).eval()
     processor = AutoImageProcessor.from_pretrained(str(CHECKPOINT))

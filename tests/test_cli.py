@@ -14,7 +14,7 @@ import tomllib
 
 from hf_cd import cli
 from hf_cd.errors import CommandLineError
-from hf_cd.recipe.arguments import parse_recipe_args, recipe_argument_parser
+from hf_cd.recipe.parser import parse_recipe_args, recipe_argument_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,8 @@ import pytest
 import tomllib
 
 from hf_cd.extras import EXTRAS, MissingExtraError
-from hf_cd.recipe.arguments import RecipeArgumentError, parse_recipe_args
+from hf_cd.recipe.arguments import RecipeArgumentError
+from hf_cd.recipe.parser import parse_recipe_args
 from hf_cd.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]

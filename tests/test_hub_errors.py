@@ -342,7 +342,7 @@ def test_a_baseline_card_says_baseline_and_claims_nothing_about_cd():
 
 
 def test_a_cd_card_says_what_cd_is_what_this_run_measured_and_links_the_evidence_for_any_claim():
-    from hf_cd.hub.card import EVIDENCE_URL
+    from hf_cd.hub.card_render import EVIDENCE_URL
 
     results = _results(ACCURACIES)
     results["diagnostics"] = {

@@ -325,13 +325,13 @@ def test_cli_takes_pipeline_options_as_json():
 
 
 def test_card_labels_dynamic_rows_apart_and_parses_them_back():
-    from hf_cd.hub.card import _row_label
+    from hf_cd.hub.card_metadata import row_label
 
     static = {"pipeline": "rotate", "w_bits": 4, "a_bits": 4, "runtime": "fake_quant", "protocol": "deploy",
               "activation_mode": "static_per_tensor"}  # fmt: skip
     dynamic = {**static, "activation_mode": "dynamic_per_token"}
-    assert _row_label(static) == ("W4A4, rotate", "w4a4-rotate")
-    assert _row_label(dynamic) == (
+    assert row_label(static) == ("W4A4, rotate", "w4a4-rotate")
+    assert row_label(dynamic) == (
         "W4A4, rotate, dynamic per-token activations",
         "w4a4-rotate-dynamic_per_token",
     )

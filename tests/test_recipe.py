@@ -405,7 +405,7 @@ def test_a_misspelt_flag_gets_a_did_you_mean():
 
 
 def test_bare_debug_is_the_recipes_and_debug_with_values_the_trainers(tmp_path):
-    from hf_cd.recipe.arguments import split_debug_flag
+    from hf_cd.errors import split_debug_flag
 
     assert split_debug_flag(["--debug", "--model_preset", "vit_tiny"]) == (
         True,

@@ -322,7 +322,7 @@ def test_every_command_answers_bad_input_with_one_line_and_exit_status_2(tmp_pat
 
 def test_every_bits_spelling_is_accepted_by_the_recipe_and_by_quant(tmp_path):
     from hf_cd.quant.cli import build_parser
-    from hf_cd.recipe.arguments import parse_recipe_args
+    from hf_cd.recipe.parser import parse_recipe_args
 
     spellings = ["W4A4", "w4a8", "4,4", "8,8", "W6,A6"]
     expected = [(4, 4), (4, 8), (4, 4), (8, 8), (6, 6)]
@@ -417,7 +417,8 @@ def test_the_recipe_records_a_change_made_on_resume_in_results_json(tmp_path):
     ],
 )
 def test_yaml_values_are_checked_against_the_option_types_and_counts(tmp_path, yaml_text, needle):
-    from hf_cd.recipe.arguments import RecipeArgumentError, parse_recipe_args
+    from hf_cd.recipe.arguments import RecipeArgumentError
+    from hf_cd.recipe.parser import parse_recipe_args
 
     config = tmp_path / "recipe.yaml"
     config.write_text(f"model_preset: vit_tiny\noutput_dir: {tmp_path / 'out'}\n{yaml_text}")
@@ -426,7 +427,7 @@ def test_yaml_values_are_checked_against_the_option_types_and_counts(tmp_path, y
 
 
 def test_yaml_numbers_in_any_spelling_reach_the_dataclasses_with_their_types(tmp_path):
-    from hf_cd.recipe.arguments import parse_recipe_args
+    from hf_cd.recipe.parser import parse_recipe_args
 
     config = tmp_path / "recipe.yaml"
     config.write_text(

@@ -21,20 +21,16 @@ Safety rules:
 - A Hub failure (offline, no token, no such repo) raises a one-line `HubAccessError` that says
   what to do.
 
-The package has four modules: `card` writes the card, `parse` reads it back, `transfer` loads
-and pushes checkpoints, and `errors` holds the exceptions and turns Hub failures into clear errors.
+The modules: `card` writes the card from three parts, `card_facts` (what a run measured),
+`card_metadata` (the YAML metadata and its ``model-index``) and `card_render` (the markdown);
+`parse` reads a card back, `transfer` loads and pushes checkpoints, and `errors` holds the
+exceptions and turns Hub failures into clear errors.
 """
 
-from hf_cd.hub.card import (
-    CARD_COLUMNS,
-    CARD_TAGS,
-    CD_TAGS,
-    build_model_card,
-    card_template,
-    results_from_table,
-    trainer_results,
-    write_model_card,
-)
+from hf_cd.hub.card import build_model_card, write_model_card
+from hf_cd.hub.card_facts import results_from_table, trainer_results
+from hf_cd.hub.card_metadata import CARD_COLUMNS, CARD_TAGS, CD_TAGS
+from hf_cd.hub.card_render import card_template
 from hf_cd.hub.errors import HubAccessError, IncompleteResultsWarning, ModelCardError, UnsafeWeightsError
 from hf_cd.hub.parse import read_quantized_results
 from hf_cd.hub.transfer import HubUpload, load_cd_checkpoint, push_cd_model

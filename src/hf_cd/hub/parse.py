@@ -13,7 +13,9 @@ import yaml
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-from hf_cd.hub.card import CARD_COLUMNS, CARD_FILE, is_full_precision
+from hf_cd.hub.card import CARD_FILE
+from hf_cd.hub.card_facts import is_full_precision
+from hf_cd.hub.card_metadata import CARD_COLUMNS
 from hf_cd.hub.errors import LOAD_HINT, IncompleteResultsWarning, ModelCardError, checked_repo_id, hub_errors
 from hf_cd.quant.results import ACCURACY_UNIT, FULL_PRECISION, QuantResults
 

@@ -26,15 +26,14 @@ from transformers.utils import (
 
 from hf_cd.files import atomic_write_text
 from hf_cd.hub.card import (
-    CARD_COLUMNS,
     CARD_FILE,
-    RESULTS_FILE,
     build_model_card,
     check_card_replaceable,
-    fresh_results,
     is_hf_cd_card,
     user_card_metadata,
 )
+from hf_cd.hub.card_facts import RESULTS_FILE, fresh_results
+from hf_cd.hub.card_metadata import CARD_COLUMNS
 from hf_cd.hub.errors import (
     LOAD_HINT,
     IncompleteResultsWarning,

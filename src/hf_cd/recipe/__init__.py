@@ -9,7 +9,8 @@ installed) → measure again → save model, image processor, ``results.json`` a
 Where each part lives:
 
 - `hf_cd.recipe.arguments`: the option dataclasses (model, data, quantization; CD and Trainer options
-  are `hf_cd.CDConfig`), model presets, the parser and the YAML ``--config`` handling;
+  are `hf_cd.CDConfig`) and the model presets;
+- `hf_cd.recipe.parser`: the command-line parser, its ``--help`` and the YAML ``--config`` layering;
 - `hf_cd.recipe.model`: building the model and image processor (preset or checkpoint), LoRA;
 - `hf_cd.recipe.data`: the raw splits and the seeded, resumable train augmentation;
 - `hf_cd.recipe.evaluation`: accuracy, before/after diagnostics, the quantized evaluation;
@@ -32,9 +33,6 @@ from hf_cd.recipe.arguments import (
     RecipeArgumentError,
     RecipeArguments,
     check_model_source,
-    load_config_file,
-    parse_recipe_args,
-    recipe_argument_parser,
 )
 from hf_cd.recipe.data import (
     SeededAugmentation,
@@ -60,6 +58,7 @@ from hf_cd.recipe.model import (
     checkpoint_config,
     describe_model,
 )
+from hf_cd.recipe.parser import load_config_file, parse_recipe_args, recipe_argument_parser
 from hf_cd.recipe.report import (
     ACTIVATION_PLOT,
     ALIGNMENT_PLOT,

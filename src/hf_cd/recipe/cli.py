@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from hf_cd.errors import DEBUG_ENV, USAGE_EXIT_CODE, command_errors, debug_requested, one_line, user_errors
-from hf_cd.recipe.arguments import PROG, parse_recipe_args
+from hf_cd.recipe.parser import PROG, parse_recipe_args
 from hf_cd.recipe.report import format_summary
 from hf_cd.recipe.run import RecipeRun, run_recipe
 

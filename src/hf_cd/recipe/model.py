@@ -16,12 +16,12 @@ from transformers import (
 from hf_cd.data.statistics import ChannelStatistics, channel_statistics
 from hf_cd.data.transforms import load_image_processor
 from hf_cd.extras import require
-from hf_cd.pretrained import adapt_to_resolution
 from hf_cd.recipe.arguments import (
     MODEL_PRESETS,
     ModelArguments,
     RecipeArgumentError,
 )
+from hf_cd.resolution import adapt_to_resolution
 
 
 def _image_processor_class():
