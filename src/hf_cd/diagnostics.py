@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from hf_cd.architectures import resolve_blocks, unwrap_model
-from hf_cd.colinearity import alignment
+from hf_cd.cd.colinearity import alignment
+from hf_cd.cd.pairs import DEFAULT_KINDS, MatrixPair, factor_heads, find_pairs
+from hf_cd.cd.weights import read_weights, weight_sources
 from hf_cd.extras import require
 from hf_cd.files import atomic_path
-from hf_cd.pairs import DEFAULT_KINDS, MatrixPair, factor_heads, find_pairs
 from hf_cd.table import Table
-from hf_cd.weights import read_weights, weight_sources
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

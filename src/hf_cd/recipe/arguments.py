@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 import yaml
 from transformers import HfArgumentParser
 
-from hf_cd.config import CDConfig
 from hf_cd.data import (
     DATASETS,
     UnknownDatasetError,
@@ -32,6 +31,7 @@ from hf_cd.data.loading import check_dataset_source
 from hf_cd.deprecation import rename_deprecated_flags, rename_deprecated_keys
 from hf_cd.errors import DEBUG_FLAG, one_line, one_line_parser_errors, split_debug_flag
 from hf_cd.extras import has_extra_package
+from hf_cd.training.config import CDConfig
 
 logger = logging.getLogger(__name__)
 

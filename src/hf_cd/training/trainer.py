@@ -19,14 +19,14 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from hf_cd._version import __version__
 from hf_cd.architectures import unwrap_model
-from hf_cd.callback import CDCallback
-from hf_cd.checkpoints import respect_umask
-from hf_cd.config import CDConfig
 from hf_cd.files import staged_files
 from hf_cd.finite import non_finite_parameters, require_finite_weights  # noqa: F401 (re-exported)
-from hf_cd.locking import OutputDirLock
-from hf_cd.resume import CALLBACK_ATTRIBUTES, RunSettings, compare_on_resume, run_settings
-from hf_cd.tweo import BlockOutputCollector, tweo_penalty
+from hf_cd.training.callback import CDCallback
+from hf_cd.training.checkpoints import respect_umask
+from hf_cd.training.config import CDConfig
+from hf_cd.training.locking import OutputDirLock
+from hf_cd.training.resume import CALLBACK_ATTRIBUTES, RunSettings, compare_on_resume, run_settings
+from hf_cd.training.tweo import BlockOutputCollector, tweo_penalty
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class CDTrainer(Trainer):
         callbacks = [_LoadedWeightsCheck(), *callbacks, TrainLossTracker(), settings]
         super().__init__(model, args, *positional, callbacks=callbacks, **kwargs)
         self.resume_changes: list[dict] = []
-        """Settings changed on resume (`hf_cd.resume`): ``{"step", "setting", "from", "to"}``, all resumes."""
+        """Settings changed on resume (`hf_cd.training.resume`): ``{"step", "setting", "from", "to"}``, all resumes."""
         self._tweo = BlockOutputCollector(unwrap_model(self.model)) if args.tweo_weight > 0 else None
         self._tweo_sum: torch.Tensor | None = None
         self._tweo_steps = 0
@@ -242,7 +242,7 @@ class CDTrainer(Trainer):
     # -- training ------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs) -> TrainOutput:
-        """`Trainer.train` holding the ``output_dir`` lock (`hf_cd.locking`), with the whole run's train loss.
+        """`Trainer.train` holding the ``output_dir`` lock (`hf_cd.training.locking`), with the whole run's train loss.
 
         ``train_loss`` (the return value and the last log) is the mean over every step since step 0,
         also after resuming (the Trainer's own covers only the steps this call ran, and is then kept
@@ -250,7 +250,7 @@ class CDTrainer(Trainer):
         one step further.
         """
         if resume_from_checkpoint is True:
-            from hf_cd.checkpoints import latest_complete_checkpoint
+            from hf_cd.training.checkpoints import latest_complete_checkpoint
 
             resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:

@@ -1,8 +1,8 @@
 """`ColinearityDecay`: applies the CD step to a model's pairs, batched by shape.
 
 Framework-agnostic on purpose: a plain PyTorch loop calls ``decay.step(lr_of)`` after
-``optimizer.step()``; `hf_cd.callback.CDCallback` is the thin adapter for `transformers.Trainer`.
-The math lives in `hf_cd.colinearity`; this module gathers weights, batches pairs of equal
+``optimizer.step()``; `hf_cd.training.callback.CDCallback` is the thin adapter for `transformers.Trainer`.
+The math lives in `hf_cd.cd.colinearity`; this module gathers weights, batches pairs of equal
 shape, keeps the warm-started power-iteration vectors, and writes the update back (also into
 FSDP2 shards).
 """
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from hf_cd.architectures import unwrap_model
-from hf_cd.colinearity import (
+from hf_cd.cd.colinearity import (
     CD_FACTORS,
     CD_MODES,
     colinearity_directions,
@@ -28,8 +28,8 @@ from hf_cd.colinearity import (
     power_iteration,
     power_iteration_flops,
 )
-from hf_cd.pairs import MatrixPair, factor_gradients, factor_heads, head_shapes
-from hf_cd.weights import is_trainable, pull_back, read_weights, weight_sources
+from hf_cd.cd.pairs import MatrixPair, factor_gradients, factor_heads, head_shapes
+from hf_cd.cd.weights import is_trainable, pull_back, read_weights, weight_sources
 
 try:  # FSDP2 parameters are DTensors; plain tensors elsewhere.
     from torch.distributed.tensor import DTensor, distribute_tensor

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
-from hf_cd.colinearity import CD_FACTORS, CD_MODES, CD_RATE_SCHEDULES
-from hf_cd.pairs import DEFAULT_KINDS, PAIR_KINDS
+from hf_cd.cd.colinearity import CD_FACTORS, CD_MODES, CD_RATE_SCHEDULES
+from hf_cd.cd.pairs import DEFAULT_KINDS, PAIR_KINDS
 
 
 def _secret_fields(config: TrainingArguments) -> list[str]:
@@ -83,7 +83,7 @@ class CDConfig(TrainingArguments):
         metadata={
             "help": "Which alignment CD decays: 'plain' (all of it, the spec's form), 'outlier_rows' (only output "
             "channels whose gain exceeds cd_threshold× the median) or 'balanced' (plain, plus decay of hidden "
-            "units that carry more than cd_threshold× the median). Equations: hf_cd.colinearity."
+            "units that carry more than cd_threshold× the median). Equations: hf_cd.cd.colinearity."
         },
     )
     cd_threshold: float = field(

@@ -1,7 +1,7 @@
 """`CDCallback`: Colinearity Decay for any `transformers.Trainer`, as a `TrainerCallback`.
 
 A thin adapter: it finds the pairs when training begins, and after each real optimizer step
-hands `hf_cd.decay.ColinearityDecay` the learning rate each parameter's group used. It is an
+hands `hf_cd.cd.decay.ColinearityDecay` the learning rate each parameter's group used. It is an
 `ExportableState`, so its step count and power-iteration vectors travel in
 ``trainer_state.json`` and a resumed run continues bit for bit.
 """
@@ -16,9 +16,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_cd.architectures import unwrap_model
-from hf_cd.colinearity import CD_FACTORS, CD_MODES, CD_RATE_SCHEDULES
-from hf_cd.decay import ColinearityDecay, StepStats
-from hf_cd.pairs import DEFAULT_KINDS, PAIR_KINDS, MatrixPair, find_pairs, parse_pair_spec
+from hf_cd.cd.colinearity import CD_FACTORS, CD_MODES, CD_RATE_SCHEDULES
+from hf_cd.cd.decay import ColinearityDecay, StepStats
+from hf_cd.cd.pairs import DEFAULT_KINDS, PAIR_KINDS, MatrixPair, find_pairs, parse_pair_spec
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class CDCallback(TrainerCallback, ExportableState):
         fold_layer_scale: fold Dinov2's layer scale into the matrix it multiplies.
         fold_norm: fold the LayerNorm γ in front of an FFN / value→output pair into A.
         mode: which alignment is decayed: ``plain``, ``outlier_rows`` or ``balanced``
-            (`hf_cd.colinearity.colinearity_directions` gives the equations).
+            (`hf_cd.cd.colinearity.colinearity_directions` gives the equations).
         threshold: θ of the ``outlier_rows`` / ``balanced`` modes (θ× the median gain is typical).
         factors: which factor the step writes: ``both`` (the method), ``in`` (A only) or ``out`` (B only).
         rate_schedule: ``follow_lr`` (the method: the rate is the lr each step used, times λ) or

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hf_cd.architectures import ResolvedBlock, resolve_blocks, unwrap_model
-from hf_cd.weights import weight_sources
+from hf_cd.cd.weights import weight_sources
 
 PAIR_KINDS: tuple[str, ...] = ("ffn", "value_output", "query_key", "cross_norm")
 DEFAULT_KINDS: tuple[str, ...] = ("ffn", "value_output")
