@@ -9,6 +9,7 @@ from hf_cd._version import __version__
 from hf_cd.architectures import BlockLayout, FFNLayout, UnsupportedArchitectureError, register_architecture
 from hf_cd.cd.decay import ColinearityDecay, NonFiniteWeightsError
 from hf_cd.cd.pairs import DEFAULT_KINDS, PAIR_KINDS, Factor, MatrixPair, find_pairs
+from hf_cd.cd.settings import CDSettings
 from hf_cd.diagnostics import (
     activation_stats,
     alignment_by_block,
@@ -31,6 +32,7 @@ __all__ = [
     "BlockLayout",
     "CDCallback",
     "CDConfig",
+    "CDSettings",
     "CDTrainer",
     "ColinearityDecay",
     "FFNLayout",

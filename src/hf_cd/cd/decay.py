@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hf_cd.architectures import unwrap_model
 from hf_cd.cd.colinearity import (
     CD_FACTORS,
     CD_MODES,
@@ -28,8 +27,8 @@ from hf_cd.cd.colinearity import (
     power_iteration,
     power_iteration_flops,
 )
-from hf_cd.cd.pairs import MatrixPair, factor_gradients, factor_heads, head_shapes
-from hf_cd.cd.weights import is_trainable, pull_back, read_weights, weight_sources
+from hf_cd.cd.pairs import MatrixPair, factor_gradients, factor_heads, head_shapes, model_weights
+from hf_cd.cd.weights import ModelWeights, is_trainable, pull_back, read_weights
 
 try:  # FSDP2 parameters are DTensors; plain tensors elsewhere.
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -116,12 +115,13 @@ class ColinearityDecay:
     """The decoupled CD update over a fixed set of pairs of one model.
 
     Call `step` once per real optimizer step, after ``optimizer.step()``; ``lr_of`` maps a
-    parameter name to the learning rate its group just used (or is one float for all).
+    parameter name to the learning rate its group just used (or is one float for all). ``model``
+    may be its `hf_cd.cd.weights.ModelWeights`, when the caller has walked the model once already.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | ModelWeights,
         pairs: Sequence[MatrixPair],
         *,
         power_iters: int = 2,
@@ -134,8 +134,8 @@ class ColinearityDecay:
     ):
         if power_iters < 1:
             raise ValueError(f"power_iters must be ≥ 1, got {power_iters}.")
-        model = unwrap_model(model)  # pair names are relative to the transformers model
-        self.model = model
+        weights = model_weights(model)  # pair names are relative to the transformers model
+        self.model = weights.model
         if mode not in CD_MODES:
             raise ValueError(f"Unknown CD mode {mode!r}; choose from {', '.join(CD_MODES)}.")
         self.mode, self.threshold = mode, float(threshold)
@@ -147,8 +147,8 @@ class ColinearityDecay:
         self.max_power_iters = max_power_iters
         self.power_iterations_run = 0  # adaptive extra iterations, for diagnostics
         self.check_finite = check_finite
-        self.params: dict[str, nn.Parameter] = dict(model.named_parameters())
-        self.sources = weight_sources(model, (name for pair in pairs for name in _factor_names(pair)))
+        self.params: dict[str, nn.Parameter] = weights.params
+        self.sources = weights.sources(name for pair in pairs for name in _factor_names(pair))
         trainable = [
             p for p in pairs if any(is_trainable(self.sources[n], self.params) for n in p.param_names)
         ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import replace
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
@@ -23,9 +24,9 @@ from hf_cd.files import staged_files
 from hf_cd.finite import non_finite_parameters, require_finite_weights  # noqa: F401 (re-exported)
 from hf_cd.training.callback import CDCallback
 from hf_cd.training.checkpoints import respect_umask
-from hf_cd.training.config import CDConfig
+from hf_cd.training.config import CDConfig, cd_setting_name
 from hf_cd.training.locking import OutputDirLock
-from hf_cd.training.resume import CALLBACK_ATTRIBUTES, RunSettings, compare_on_resume, run_settings
+from hf_cd.training.resume import RunSettings, compare_on_resume, run_settings
 from hf_cd.training.tweo import BlockOutputCollector, tweo_penalty
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class CDTrainer(Trainer):
             model = self._prepare_qat(model, args, qat_calibration_data, kwargs.get("train_dataset"))
         callbacks = list(callbacks or [])
         if args.cd_strength > 0 and not any(isinstance(cb, CDCallback) for cb in callbacks):
-            callbacks.append(CDCallback(**args.cd_callback_kwargs()))
+            callbacks.append(CDCallback(args.colinearity_decay))
         settings = RunSettings(run_settings(args, unwrap_model(model)) if model is not None else {})
         callbacks = [_LoadedWeightsCheck(), *callbacks, TrainLossTracker(), settings]
         super().__init__(model, args, *positional, callbacks=callbacks, **kwargs)
@@ -292,10 +293,10 @@ class CDTrainer(Trainer):
         record.settings = run_settings(self.args, unwrap_model(self.model))
         record.changes = list(self.resume_changes)
         callback = self.cd_callback
-        for change in self.resume_changes:
-            attribute = CALLBACK_ATTRIBUTES.get(change["setting"])
-            if callback is not None and attribute is not None:
-                setattr(callback, attribute, change["to"])
+        changed = {cd_setting_name(change["setting"]): change["to"] for change in self.resume_changes}
+        changed.pop(None, None)  # TWEO and the Trainer's own settings: read from args, not the callback
+        if callback is not None and changed:
+            callback.settings = replace(callback.settings, **changed)
 
     def _finished_checkpoint(self, checkpoint) -> TrainerState | None:
         """The checkpoint's state when it already is at the end of this run's schedule (else ``None``)."""
@@ -354,7 +355,7 @@ class CDTrainer(Trainer):
         callback = self.cd_callback
         settings = self.args.cd_settings()
         if callback is not None:
-            settings.update({k: v for k, v in callback.settings().items() if k != "check_finite"})
+            settings.update(callback.settings.model_settings())
         else:
             settings["strength"] = 0.0
         return {"library": "hf-cd", "version": __version__, **settings}
