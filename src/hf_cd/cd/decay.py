@@ -101,16 +101,6 @@ def _fp32_math(device: torch.device):
         torch.set_float32_matmul_precision(previous)
 
 
-def _factor_names(pair: MatrixPair) -> list[str]:
-    """Every matrix or scale name a pair reads."""
-    return [
-        name
-        for factor in (pair.a, pair.b)
-        for name in (*factor.params, factor.row_scale, factor.col_scale)
-        if name is not None
-    ]
-
-
 class ColinearityDecay:
     """The decoupled CD update over a fixed set of pairs of one model.
 
@@ -148,7 +138,7 @@ class ColinearityDecay:
         self.power_iterations_run = 0  # adaptive extra iterations, for diagnostics
         self.check_finite = check_finite
         self.params: dict[str, nn.Parameter] = weights.params
-        self.sources = weights.sources(name for pair in pairs for name in _factor_names(pair))
+        self.sources = weights.sources(name for pair in pairs for name in pair.tensor_names)
         trainable = [
             p for p in pairs if any(is_trainable(self.sources[n], self.params) for n in p.param_names)
         ]
@@ -323,7 +313,7 @@ class ColinearityDecay:
         if bool(torch.isfinite(torch.stack(norms)).all()):
             return
         for pair in self.pairs:
-            names = [n for weight in _factor_names(pair) for n in self.sources[weight].params]
+            names = [n for weight in pair.tensor_names for n in self.sources[weight].params]
             bad = [n for n in names if not bool(torch.isfinite(tensors[n]).all())]
             if bad:
                 counts = ", ".join(

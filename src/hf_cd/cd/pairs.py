@@ -39,6 +39,11 @@ class Factor:
     row_scale: str | None = None
     col_scale: str | None = None
 
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """Every tensor the factor reads: its matrices, then the scales folded in."""
+        return tuple(name for name in (*self.params, self.row_scale, self.col_scale) if name is not None)
+
 
 @dataclass(frozen=True)
 class MatrixPair:
@@ -54,6 +59,11 @@ class MatrixPair:
     @property
     def param_names(self) -> tuple[str, ...]:
         return self.a.params + self.b.params
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """Every matrix or scale the pair reads (`Factor.tensor_names` of A, then of B)."""
+        return self.a.tensor_names + self.b.tensor_names
 
 
 def _ffn_input_label(block: ResolvedBlock, index: int) -> str:
@@ -316,9 +326,7 @@ def validate_pairs(model: nn.Module | ModelWeights, pairs: Sequence[MatrixPair])
     shapes: dict[str, torch.Size] = {}
     for pair in pairs:
         for factor in (pair.a, pair.b):
-            for name in (*factor.params, factor.row_scale, factor.col_scale):
-                if name is None:
-                    continue
+            for name in factor.tensor_names:
                 try:
                     source = weights.source(name)
                 except KeyError:

@@ -118,11 +118,6 @@ class ModelWeights:
         raise KeyError(name)
 
 
-def weight_sources(model: nn.Module, names: Iterable[str]) -> dict[str, WeightSource]:
-    """Resolve matrix names to their sources; ``<lora module>.weight`` becomes the effective weight."""
-    return ModelWeights.of(model).sources(names)
-
-
 def is_trainable(source: WeightSource, params: dict[str, nn.Parameter]) -> bool:
     return any(params[name].requires_grad for name in source.params)
 
