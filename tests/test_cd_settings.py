@@ -91,25 +91,30 @@ def test_the_callback_takes_settings_keywords_or_both_and_reads_them_as_attribut
         callback.no_such_setting  # noqa: B018
 
 
+TODAYS_STATE_ARGS = {
+    "strength": 5.0,
+    "kinds": ["ffn", "value_output"],
+    "every": 1,
+    "power_iters": 2,
+    "power_tol": 0.0001,
+    "warmup_steps": 0,
+    "pairs": None,
+    "fold_layer_scale": False,
+    "fold_norm": False,
+    "mode": "plain",
+    "threshold": 2.0,
+    "factors": "both",
+    "rate_schedule": "follow_lr",
+    "check_finite": True,
+}
+"""``stateful_callbacks.CDCallback.args`` as the code before `CDSettings` (090ce9a) wrote it for
+``CDCallback(strength=5.0)``, in its key order."""
+
+
 def test_the_checkpoint_state_keeps_todays_format():
-    """What 090ce9a wrote as ``stateful_callbacks.CDCallback.args``: the same keys and JSON values."""
-    callback = CDCallback(strength=3.0, kinds=["ffn"], pairs=[("fc1", "fc2")])
-    assert callback.state()["args"] == {
-        "strength": 3.0,
-        "kinds": ["ffn"],
-        "every": 1,
-        "power_iters": 2,
-        "power_tol": 1e-4,
-        "warmup_steps": 0,
-        "pairs": ["fc1:fc2"],
-        "fold_layer_scale": False,
-        "fold_norm": False,
-        "mode": "plain",
-        "threshold": 2.0,
-        "factors": "both",
-        "rate_schedule": "follow_lr",
-        "check_finite": True,
-    }
+    callback = CDCallback(strength=5.0)
+    assert callback.state()["args"] == TODAYS_STATE_ARGS
+    assert list(callback.state()["args"]) == list(TODAYS_STATE_ARGS)
     rebuilt = CDCallback.from_state(json.loads(json.dumps(callback.state())))
     assert rebuilt.settings == callback.settings
 
@@ -122,22 +127,7 @@ def test_a_checkpoint_whose_state_was_written_in_todays_format_resumes_bitwise(t
     state_file = checkpoint / "trainer_state.json"
     state = json.loads(state_file.read_text())
     stored = state["stateful_callbacks"]["CDCallback"]
-    stored["args"] = {  # the arguments as the code before CDSettings wrote them, in its key order
-        "strength": 5.0,
-        "kinds": ["ffn", "value_output"],
-        "every": 1,
-        "power_iters": 2,
-        "power_tol": 0.0001,
-        "warmup_steps": 0,
-        "pairs": None,
-        "fold_layer_scale": False,
-        "fold_norm": False,
-        "mode": "plain",
-        "threshold": 2.0,
-        "factors": "both",
-        "rate_schedule": "follow_lr",
-        "check_finite": True,
-    }
+    stored["args"] = dict(TODAYS_STATE_ARGS)
     state_file.write_text(json.dumps(state))
 
     resumed = _model(seed=123)  # everything must come from the checkpoint
