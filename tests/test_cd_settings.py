@@ -89,6 +89,8 @@ def test_the_callback_takes_settings_keywords_or_both_and_reads_them_as_attribut
         callback.strength = -1.0
     with pytest.raises(AttributeError):
         callback.no_such_setting  # noqa: B018
+    with pytest.raises(TypeError, match=r"CDCallback\(strength=1.0\)"):
+        CDCallback(2.0)  # the strength by position (before CDSettings): refused, naming the keyword form
 
 
 TODAYS_STATE_ARGS = {

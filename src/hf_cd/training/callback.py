@@ -107,6 +107,10 @@ class CDCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, settings: CDSettings | None = None, **changes):
+        if settings is not None and not isinstance(settings, CDSettings):
+            raise TypeError(
+                f"CDCallback takes a CDSettings or keywords, e.g. CDCallback(strength=1.0); got {settings!r}."
+            )
         self.settings = replace(settings, **changes) if settings is not None else CDSettings(**changes)
         self.num_updates = 0
         self.engine_state: dict | None = None  # set by Trainer when resuming, consumed by `setup`
