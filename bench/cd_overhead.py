@@ -25,7 +25,7 @@ from transformers import ViTConfig, ViTForImageClassification
 sys.path.insert(0, str(Path(__file__).parent))
 from common import parse_checked, write_result
 from hf_cd import CDCallback
-from hf_cd.tweo import BlockOutputCollector, tweo_penalty
+from hf_cd.training.tweo import BlockOutputCollector, tweo_penalty
 
 MODELS = {
     "vit_small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),

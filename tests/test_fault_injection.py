@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from conftest import requires_fashion_mnist
 from data_fixtures import random_imagefolder
-from hf_cd.locking import LOCK_FILE, OutputDirLockedError
+from hf_cd.training.locking import LOCK_FILE, OutputDirLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
 PAUSED = ROOT / "tests" / "scripts" / "recipe_paused.py"
@@ -216,7 +216,7 @@ def test_skip_corrupt_images_reaches_the_loader_from_the_recipe(tmp_path):
 _HOLD = textwrap.dedent(
     """
     import sys, time
-    from hf_cd.locking import OutputDirLock
+    from hf_cd.training.locking import OutputDirLock
     OutputDirLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(60)

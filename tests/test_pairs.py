@@ -18,7 +18,7 @@ from transformers import (
 
 from conftest import tiny_dinov2_config, tiny_vit_config
 from hf_cd import PAIR_KINDS, UnsupportedArchitectureError, find_pairs
-from hf_cd.pairs import factor_heads, head_shapes
+from hf_cd.cd.pairs import factor_heads, head_shapes
 
 
 def _deit_config() -> DeiTConfig:

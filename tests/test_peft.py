@@ -11,8 +11,8 @@ from transformers import ViTForImageClassification
 
 from conftest import tiny_vit_config
 from hf_cd import CDTrainer, ColinearityDecay, alignment_summary, find_pairs, measure_alignment
-from hf_cd.colinearity import colinearity_directions
-from hf_cd.weights import LoraTerm, WeightSource, pull_back
+from hf_cd.cd.colinearity import colinearity_directions
+from hf_cd.cd.weights import LoraTerm, WeightSource, pull_back
 from test_trainer import RandomImages, _args
 
 TARGETS = ["fc1", "fc2", "v_proj", "o_proj"]

@@ -101,7 +101,7 @@ def test_classification_model_and_second_call_is_instant(checkpoint):
 @requires_wheel
 def test_converted_folder_follows_the_umask(checkpoint):
     """Staged through mkdtemp (0700) and safetensors' private temp file (0600); both are opened up."""
-    from hf_cd.checkpoints import current_umask
+    from hf_cd.training.checkpoints import current_umask
 
     umask = current_umask()
     assert checkpoint.stat().st_mode & 0o777 == 0o777 & ~umask

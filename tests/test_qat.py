@@ -36,8 +36,8 @@ from hf_cd.quant.qat import (
     step_size_parameters,
 )
 from hf_cd.quant.quantizers import asymmetric_range, symmetric_range
-from hf_cd.resume import ResumeSettingsError
-from hf_cd.trainer import QAT_STATE_FILE
+from hf_cd.training.resume import ResumeSettingsError
+from hf_cd.training.trainer import QAT_STATE_FILE
 from test_trainer import RandomImages
 from test_trainer import _args as trainer_args
 

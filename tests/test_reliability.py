@@ -22,8 +22,8 @@ from transformers import ViTForImageClassification
 
 from conftest import tiny_vit_config
 from hf_cd import CDConfig, CDTrainer, NonFiniteWeightsError
-from hf_cd.checkpoints import checkpoint_problems, latest_complete_checkpoint
-from hf_cd.locking import LOCK_FILE, OutputDirLock, OutputDirLockedError, holds_lock
+from hf_cd.training.checkpoints import checkpoint_problems, latest_complete_checkpoint
+from hf_cd.training.locking import LOCK_FILE, OutputDirLock, OutputDirLockedError, holds_lock
 
 TOKEN = "hf_PlantedTokenForTheTest0123456789"
 
@@ -131,7 +131,7 @@ def test_latest_skips_half_written_checkpoints_and_names_them(finished_run, tmp_
     (out / "checkpoint-6" / "optimizer.pt").write_bytes(b"")
     (out / "checkpoint-6" / "trainer_state.json").unlink()
     (out / "checkpoint-9").mkdir()  # a kill right after the directory was made
-    with caplog.at_level(logging.WARNING, logger="hf_cd.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="hf_cd.training.checkpoints"):
         assert latest_complete_checkpoint(out) == str(out / "checkpoint-3")
     assert "checkpoint-9" in caplog.text and "checkpoint-6 (trainer_state.json is missing" in caplog.text
     assert "optimizer.pt is empty" in caplog.text
@@ -189,7 +189,7 @@ def test_the_lock_works_where_fcntl_does_not_exist(tmp_path):
         """
         import sys
         sys.modules["fcntl"] = None  # as on Windows: `import fcntl` raises ImportError
-        from hf_cd.locking import LOCK_FILE, OutputDirLock
+        from hf_cd.training.locking import LOCK_FILE, OutputDirLock
         from pathlib import Path
         with OutputDirLock(sys.argv[1]):
             print(Path(sys.argv[1], LOCK_FILE).read_text().strip())
@@ -282,7 +282,7 @@ def test_nan_in_the_loaded_weights_is_named_before_the_first_step(tmp_path, para
 _HOLD = textwrap.dedent(
     """
     import sys, time
-    from hf_cd.locking import OutputDirLock
+    from hf_cd.training.locking import OutputDirLock
     lock = OutputDirLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(60)

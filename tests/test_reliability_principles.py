@@ -26,7 +26,7 @@ from transformers import ViTForImageClassification
 from conftest import tiny_vit_config
 from data_fixtures import random_imagefolder
 from hf_cd import CDConfig, CDTrainer, NonFiniteWeightsError
-from hf_cd.locking import LOCK_FILE, OutputDirLock, OutputDirLockedError
+from hf_cd.training.locking import LOCK_FILE, OutputDirLock, OutputDirLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_PlantedTokenForRoundTwo0123456789"
@@ -227,7 +227,7 @@ def test_the_recipe_refuses_a_nan_checkpoint_by_name_before_any_svd(tmp_path, ca
 _HOLD_WITH_TOKEN = textwrap.dedent(
     """
     import sys, time
-    from hf_cd.locking import OutputDirLock
+    from hf_cd.training.locking import OutputDirLock
     OutputDirLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(60)
@@ -361,7 +361,7 @@ def _trainer(output_dir: Path, **overrides) -> CDTrainer:
 
 
 def test_resume_refuses_settings_that_cannot_change_and_applies_and_records_those_that_can(tmp_path, caplog):
-    from hf_cd.resume import ResumeSettingsError
+    from hf_cd.training.resume import ResumeSettingsError
 
     out = tmp_path / "out"
     _trainer(out).train()

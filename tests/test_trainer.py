@@ -14,7 +14,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, ViTForIma
 
 from conftest import tiny_vit_config
 from hf_cd import CDCallback, CDConfig, CDTrainer, alignment_summary, measure_alignment, tweo_penalty
-from hf_cd.callback import UnsupportedTrainingSetupError, check_training_setup
+from hf_cd.training.callback import UnsupportedTrainingSetupError, check_training_setup
 
 
 class RandomImages(torch.utils.data.Dataset):

@@ -7,9 +7,9 @@ The command line is ``hf-cd`` (`hf_cd.cli`).
 
 from hf_cd._version import __version__
 from hf_cd.architectures import BlockLayout, FFNLayout, UnsupportedArchitectureError, register_architecture
-from hf_cd.callback import CDCallback
-from hf_cd.config import CDConfig
-from hf_cd.decay import ColinearityDecay, NonFiniteWeightsError
+from hf_cd.cd.decay import ColinearityDecay, NonFiniteWeightsError
+from hf_cd.cd.pairs import DEFAULT_KINDS, PAIR_KINDS, Factor, MatrixPair, find_pairs
+from hf_cd.cd.settings import CDSettings
 from hf_cd.diagnostics import (
     activation_stats,
     alignment_by_block,
@@ -20,10 +20,11 @@ from hf_cd.diagnostics import (
     plot_activation_stats,
     plot_alignment,
 )
-from hf_cd.pairs import DEFAULT_KINDS, PAIR_KINDS, Factor, MatrixPair, find_pairs
 from hf_cd.table import Table
-from hf_cd.trainer import CDTrainer
-from hf_cd.tweo import tweo_penalty
+from hf_cd.training.callback import CDCallback
+from hf_cd.training.config import CDConfig
+from hf_cd.training.trainer import CDTrainer
+from hf_cd.training.tweo import tweo_penalty
 
 __all__ = [
     "DEFAULT_KINDS",
@@ -31,6 +32,7 @@ __all__ = [
     "BlockLayout",
     "CDCallback",
     "CDConfig",
+    "CDSettings",
     "CDTrainer",
     "ColinearityDecay",
     "FFNLayout",

@@ -165,7 +165,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def get_layout(model: nn.Module) -> BlockLayout:
-    model = unwrap_model(model)
+    return _layout(unwrap_model(model))
+
+
+def _layout(model: nn.Module) -> BlockLayout:
+    """`get_layout` of a model whose wrappers are stripped already."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
@@ -179,10 +183,15 @@ def get_layout(model: nn.Module) -> BlockLayout:
     return ARCHITECTURES[model_type]
 
 
-def resolve_blocks(model: nn.Module) -> list[ResolvedBlock]:
-    """Look up every block's modules in ``model`` following its `BlockLayout`."""
-    model = unwrap_model(model)
-    layout = get_layout(model)
+def resolve_blocks(model: nn.Module, *, unwrap: bool = True) -> list[ResolvedBlock]:
+    """Look up every block's modules in ``model`` following its `BlockLayout`.
+
+    ``unwrap=False`` says ``model`` is the transformers model already (`unwrap_model`), as when
+    `hf_cd.training.callback.CDCallback.setup` has stripped the wrappers once for everything it does.
+    """
+    if unwrap:
+        model = unwrap_model(model)
+    layout = _layout(model)
     prefix_to_base = getattr(model, "base_model_prefix", "")
     if prefix_to_base and _has(model, prefix_to_base):
         base, base_prefix = _get(model, prefix_to_base), prefix_to_base + "."
@@ -244,7 +253,7 @@ def resolve_blocks(model: nn.Module) -> list[ResolvedBlock]:
 
 def patch_embedding(model: nn.Module) -> nn.Module:
     model = unwrap_model(model)
-    layout = get_layout(model)
+    layout = _layout(model)
     base = getattr(model, getattr(model, "base_model_prefix", ""), model)
     return _get(base, layout.patch_embedding)
 
@@ -260,7 +269,7 @@ def residual_stream_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The learned vectors added to the residual stream before the first block, by qualified name:
     the layout's `BlockLayout.residual_tokens` that exist and its position embeddings."""
     model = unwrap_model(model)
-    layout = get_layout(model)
+    layout = _layout(model)
     base = base_model(model)
     prefix = "" if base is model else model.base_model_prefix + "."
     found = {}
@@ -273,7 +282,7 @@ def residual_stream_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def final_norm(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
     """``(parent, attribute, norm)`` of the norm after the last block, so it can be read or replaced."""
-    layout = get_layout(unwrap_model(model))
+    layout = get_layout(model)
     base = base_model(model)
     parent_path, _, attribute = layout.final_norm.rpartition(".")
     parent = _get(base, parent_path) if parent_path else base
@@ -283,5 +292,5 @@ def final_norm(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
 def classifiers(model: nn.Module) -> dict[str, nn.Module]:
     """The classification head(s) that exist on this model, by qualified name."""
     model = unwrap_model(model)
-    layout = get_layout(model)
+    layout = _layout(model)
     return {path: _get(model, path) for path in layout.classifiers if _has(model, path)}

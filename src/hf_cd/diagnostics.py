@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from hf_cd.architectures import resolve_blocks, unwrap_model
-from hf_cd.colinearity import alignment
+from hf_cd.cd.colinearity import alignment
+from hf_cd.cd.pairs import DEFAULT_KINDS, MatrixPair, factor_heads, find_pairs
+from hf_cd.cd.weights import ModelWeights, read_weights
 from hf_cd.extras import require
 from hf_cd.files import atomic_path
-from hf_cd.pairs import DEFAULT_KINDS, MatrixPair, factor_heads, find_pairs
 from hf_cd.table import Table
-from hf_cd.weights import read_weights, weight_sources
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -39,10 +39,10 @@ def measure_alignment(
     1 means every row of B lies along A's top direction (rank-one amplification); values near
     ``1/rank`` mean no preferred direction.
     """
-    model = unwrap_model(model)
-    found = find_pairs(model, kinds, pairs=pairs, fold_layer_scale=fold_layer_scale, fold_norm=fold_norm)
-    names = [n for p in found for f in (p.a, p.b) for n in (*f.params, f.row_scale, f.col_scale) if n]
-    tensors = read_weights(weight_sources(model, names), dict(model.named_parameters()))  # LoRA: effective W
+    weights = ModelWeights.of(unwrap_model(model))
+    found = find_pairs(weights, kinds, pairs=pairs, fold_layer_scale=fold_layer_scale, fold_norm=fold_norm)
+    names = [name for pair in found for name in pair.tensor_names]
+    tensors = read_weights(weights.sources(names), weights.params)  # LoRA: effective W
     rows = []
     for pair in found:
         a = factor_heads(pair.a, pair.heads, tensors)

@@ -35,20 +35,20 @@ def user_errors() -> tuple[type[BaseException], ...]:
     Imported here, lazily, so that this module stays importable from anywhere in hf_cd.
     """
     from hf_cd.architectures import UnsupportedArchitectureError
-    from hf_cd.callback import UnsupportedTrainingSetupError
+    from hf_cd.cd.decay import NonFiniteWeightsError
     from hf_cd.data.errors import CorruptImageError, DatasetSchemaError, EmptySplitError, UnknownDatasetError
-    from hf_cd.decay import NonFiniteWeightsError
     from hf_cd.extras import MissingExtraError
     from hf_cd.files import OutputPathError
     from hf_cd.hub.errors import HubAccessError, ModelCardError, UnsafeWeightsError
-    from hf_cd.locking import OutputDirLockedError
     from hf_cd.pretrained import PretrainedSourceError
     from hf_cd.quant.inputs import CalibrationDataError
     from hf_cd.quant.registry import UnknownPipelineError
     from hf_cd.quant.runtimes.base import RuntimeUnavailableError
     from hf_cd.quant.runtimes.onnxruntime_int8 import OnnxExportError, OnnxParityError
     from hf_cd.recipe.arguments import RecipeArgumentError
-    from hf_cd.resume import ResumeSettingsError
+    from hf_cd.training.callback import UnsupportedTrainingSetupError
+    from hf_cd.training.locking import OutputDirLockedError
+    from hf_cd.training.resume import ResumeSettingsError
 
     return (
         CommandLineError,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hf_cd.architectures import unwrap_model
-from hf_cd.decay import NonFiniteWeightsError
+from hf_cd.cd.decay import NonFiniteWeightsError
 
 __all__ = ["NonFiniteWeightsError", "non_finite_parameters", "require_finite_weights"]
 

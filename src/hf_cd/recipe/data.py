@@ -10,7 +10,6 @@ import torch
 from datasets import DatasetDict, Image
 from transformers import TrainerCallback
 
-from hf_cd.config import CDConfig
 from hf_cd.data import (
     ImagePreprocessing,
     collate_fn,
@@ -24,6 +23,7 @@ from hf_cd.recipe.arguments import (
     DataArguments,
     RecipeArgumentError,
 )
+from hf_cd.training.config import CDConfig
 
 
 def load_recipe_data(data_args: DataArguments, seed: int) -> DatasetDict:

@@ -13,7 +13,6 @@ import torch
 from transformers import EvalPrediction
 
 from hf_cd import quant
-from hf_cd.config import CDConfig
 from hf_cd.diagnostics import (
     activation_stats,
     alignment_by_block,
@@ -25,6 +24,7 @@ from hf_cd.quant.results import rows_as_fractions, rows_as_percent
 from hf_cd.quant.saving import QAT_MODEL_DIR
 from hf_cd.recipe.arguments import ModelArguments, QuantArguments, RecipeArgumentError
 from hf_cd.table import Table
+from hf_cd.training.config import CDConfig
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from hf_cd.config import CDConfig
+from hf_cd.training.config import CDConfig
 from hf_cd.data import UnknownDatasetError
 from hf_cd.deprecation import rename_deprecated_flags, rename_deprecated_keys
 from hf_cd.errors import DEBUG_FLAG, one_line, one_line_parser_errors, split_debug_flag

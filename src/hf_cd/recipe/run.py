@@ -17,8 +17,6 @@ from transformers import set_seed
 
 from hf_cd import hub, quant
 from hf_cd._version import __version__
-from hf_cd.checkpoints import checkpoint_dirs, latest_complete_checkpoint
-from hf_cd.config import CDConfig
 from hf_cd.data import (
     ImagePreprocessing,
     collate_fn,
@@ -33,7 +31,6 @@ from hf_cd.diagnostics import (
 from hf_cd.extras import has_extra_package
 from hf_cd.files import check_writable_dir, staged_files
 from hf_cd.finite import require_finite_weights
-from hf_cd.locking import LOCK_FILE, OS_LOCK_FILE, OutputDirLock
 from hf_cd.quant.results import ACCURACY_UNIT, rows_as_fractions
 from hf_cd.recipe.arguments import (
     LORA_ADAPTER_DIR,
@@ -74,7 +71,10 @@ from hf_cd.recipe.report import (
     write_json_atomic,
     write_model_card,
 )
-from hf_cd.trainer import CDTrainer, no_transformers_progress_bars, respect_umask
+from hf_cd.training.checkpoints import checkpoint_dirs, latest_complete_checkpoint
+from hf_cd.training.config import CDConfig
+from hf_cd.training.locking import LOCK_FILE, OS_LOCK_FILE, OutputDirLock
+from hf_cd.training.trainer import CDTrainer, no_transformers_progress_bars, respect_umask
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class RecipeRun:
 def run_recipe(args: RecipeArguments) -> RecipeRun:
     """Train, evaluate, quantize, diagnose and save as ``args`` say (see the module docstring).
 
-    The main process holds the ``output_dir`` lock (`hf_cd.locking`) for the whole run, so a second
+    The main process holds the ``output_dir`` lock (`hf_cd.training.locking`) for the whole run, so a second
     run on the same directory is refused with the first one's pid.
     """
     if args.training.process_index != 0:

@@ -21,6 +21,9 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from hf_cd.cd.settings import CDSettings
+from hf_cd.training.config import CD_ARGUMENT_PREFIX
+
 logger = logging.getLogger(__name__)
 
 FIXED_ON_RESUME: tuple[str, ...] = (
@@ -39,33 +42,24 @@ FIXED_ON_RESUME: tuple[str, ...] = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "seed",
-    "cd_kinds",
-    "cd_pairs",
-    "cd_mode",
-    "cd_fold_layer_scale",
-    "cd_fold_norm",
-    "cd_factors",
-    "cd_rate_schedule",
+    *(CD_ARGUMENT_PREFIX + name for name in CDSettings.names(mid_run=False)),
     "qat_bits",
     "qat_init",
     "qat_step_lr",
     "qat_distill",
 )
 """Training settings that define the run: the optimizer and schedule restored from the checkpoint,
-the steps, and which matrices CD pairs. Changing one on resume is refused."""
+the steps, and which matrices CD pairs (`CDSettings` fields with ``mid_run=False``). Changing one on
+resume is refused."""
 
 ADJUSTABLE_ON_RESUME: tuple[str, ...] = (
-    "cd_strength",
-    "cd_every",
-    "cd_warmup_steps",
-    "cd_threshold",
-    "cd_power_iters",
-    "cd_power_tol",
+    *(CD_ARGUMENT_PREFIX + name for name in CDSettings.names(mid_run=True)),
     "tweo_weight",
     "tweo_tau",
     "tweo_p",
 )
-"""Settings read afresh at every step: a resume applies the new value from its first step on."""
+"""Settings read afresh at every step (`CDSettings` fields with ``mid_run=True``, and TWEO's): a resume
+applies the new value from its first step on."""
 
 MODEL_SHAPE_KEYS: tuple[str, ...] = (
     "model_type",
@@ -80,15 +74,6 @@ MODEL_SHAPE_KEYS: tuple[str, ...] = (
     "num_labels",
 )
 """The model's shape: a checkpoint of another shape is another run."""
-
-CALLBACK_ATTRIBUTES = {  # CDConfig field → the CDCallback attribute that holds it
-    "cd_strength": "strength",
-    "cd_every": "every",
-    "cd_warmup_steps": "warmup_steps",
-    "cd_threshold": "threshold",
-    "cd_power_iters": "power_iters",
-    "cd_power_tol": "power_tol",
-}
 
 
 class ResumeSettingsError(ValueError):

@@ -1,7 +1,7 @@
 """`CDCallback`: Colinearity Decay for any `transformers.Trainer`, as a `TrainerCallback`.
 
 A thin adapter: it finds the pairs when training begins, and after each real optimizer step
-hands `hf_cd.decay.ColinearityDecay` the learning rate each parameter's group used. It is an
+hands `hf_cd.cd.decay.ColinearityDecay` the learning rate each parameter's group used. It is an
 `ExportableState`, so its step count and power-iteration vectors travel in
 ``trainer_state.json`` and a resumed run continues bit for bit.
 """
@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import fields, replace
 
 import torch
+from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_cd.architectures import unwrap_model
-from hf_cd.colinearity import CD_FACTORS, CD_MODES, CD_RATE_SCHEDULES
-from hf_cd.decay import ColinearityDecay, StepStats
-from hf_cd.pairs import DEFAULT_KINDS, PAIR_KINDS, MatrixPair, find_pairs, parse_pair_spec
+from hf_cd.cd.decay import ColinearityDecay, StepStats
+from hf_cd.cd.pairs import MatrixPair, find_pairs
+from hf_cd.cd.settings import CDSettings
+from hf_cd.cd.weights import ModelWeights
 
 logger = logging.getLogger(__name__)
 
@@ -92,76 +95,23 @@ class _LogWindow:
 class CDCallback(TrainerCallback, ExportableState):
     """Apply the decoupled Colinearity Decay update after every real optimizer step.
 
-    Args:
-        strength: λ; the most aligned direction of each pair decays at rate ``lr·λ`` per step. 0 disables.
-        kinds: which pairs (``ffn``, ``value_output``, ``query_key``, ``cross_norm``).
-        every: apply every k optimizer steps, with strength ×k so λ keeps its meaning.
-        power_iters: warm-started power iterations per step for the spectral norms.
-        power_tol: then iterate until no spectral norm changes by more than this (relative); 0 = fixed.
-        warmup_steps: λ ramps linearly from 0 over this many optimizer steps.
-        pairs: explicit ``"in_module:out_module"`` pairs for models outside the architecture table.
-        fold_layer_scale: fold Dinov2's layer scale into the matrix it multiplies.
-        fold_norm: fold the LayerNorm γ in front of an FFN / value→output pair into A.
-        mode: which alignment is decayed: ``plain``, ``outlier_rows`` or ``balanced``
-            (`hf_cd.colinearity.colinearity_directions` gives the equations).
-        threshold: θ of the ``outlier_rows`` / ``balanced`` modes (θ× the median gain is typical).
-        factors: which factor the step writes: ``both`` (the method), ``in`` (A only) or ``out`` (B only).
-        rate_schedule: ``follow_lr`` (the method: the rate is the lr each step used, times λ) or
-            ``peak_lr`` (every step at the group's initial lr, so the decay does not fade with the schedule).
-        check_finite: stop with an error naming the pair when weights hold NaN/Inf (one host sync per step).
+    Takes a `CDSettings`, keyword arguments that build one, or both (the keywords replace those
+    fields)::
+
+        CDCallback(strength=1.0, kinds=["ffn"])
+        CDCallback(CDSettings(strength=1.0, kinds=("ffn",)))
+        CDCallback(args.colinearity_decay, check_finite=False)  # a CDConfig's cd_* fields
+
+    `CDSettings` documents each setting. They read as attributes too (``callback.strength``), and
+    setting one (``callback.strength = 0.5``) replaces ``settings`` with a new, validated `CDSettings`.
     """
 
-    def __init__(
-        self,
-        strength: float = 1.0,
-        kinds: Sequence[str] = DEFAULT_KINDS,
-        every: int = 1,
-        power_iters: int = 2,
-        power_tol: float = 1e-4,
-        warmup_steps: int = 0,
-        pairs: Sequence[str] | None = None,
-        fold_layer_scale: bool = False,
-        check_finite: bool = True,
-        fold_norm: bool = False,
-        mode: str = "plain",
-        threshold: float = 2.0,
-        factors: str = "both",
-        rate_schedule: str = "follow_lr",
-    ):
-        if strength < 0 or not torch.isfinite(torch.tensor(float(strength))):
-            raise ValueError(f"CD strength must be a finite number ≥ 0 (0 turns CD off), got {strength}.")
-        if every < 1:
-            raise ValueError(f"every must be ≥ 1, got {every}.")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be ≥ 0, got {warmup_steps}.")
-        unknown = [k for k in kinds if k not in PAIR_KINDS]
-        if unknown:
-            raise ValueError(f"Unknown pair kinds {unknown}; choose from {', '.join(PAIR_KINDS)}.")
-        self.strength = float(strength)
-        self.kinds = list(kinds)
-        self.every = int(every)
-        self.power_iters = int(power_iters)
-        self.power_tol = float(power_tol)
-        self.warmup_steps = int(warmup_steps)
-        self.pairs = (
-            [p if isinstance(p, str) else ":".join(parse_pair_spec(p)) for p in pairs] if pairs else None
-        )
-        self.fold_layer_scale = bool(fold_layer_scale)
-        self.fold_norm = bool(fold_norm)
-        if mode not in CD_MODES:
-            raise ValueError(f"Unknown CD mode {mode!r}; choose from {', '.join(CD_MODES)}.")
-        if threshold <= 0:
-            raise ValueError(f"threshold must be > 0, got {threshold}.")
-        self.mode, self.threshold = mode, float(threshold)
-        if factors not in CD_FACTORS:
-            raise ValueError(f"Unknown CD factors {factors!r}; choose from {', '.join(CD_FACTORS)}.")
-        self.factors = factors
-        if rate_schedule not in CD_RATE_SCHEDULES:
-            raise ValueError(
-                f"Unknown CD rate schedule {rate_schedule!r}; choose from {', '.join(CD_RATE_SCHEDULES)}."
+    def __init__(self, settings: CDSettings | None = None, **changes):
+        if settings is not None and not isinstance(settings, CDSettings):
+            raise TypeError(
+                f"CDCallback takes a CDSettings or keywords, e.g. CDCallback(strength=1.0); got {settings!r}."
             )
-        self.rate_schedule = rate_schedule
-        self.check_finite = bool(check_finite)
+        self.settings = replace(settings, **changes) if settings is not None else CDSettings(**changes)
         self.num_updates = 0
         self.engine_state: dict | None = None  # set by Trainer when resuming, consumed by `setup`
         self.decay: ColinearityDecay | None = None
@@ -169,31 +119,50 @@ class CDCallback(TrainerCallback, ExportableState):
         self._group_of_param: dict[str, int] | None = None
         self._optimizer_id: int | None = None
 
+    def __getattr__(self, name: str):
+        # Reached only when normal lookup fails: `callback.strength` and the like read the settings.
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in _SETTING_NAMES:
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _SETTING_NAMES:  # `callback.strength = 0.5`: a new, validated CDSettings
+            name, value = "settings", replace(self.settings, **{name: value})
+        super().__setattr__(name, value)
+
     # -- set-up -------------------------------------------------------------------------------
 
-    def find_pairs(self, model) -> list[MatrixPair]:
+    def find_pairs(self, model: nn.Module | ModelWeights) -> list[MatrixPair]:
+        settings = self.settings
         return find_pairs(
             model,
-            self.kinds,
-            pairs=self.pairs,
-            fold_layer_scale=self.fold_layer_scale,
-            fold_norm=self.fold_norm,
+            settings.kinds,
+            pairs=settings.pairs,
+            fold_layer_scale=settings.fold_layer_scale,
+            fold_norm=settings.fold_norm,
         )
 
     def setup(self, model) -> ColinearityDecay:
-        """Build the engine for ``model`` (idempotent), restoring checkpointed vectors if any."""
+        """Build the engine for ``model`` (idempotent), restoring checkpointed vectors if any.
+
+        The wrappers are stripped once and the model walked once (`ModelWeights`): finding the pairs,
+        checking them and building the engine all read that walk.
+        """
         model = unwrap_model(model)
         if self.decay is not None and self.decay.model is model:
             return self.decay
+        weights = ModelWeights.of(model)
+        settings = self.settings
         self.decay = ColinearityDecay(
-            model,
-            self.find_pairs(model),
-            power_iters=self.power_iters,
-            power_tol=self.power_tol or None,
-            check_finite=self.check_finite,
-            mode=self.mode,
-            threshold=self.threshold,
-            factors=self.factors,
+            weights,
+            self.find_pairs(weights),
+            power_iters=settings.power_iters,
+            power_tol=settings.power_tol or None,
+            check_finite=settings.check_finite,
+            mode=settings.mode,
+            threshold=settings.threshold,
+            factors=settings.factors,
         )
         if self.decay.skipped_frozen:
             logger.info(
@@ -210,8 +179,9 @@ class CDCallback(TrainerCallback, ExportableState):
 
     def current_strength(self) -> float:
         """λ·every, ramped linearly over the warm-up (the step being applied counts as done)."""
-        ramp = 1.0 if self.warmup_steps == 0 else min(1.0, self.num_updates / self.warmup_steps)
-        return self.strength * self.every * ramp
+        settings = self.settings
+        ramp = 1.0 if settings.warmup_steps == 0 else min(1.0, self.num_updates / settings.warmup_steps)
+        return settings.strength * settings.every * ramp
 
     def _learning_rates(self, optimizer) -> dict[str, float]:
         """The lr each CD parameter's group used in the step just taken (groups may differ per parameter)."""
@@ -228,7 +198,9 @@ class CDCallback(TrainerCallback, ExportableState):
                     self._group_of_param[name] = index
             self._optimizer_id = id(optimizer)
         groups = optimizer.param_groups
-        key = "initial_lr" if self.rate_schedule == "peak_lr" else "lr"  # initial_lr: set by LR schedulers
+        key = (
+            "initial_lr" if self.settings.rate_schedule == "peak_lr" else "lr"
+        )  # initial_lr: set by LR schedulers
         return {
             name: groups[index].get(key, groups[index]["lr"]) for name, index in self._group_of_param.items()
         }
@@ -248,19 +220,19 @@ class CDCallback(TrainerCallback, ExportableState):
             self.engine_state = attributes.get("engine_state")
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.strength == 0 or model is None:
+        if self.settings.strength == 0 or model is None:
             return
         check_training_setup(args, model)
         self._restore_from_trainer_state(state)
         self.setup(model)
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.strength == 0 or optimizer is None:
+        if self.settings.strength == 0 or optimizer is None:
             return
         if getattr(optimizer, "step_was_skipped", False):  # fp16 scaler found inf/nan gradients
             return
         self.num_updates += 1
-        if self.num_updates % self.every:
+        if self.num_updates % self.settings.every:
             return
         decay = self.setup(model)
         learning_rates = self._learning_rates(optimizer)
@@ -287,28 +259,12 @@ class CDCallback(TrainerCallback, ExportableState):
 
     def state(self) -> dict:
         return {
-            "args": {
-                "strength": self.strength,
-                "kinds": self.kinds,
-                "every": self.every,
-                "power_iters": self.power_iters,
-                "power_tol": self.power_tol,
-                "warmup_steps": self.warmup_steps,
-                "pairs": self.pairs,
-                "fold_layer_scale": self.fold_layer_scale,
-                "fold_norm": self.fold_norm,
-                "mode": self.mode,
-                "threshold": self.threshold,
-                "factors": self.factors,
-                "rate_schedule": self.rate_schedule,
-                "check_finite": self.check_finite,
-            },
+            "args": self.settings.as_dict(),  # CDCallback(**args) rebuilds it, as ExportableState.from_state does
             "attributes": {
                 "num_updates": self.num_updates,
                 "engine_state": self.decay.state_dict() if self.decay is not None else self.engine_state,
             },
         }
 
-    def settings(self) -> dict:
-        """The CD settings, as a model card or ``config.json`` states them."""
-        return dict(self.state()["args"])
+
+_SETTING_NAMES = frozenset(f.name for f in fields(CDSettings))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hf_cd.architectures import ResolvedBlock, resolve_blocks, unwrap_model
-from hf_cd.weights import weight_sources
+from hf_cd.cd.weights import ModelWeights
 
 PAIR_KINDS: tuple[str, ...] = ("ffn", "value_output", "query_key", "cross_norm")
 DEFAULT_KINDS: tuple[str, ...] = ("ffn", "value_output")
@@ -39,6 +39,11 @@ class Factor:
     row_scale: str | None = None
     col_scale: str | None = None
 
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """Every tensor the factor reads: its matrices, then the scales folded in."""
+        return tuple(name for name in (*self.params, self.row_scale, self.col_scale) if name is not None)
+
 
 @dataclass(frozen=True)
 class MatrixPair:
@@ -54,6 +59,11 @@ class MatrixPair:
     @property
     def param_names(self) -> tuple[str, ...]:
         return self.a.params + self.b.params
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """Every matrix or scale the pair reads (`Factor.tensor_names` of A, then of B)."""
+        return self.a.tensor_names + self.b.tensor_names
 
 
 def _ffn_input_label(block: ResolvedBlock, index: int) -> str:
@@ -139,16 +149,16 @@ def _block_pairs(
     return pairs
 
 
-def _as_param_name(model: nn.Module, name: str) -> str:
+def _as_param_name(weights: ModelWeights, name: str) -> str:
     """Accept a Linear module name or a parameter name; return the weight's name (virtual for LoRA layers)."""
     for candidate in (name, f"{name}.weight"):
         try:
-            weight_sources(model, [candidate])
+            weights.source(candidate)
         except KeyError:
             continue
         return candidate
     raise ValueError(
-        f"'{name}' is neither a parameter nor a module with a weight in {type(model).__name__}. "
+        f"'{name}' is neither a parameter nor a module with a weight in {type(weights.model).__name__}. "
         "Pass Linear module names such as 'encoder.0.mlp.fc1' (see model.named_modules())."
     )
 
@@ -170,8 +180,13 @@ def parse_pair_spec(spec: str | Sequence[str] | MatrixPair) -> tuple[str, str] |
     return spec[0], spec[1]
 
 
+def model_weights(model: nn.Module | ModelWeights) -> ModelWeights:
+    """``model``'s `ModelWeights` (wrappers stripped first), or ``model`` itself when it is one already."""
+    return model if isinstance(model, ModelWeights) else ModelWeights.of(unwrap_model(model))
+
+
 def find_pairs(
-    model: nn.Module,
+    model: nn.Module | ModelWeights,
     kinds: Iterable[str] = DEFAULT_KINDS,
     *,
     pairs: Sequence[str | Sequence[str] | MatrixPair] | None = None,
@@ -187,8 +202,10 @@ def find_pairs(
     folds Dinov2's layer scale into the matrix that it multiplies; ``fold_norm`` folds the
     LayerNorm γ in front of an FFN / value→output pair into A's columns (``A·diag(γ)``), so the
     pair is measured on what the block really computes from the normalized stream.
+
+    ``model`` may be its `ModelWeights`, when the caller has walked the model once already.
     """
-    model = unwrap_model(model)
+    weights = model_weights(model)
     if pairs is not None:
         found = []
         for index, spec in enumerate(pairs):
@@ -196,22 +213,22 @@ def find_pairs(
             if isinstance(parsed, MatrixPair):
                 found.append(parsed)
                 continue
-            a_name, b_name = (_as_param_name(model, n) for n in parsed)
+            a_name, b_name = (_as_param_name(weights, n) for n in parsed)
             found.append(
                 MatrixPair(name=f"custom.{index}", kind="custom", a=Factor((a_name,)), b=Factor((b_name,)))
             )
-        validate_pairs(model, found)
+        validate_pairs(weights, found)
         return found
     kinds = tuple(kinds)
     unknown = [k for k in kinds if k not in PAIR_KINDS]
     if unknown or not kinds:
         raise ValueError(f"Unknown pair kinds {unknown or kinds!r}; choose from {', '.join(PAIR_KINDS)}.")
-    blocks = resolve_blocks(model)
+    blocks = resolve_blocks(weights.model, unwrap=False)
     found = []
     for i, block in enumerate(blocks):
         next_block = blocks[i + 1] if i + 1 < len(blocks) else None
         found.extend(_block_pairs(block, next_block, kinds, fold_layer_scale, fold_norm))
-    validate_pairs(model, found)
+    validate_pairs(weights, found)
     return found
 
 
@@ -303,22 +320,22 @@ def head_shapes(pair: MatrixPair, shapes: dict[str, torch.Size]) -> tuple[tuple[
     return one(pair.a), one(pair.b)
 
 
-def validate_pairs(model: nn.Module, pairs: Sequence[MatrixPair]) -> None:
+def validate_pairs(model: nn.Module | ModelWeights, pairs: Sequence[MatrixPair]) -> None:
     """Fail early, naming the pair, when names are missing or shapes do not chain (B·A)."""
-    params = dict(model.named_parameters())
+    weights = model_weights(model)
     shapes: dict[str, torch.Size] = {}
     for pair in pairs:
         for factor in (pair.a, pair.b):
-            for name in (*factor.params, factor.row_scale, factor.col_scale):
-                if name is None:
-                    continue
+            for name in factor.tensor_names:
                 try:
-                    (source,) = weight_sources(model, [name]).values()
+                    source = weights.source(name)
                 except KeyError:
                     raise ValueError(
-                        f"Pair '{pair.name}' refers to '{name}', which {type(model).__name__} lacks."
+                        f"Pair '{pair.name}' refers to '{name}', which {type(weights.model).__name__} lacks."
                     ) from None
-                shapes[name] = params[source.base].shape  # a DTensor's shape is already the global one
+                shapes[name] = weights.params[
+                    source.base
+                ].shape  # a DTensor's shape is already the global one
             for name in factor.params:
                 if len(shapes[name]) != 2:
                     raise ValueError(

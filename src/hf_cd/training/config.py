@@ -6,12 +6,57 @@ Being a dataclass with ``metadata["help"]`` on each field, it works unchanged wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import functools
+import operator
+import types
+import typing
+from dataclasses import Field, dataclass, field, fields, make_dataclass
+from typing import Any
 
 from transformers import TrainingArguments
 
-from hf_cd.colinearity import CD_FACTORS, CD_MODES, CD_RATE_SCHEDULES
-from hf_cd.pairs import DEFAULT_KINDS, PAIR_KINDS
+from hf_cd.cd.settings import CDSettings, CDSettingsError
+
+CD_ARGUMENT_PREFIX = "cd_"
+"""`CDConfig` names each `CDSettings` field ``cd_<name>`` (``--cd_strength``, ``cd_kinds:`` in YAML)."""
+
+
+def _argument_type(hint: Any) -> Any:
+    """HfArgumentParser's spelling of a `CDSettings` type: a list where the frozen settings hold a tuple."""
+    if typing.get_origin(hint) is tuple:
+        return list[typing.get_args(hint)[0]]
+    if isinstance(hint, types.UnionType):
+        return functools.reduce(operator.or_, map(_argument_type, typing.get_args(hint)))
+    return hint
+
+
+def _argument(setting: Field, hint: Any) -> tuple[str, Any, Field]:
+    """A `CDSettings` field as the ``cd_``-prefixed `TrainingArguments` field the CLI and YAML set."""
+    metadata = {"help": setting.metadata["help"]}  # HfArgumentParser hands metadata to add_argument
+    if isinstance(setting.default, tuple):
+        default = field(default_factory=functools.partial(list, setting.default), metadata=metadata)
+    else:
+        default = field(default=setting.default, metadata=metadata)
+    return CD_ARGUMENT_PREFIX + setting.name, _argument_type(hint), default
+
+
+_SETTING_TYPES = typing.get_type_hints(CDSettings)
+CDArguments = make_dataclass(
+    "CDArguments",
+    [_argument(setting, _SETTING_TYPES[setting.name]) for setting in fields(CDSettings)],
+    repr=False,  # CDConfig keeps TrainingArguments' __repr__, which masks the token
+    eq=False,
+)
+"""The ``cd_*`` fields of `CDConfig`, generated from `CDSettings` so the list is written once."""
+CDArguments.__module__ = __name__  # make_dataclass's own `module=` needs Python 3.12
+
+
+def cd_setting_name(argument: str) -> str | None:
+    """``"cd_strength"`` → ``"strength"``: the `CDSettings` field behind a `CDConfig` field (None for others)."""
+    name = argument.removeprefix(CD_ARGUMENT_PREFIX)
+    return (
+        name if argument.startswith(CD_ARGUMENT_PREFIX) and name in CDSettings.__dataclass_fields__ else None
+    )
 
 
 def _secret_fields(config: TrainingArguments) -> list[str]:
@@ -22,94 +67,17 @@ def _secret_fields(config: TrainingArguments) -> list[str]:
 @dataclass(
     repr=False
 )  # keep TrainingArguments' __repr__, which masks the token (the generated one would not)
-class CDConfig(TrainingArguments):
-    """Training arguments for `CDTrainer`: the usual `TrainingArguments` plus ``cd_*`` and ``tweo_*``.
+class CDConfig(CDArguments, TrainingArguments):
+    """Training arguments for `CDTrainer`: the usual `TrainingArguments` plus ``cd_*``, ``tweo_*`` and ``qat_*``.
+
+    The ``cd_*`` fields are those of `CDSettings`, prefixed (`CDArguments`); `colinearity_decay` reads
+    them back as one validated `CDSettings`.
 
     The Hub token never leaves the process through this object: ``repr`` masks it and a pickle
     (``training_args.bin``, written into ``output_dir`` and every checkpoint, and uploaded by
     ``push_to_hub``) stores ``None`` instead. A copy (`copy.copy`, `copy.deepcopy`) keeps it.
     """
 
-    cd_strength: float = field(
-        default=1.0,
-        metadata={
-            "help": "Colinearity Decay strength λ: the most aligned direction of each pair decays at rate lr·λ per "
-            "optimizer step. 0 turns CD off."
-        },
-    )
-    cd_kinds: list[str] = field(
-        default_factory=lambda: list(DEFAULT_KINDS),
-        metadata={"help": f"Matrix pairs to decay, any of: {', '.join(PAIR_KINDS)}."},
-    )
-    cd_every: int = field(
-        default=1, metadata={"help": "Apply CD every k optimizer steps (strength is multiplied by k)."}
-    )
-    cd_warmup_steps: int = field(
-        default=0, metadata={"help": "Ramp the CD strength linearly from 0 over this many optimizer steps."}
-    )
-    cd_power_iters: int = field(
-        default=2,
-        metadata={
-            "help": "Warm-started power iterations per step for the spectral norms (cold start converges)."
-        },
-    )
-    cd_power_tol: float = field(
-        default=1e-4,
-        metadata={
-            "help": "After cd_power_iters, keep iterating until no spectral norm moves by more than this (relative); "
-            "keeps the estimates within one percent while weights move fast. 0 = fixed iterations only."
-        },
-    )
-    cd_pairs: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Explicit pairs 'in_module:out_module' (e.g. 'blocks.0.fc1:blocks.0.fc2') for models outside "
-            "the architecture table; replaces cd_kinds."
-        },
-    )
-    cd_fold_layer_scale: bool = field(
-        default=False,
-        metadata={
-            "help": "Fold Dinov2's layer scale into the matrix it multiplies (the step is taken on the "
-            "effective matrix, at rate η·λ whatever the scale)."
-        },
-    )
-    cd_fold_norm: bool = field(
-        default=False,
-        metadata={"help": "Fold the LayerNorm γ in front of an FFN / value→output pair into its A factor."},
-    )
-    cd_mode: str = field(
-        default="plain",
-        metadata={
-            "help": "Which alignment CD decays: 'plain' (all of it, the spec's form), 'outlier_rows' (only output "
-            "channels whose gain exceeds cd_threshold× the median) or 'balanced' (plain, plus decay of hidden "
-            "units that carry more than cd_threshold× the median). Equations: hf_cd.colinearity."
-        },
-    )
-    cd_threshold: float = field(
-        default=2.0,
-        metadata={"help": "θ of the outlier_rows / balanced modes: θ× the median counts as typical."},
-    )
-    cd_factors: str = field(
-        default="both",
-        metadata={
-            "help": "Which factor of each pair CD writes: 'both' (the method), 'in' (A only: fc1, v_proj; the "
-            "output matrices fc2 / o_proj are left alone) or 'out' (B only)."
-        },
-    )
-    cd_rate_schedule: str = field(
-        default="follow_lr",
-        metadata={
-            "help": "How CD's per-step rate follows the lr schedule: 'follow_lr' (lr of the step × λ, the method) "
-            "or 'peak_lr' (the peak lr × λ at every step, so the decay does not fade as the lr anneals)."
-        },
-    )
-    cd_check_finite: bool = field(
-        default=True,
-        metadata={
-            "help": "Stop with an error naming the pair when a CD weight holds NaN/Inf (one sync per step)."
-        },
-    )
     tweo_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the TWEO activation penalty on block outputs (baseline; 0 disables)."},
@@ -175,31 +143,12 @@ class CDConfig(TrainingArguments):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
-        if self.cd_strength < 0:
-            raise ValueError(f"cd_strength must be ≥ 0 (0 turns CD off), got {self.cd_strength}.")
-        if isinstance(self.cd_kinds, str):
-            self.cd_kinds = [k.strip() for k in self.cd_kinds.split(",") if k.strip()]
-        unknown = [k for k in self.cd_kinds if k not in PAIR_KINDS]
-        if unknown:
-            raise ValueError(f"Unknown cd_kinds {unknown}; choose from {', '.join(PAIR_KINDS)}.")
-        if self.cd_mode not in CD_MODES:
-            raise ValueError(f"Unknown cd_mode {self.cd_mode!r}; choose from {', '.join(CD_MODES)}.")
-        if self.cd_threshold <= 0:
-            raise ValueError(f"cd_threshold must be > 0, got {self.cd_threshold}.")
-        if self.cd_rate_schedule not in CD_RATE_SCHEDULES:
-            raise ValueError(
-                f"Unknown cd_rate_schedule {self.cd_rate_schedule!r}; choose from {', '.join(CD_RATE_SCHEDULES)}."
+        settings = self.colinearity_decay
+        for setting in fields(settings):  # normalized: "ffn,value_output" → a list, pairs as "a:b" strings
+            value = getattr(settings, setting.name)
+            setattr(
+                self, CD_ARGUMENT_PREFIX + setting.name, list(value) if isinstance(value, tuple) else value
             )
-        if self.cd_factors not in CD_FACTORS:
-            raise ValueError(f"Unknown cd_factors {self.cd_factors!r}; choose from {', '.join(CD_FACTORS)}.")
-        if self.cd_every < 1:
-            raise ValueError(f"cd_every must be ≥ 1, got {self.cd_every}.")
-        if self.cd_warmup_steps < 0:
-            raise ValueError(f"cd_warmup_steps must be ≥ 0, got {self.cd_warmup_steps}.")
-        if self.cd_power_tol < 0:
-            raise ValueError(f"cd_power_tol must be ≥ 0, got {self.cd_power_tol}.")
-        if self.cd_power_iters < 1:
-            raise ValueError(f"cd_power_iters must be ≥ 1, got {self.cd_power_iters}.")
         if self.tweo_weight < 0 or self.tweo_tau <= 0 or self.tweo_p <= 0:
             raise ValueError(
                 f"TWEO needs weight ≥ 0, tau > 0 and p > 0; got {self.tweo_weight}, {self.tweo_tau}, {self.tweo_p}."
@@ -257,28 +206,25 @@ class CDConfig(TrainingArguments):
         clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return clone
 
+    @property
+    def colinearity_decay(self) -> CDSettings:
+        """The ``cd_*`` fields as one validated `CDSettings`, what `CDCallback` takes.
+
+        A bad value raises `CDSettingsError` naming the ``cd_*`` field.
+        """
+        values = {f.name: getattr(self, CD_ARGUMENT_PREFIX + f.name) for f in fields(CDSettings)}
+        try:
+            return CDSettings(**values)
+        except CDSettingsError as error:
+            raise CDSettingsError(CD_ARGUMENT_PREFIX + error.setting, error.problem) from None
+
     def cd_callback_kwargs(self) -> dict:
-        """Arguments for `CDCallback` taken from this config."""
-        return {
-            "strength": self.cd_strength,
-            "kinds": list(self.cd_kinds),
-            "every": self.cd_every,
-            "power_iters": self.cd_power_iters,
-            "power_tol": self.cd_power_tol,
-            "warmup_steps": self.cd_warmup_steps,
-            "pairs": list(self.cd_pairs) if self.cd_pairs else None,
-            "fold_layer_scale": self.cd_fold_layer_scale,
-            "fold_norm": self.cd_fold_norm,
-            "mode": self.cd_mode,
-            "threshold": self.cd_threshold,
-            "factors": self.cd_factors,
-            "rate_schedule": self.cd_rate_schedule,
-            "check_finite": self.cd_check_finite,
-        }
+        """`colinearity_decay` as keyword arguments of `CDCallback` (``CDCallback(**kwargs)``)."""
+        return self.colinearity_decay.as_dict()
 
     def cd_settings(self) -> dict:
         """The method's settings as a model card and ``config.json`` record them."""
-        settings = {k: v for k, v in self.cd_callback_kwargs().items() if k != "check_finite"}
+        settings = self.colinearity_decay.model_settings()
         settings.update({"tweo_weight": self.tweo_weight, "tweo_tau": self.tweo_tau, "tweo_p": self.tweo_p})
         if self.qat_bits is not None:  # only QAT runs: float runs keep the settings they always had
             settings.update(

@@ -1,8 +1,8 @@
 """`ColinearityDecay`: applies the CD step to a model's pairs, batched by shape.
 
 Framework-agnostic on purpose: a plain PyTorch loop calls ``decay.step(lr_of)`` after
-``optimizer.step()``; `hf_cd.callback.CDCallback` is the thin adapter for `transformers.Trainer`.
-The math lives in `hf_cd.colinearity`; this module gathers weights, batches pairs of equal
+``optimizer.step()``; `hf_cd.training.callback.CDCallback` is the thin adapter for `transformers.Trainer`.
+The math lives in `hf_cd.cd.colinearity`; this module gathers weights, batches pairs of equal
 shape, keeps the warm-started power-iteration vectors, and writes the update back (also into
 FSDP2 shards).
 """
@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hf_cd.architectures import unwrap_model
-from hf_cd.colinearity import (
+from hf_cd.cd.colinearity import (
     CD_FACTORS,
     CD_MODES,
     colinearity_directions,
@@ -28,8 +27,8 @@ from hf_cd.colinearity import (
     power_iteration,
     power_iteration_flops,
 )
-from hf_cd.pairs import MatrixPair, factor_gradients, factor_heads, head_shapes
-from hf_cd.weights import is_trainable, pull_back, read_weights, weight_sources
+from hf_cd.cd.pairs import MatrixPair, factor_gradients, factor_heads, head_shapes, model_weights
+from hf_cd.cd.weights import ModelWeights, is_trainable, pull_back, read_weights
 
 try:  # FSDP2 parameters are DTensors; plain tensors elsewhere.
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -102,26 +101,17 @@ def _fp32_math(device: torch.device):
         torch.set_float32_matmul_precision(previous)
 
 
-def _factor_names(pair: MatrixPair) -> list[str]:
-    """Every matrix or scale name a pair reads."""
-    return [
-        name
-        for factor in (pair.a, pair.b)
-        for name in (*factor.params, factor.row_scale, factor.col_scale)
-        if name is not None
-    ]
-
-
 class ColinearityDecay:
     """The decoupled CD update over a fixed set of pairs of one model.
 
     Call `step` once per real optimizer step, after ``optimizer.step()``; ``lr_of`` maps a
-    parameter name to the learning rate its group just used (or is one float for all).
+    parameter name to the learning rate its group just used (or is one float for all). ``model``
+    may be its `hf_cd.cd.weights.ModelWeights`, when the caller has walked the model once already.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | ModelWeights,
         pairs: Sequence[MatrixPair],
         *,
         power_iters: int = 2,
@@ -134,8 +124,8 @@ class ColinearityDecay:
     ):
         if power_iters < 1:
             raise ValueError(f"power_iters must be ≥ 1, got {power_iters}.")
-        model = unwrap_model(model)  # pair names are relative to the transformers model
-        self.model = model
+        weights = model_weights(model)  # pair names are relative to the transformers model
+        self.model = weights.model
         if mode not in CD_MODES:
             raise ValueError(f"Unknown CD mode {mode!r}; choose from {', '.join(CD_MODES)}.")
         self.mode, self.threshold = mode, float(threshold)
@@ -147,8 +137,8 @@ class ColinearityDecay:
         self.max_power_iters = max_power_iters
         self.power_iterations_run = 0  # adaptive extra iterations, for diagnostics
         self.check_finite = check_finite
-        self.params: dict[str, nn.Parameter] = dict(model.named_parameters())
-        self.sources = weight_sources(model, (name for pair in pairs for name in _factor_names(pair)))
+        self.params: dict[str, nn.Parameter] = weights.params
+        self.sources = weights.sources(name for pair in pairs for name in pair.tensor_names)
         trainable = [
             p for p in pairs if any(is_trainable(self.sources[n], self.params) for n in p.param_names)
         ]
@@ -323,7 +313,7 @@ class ColinearityDecay:
         if bool(torch.isfinite(torch.stack(norms)).all()):
             return
         for pair in self.pairs:
-            names = [n for weight in _factor_names(pair) for n in self.sources[weight].params]
+            names = [n for weight in pair.tensor_names for n in self.sources[weight].params]
             bad = [n for n in names if not bool(torch.isfinite(tensors[n]).all())]
             if bad:
                 counts = ", ".join(

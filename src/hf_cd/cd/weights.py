@@ -17,7 +17,7 @@ that move — the same choice as training the LoRA factors by gradient descent o
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -73,27 +73,49 @@ def _lora_source(name: str, module_name: str, module: nn.Module) -> WeightSource
     return WeightSource(name, f"{module_name}.base_layer.weight", terms)
 
 
-def weight_sources(model: nn.Module, names: Iterable[str]) -> dict[str, WeightSource]:
-    """Resolve matrix names to their sources; ``<lora module>.weight`` becomes the effective weight."""
-    params = dict(model.named_parameters())
-    modules = dict(model.named_modules())
-    sources = {}
-    for name in dict.fromkeys(names):
-        if name in params:
-            sources[name] = WeightSource(name, name)
-            continue
+@dataclass(frozen=True)
+class ModelWeights:
+    """A model's parameters and modules by name, from one walk over it, to resolve many matrix names.
+
+    ``model`` is the transformers model (wrappers already stripped by `hf_cd.architectures.unwrap_model`):
+    pair names are relative to it. Finding pairs, checking them and building the engine all read
+    this one object (`hf_cd.training.callback.CDCallback.setup`), so the model is walked once.
+    """
+
+    model: nn.Module
+    params: dict[str, nn.Parameter]
+    modules: dict[str, nn.Module]
+    _found: dict[str, WeightSource] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelWeights:
+        return cls(model, dict(model.named_parameters()), dict(model.named_modules()))
+
+    def source(self, name: str) -> WeightSource:
+        """Where the matrix ``name`` is read from; ``<lora module>.weight`` is the effective weight.
+
+        Raises ``KeyError(name)`` when the model has no such matrix.
+        """
+        if name not in self._found:
+            self._found[name] = self._look_up(name)
+        return self._found[name]
+
+    def sources(self, names: Iterable[str]) -> dict[str, WeightSource]:
+        return {name: self.source(name) for name in dict.fromkeys(names)}
+
+    def _look_up(self, name: str) -> WeightSource:
+        if name in self.params:
+            return WeightSource(name, name)
         module_name = name.removesuffix(".weight")
-        module = modules.get(module_name)
+        module = self.modules.get(module_name)
         if (
             name.endswith(".weight")
             and module is not None
             and hasattr(module, "base_layer")
             and hasattr(module, "lora_A")
         ):
-            sources[name] = _lora_source(name, module_name, module)
-            continue
+            return _lora_source(name, module_name, module)
         raise KeyError(name)
-    return sources
 
 
 def is_trainable(source: WeightSource, params: dict[str, nn.Parameter]) -> bool:

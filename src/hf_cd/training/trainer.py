@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import replace
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
@@ -19,14 +20,14 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from hf_cd._version import __version__
 from hf_cd.architectures import unwrap_model
-from hf_cd.callback import CDCallback
-from hf_cd.checkpoints import respect_umask
-from hf_cd.config import CDConfig
 from hf_cd.files import staged_files
 from hf_cd.finite import non_finite_parameters, require_finite_weights  # noqa: F401 (re-exported)
-from hf_cd.locking import OutputDirLock
-from hf_cd.resume import CALLBACK_ATTRIBUTES, RunSettings, compare_on_resume, run_settings
-from hf_cd.tweo import BlockOutputCollector, tweo_penalty
+from hf_cd.training.callback import CDCallback
+from hf_cd.training.checkpoints import respect_umask
+from hf_cd.training.config import CDConfig, cd_setting_name
+from hf_cd.training.locking import OutputDirLock
+from hf_cd.training.resume import RunSettings, compare_on_resume, run_settings
+from hf_cd.training.tweo import BlockOutputCollector, tweo_penalty
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +152,12 @@ class CDTrainer(Trainer):
             model = self._prepare_qat(model, args, qat_calibration_data, kwargs.get("train_dataset"))
         callbacks = list(callbacks or [])
         if args.cd_strength > 0 and not any(isinstance(cb, CDCallback) for cb in callbacks):
-            callbacks.append(CDCallback(**args.cd_callback_kwargs()))
+            callbacks.append(CDCallback(args.colinearity_decay))
         settings = RunSettings(run_settings(args, unwrap_model(model)) if model is not None else {})
         callbacks = [_LoadedWeightsCheck(), *callbacks, TrainLossTracker(), settings]
         super().__init__(model, args, *positional, callbacks=callbacks, **kwargs)
         self.resume_changes: list[dict] = []
-        """Settings changed on resume (`hf_cd.resume`): ``{"step", "setting", "from", "to"}``, all resumes."""
+        """Settings changed on resume (`hf_cd.training.resume`): ``{"step", "setting", "from", "to"}``, all resumes."""
         self._tweo = BlockOutputCollector(unwrap_model(self.model)) if args.tweo_weight > 0 else None
         self._tweo_sum: torch.Tensor | None = None
         self._tweo_steps = 0
@@ -242,7 +243,7 @@ class CDTrainer(Trainer):
     # -- training ------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs) -> TrainOutput:
-        """`Trainer.train` holding the ``output_dir`` lock (`hf_cd.locking`), with the whole run's train loss.
+        """`Trainer.train` holding the ``output_dir`` lock (`hf_cd.training.locking`), with the whole run's train loss.
 
         ``train_loss`` (the return value and the last log) is the mean over every step since step 0,
         also after resuming (the Trainer's own covers only the steps this call ran, and is then kept
@@ -250,7 +251,7 @@ class CDTrainer(Trainer):
         one step further.
         """
         if resume_from_checkpoint is True:
-            from hf_cd.checkpoints import latest_complete_checkpoint
+            from hf_cd.training.checkpoints import latest_complete_checkpoint
 
             resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -292,10 +293,10 @@ class CDTrainer(Trainer):
         record.settings = run_settings(self.args, unwrap_model(self.model))
         record.changes = list(self.resume_changes)
         callback = self.cd_callback
-        for change in self.resume_changes:
-            attribute = CALLBACK_ATTRIBUTES.get(change["setting"])
-            if callback is not None and attribute is not None:
-                setattr(callback, attribute, change["to"])
+        changed = {cd_setting_name(change["setting"]): change["to"] for change in self.resume_changes}
+        changed.pop(None, None)  # TWEO and the Trainer's own settings: read from args, not the callback
+        if callback is not None and changed:
+            callback.settings = replace(callback.settings, **changed)
 
     def _finished_checkpoint(self, checkpoint) -> TrainerState | None:
         """The checkpoint's state when it already is at the end of this run's schedule (else ``None``)."""
@@ -354,7 +355,7 @@ class CDTrainer(Trainer):
         callback = self.cd_callback
         settings = self.args.cd_settings()
         if callback is not None:
-            settings.update({k: v for k, v in callback.settings().items() if k != "check_finite"})
+            settings.update(callback.settings.model_settings())
         else:
             settings["strength"] = 0.0
         return {"library": "hf-cd", "version": __version__, **settings}
