@@ -28,6 +28,7 @@ from hf_cd.quant import (
     quantize,
     save_quantized,
 )
+from hf_cd.quant.algorithms.quantizers import asymmetric_range, symmetric_range
 from hf_cd.quant.qat import (
     LearnedActivationQuantizer,
     LearnedWeightQuantizer,
@@ -35,7 +36,6 @@ from hf_cd.quant.qat import (
     qat_state_dict,
     step_size_parameters,
 )
-from hf_cd.quant.quantizers import asymmetric_range, symmetric_range
 from hf_cd.resume import ResumeSettingsError
 from hf_cd.trainer import QAT_STATE_FILE
 from test_trainer import RandomImages

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_cd.quant import RESULT_COLUMNS, QuantConfig, evaluate_quantized, quantize
-from hf_cd.quant.reconstruction import measure_reconstruction_errors
+from hf_cd.quant.reconstruction_errors import measure_reconstruction_errors
 
 pytestmark = pytest.mark.slow
 

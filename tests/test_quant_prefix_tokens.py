@@ -8,7 +8,7 @@ from transformers import DeiTConfig, DeiTForImageClassification, ViTForImageClas
 
 from conftest import tiny_vit_config
 from hf_cd.quant import QuantConfig, quantization_state, quantize
-from hf_cd.quant.observers import PercentileObserver
+from hf_cd.quant.algorithms.observers import PercentileObserver
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -48,7 +48,7 @@ def test_the_plain_search_clips_the_cls_value_and_the_prefix_aware_one_covers_it
 
     # and the aware search is what it claims: least CLS-weighted error among its candidates
     def weighted_error(params):
-        from hf_cd.quant.params import fake_quantize
+        from hf_cd.quant.algorithms.params import fake_quantize
 
         error = (fake_quantize(x, params.scheme, bits, params.scale, params.zero_point) - x).square()
         error[:, 0] *= 16  # one CLS token = the 16 patch tokens

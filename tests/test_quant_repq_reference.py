@@ -28,10 +28,10 @@ from hf_cd.quant import (
     quantization_state,
     quantize,
 )
-from hf_cd.quant.observers import PercentileObserver
+from hf_cd.quant.algorithms.observers import PercentileObserver
+from hf_cd.quant.algorithms.quantizers import asymmetric_weight_params, quantize_weight_asymmetric
+from hf_cd.quant.algorithms.repq_reparam import post_layernorm_target
 from hf_cd.quant.pipelines.repq import RepQOptions, RepQPipeline
-from hf_cd.quant.quantizers import asymmetric_weight_params, quantize_weight_asymmetric
-from hf_cd.quant.reparam import post_layernorm_target
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

@@ -17,10 +17,8 @@ from transformers import (
 from conftest import tiny_dinov2_config, tiny_vit_config
 from hf_cd.architectures import resolve_blocks
 from hf_cd.quant import QuantConfig, evaluate_quantized, quantize
-from hf_cd.quant.pipelines.rotate import FoldedRMSNorm, RotateOptions, rotate_float_model
-from hf_cd.quant.prepare import quantization_state
-from hf_cd.quant.quantizers import fake_quantize_dynamic_per_token
-from hf_cd.quant.rotation import (
+from hf_cd.quant.algorithms.quantizers import fake_quantize_dynamic_per_token
+from hf_cd.quant.algorithms.rotation import (
     hadamard_factors,
     hadamard_matrix,
     hadamard_transform,
@@ -28,6 +26,8 @@ from hf_cd.quant.rotation import (
     rotation_matrix,
     walsh_hadamard_transform,
 )
+from hf_cd.quant.pipelines.rotate import FoldedRMSNorm, RotateOptions, rotate_float_model
+from hf_cd.quant.prepare import quantization_state
 
 FLOAT = dict(w_bits=16, a_bits=16, embedding_bits=16, classifier_bits=16)
 

@@ -34,18 +34,15 @@ from hf_cd.quant.cli import add_saved_model_argument
 from hf_cd.quant.config import QuantConfig
 from hf_cd.quant.prepare import check_quantizable
 from hf_cd.quant.runtimes.base import settings_from_extra
-from hf_cd.quant.runtimes.onnxruntime_int8 import (
+from hf_cd.quant.runtimes.onnx_export import DEFAULT_OPSET, EXPORT_ATTENTION_IMPLEMENTATIONS, export_onnx
+from hf_cd.quant.runtimes.onnx_static_quant import (
     CALIBRATION_METHODS,
-    DEFAULT_OPSET,
-    EXPORT_ATTENTION_IMPLEMENTATIONS,
-    ONNX_EXTRA_KEY,
     OnnxRuntimeInt8Config,
-    OnnxRuntimeInt8Pipeline,
     add_metadata,
-    export_onnx,
     onnx_metadata,
     written_by_hf_cd,
 )
+from hf_cd.quant.runtimes.onnxruntime_int8 import ONNX_EXTRA_KEY, OnnxRuntimeInt8Pipeline
 from hf_cd.recipe.arguments import check_model_source
 
 EXPORT_FORMATS: tuple[str, ...] = ("onnx",)

@@ -96,7 +96,9 @@ def _scramble(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.endswith(("norm1.weight", "norm2.weight", "layernorm_before.weight", "layernorm_after.weight")):
+            if name.endswith(
+                ("norm1.weight", "norm2.weight", "layernorm_before.weight", "layernorm_after.weight")
+            ):
                 parameter.copy_(torch.rand(parameter.shape, generator=generator) * 2 + 0.3)
             elif "norm" in name and name.endswith("bias"):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
@@ -165,7 +167,10 @@ def main() -> None:
     for model_kind, spec, bits, shared in cases():
         quantized = quantize(models[model_kind], legacy_config(spec, bits, shared), calibration)
         records[case_id(model_kind, spec, bits, shared)] = measure(quantized, images, labels)
-        print(case_id(model_kind, spec, bits, shared), records[case_id(model_kind, spec, bits, shared)]["accuracy"])
+        print(
+            case_id(model_kind, spec, bits, shared),
+            records[case_id(model_kind, spec, bits, shared)]["accuracy"],
+        )
     payload = {
         "generated_at_commit": args.commit,
         "hf_cd_imported_from": str(Path(hf_cd.__file__).resolve().parent),

@@ -14,12 +14,14 @@ Pipelines: ``minmax``, ``percentile``, ``repq`` (RepQ-ViT) and ``per_tensor``; a
 both attention matmuls' inputs, and the patch embedding and classifier at 8 bits by default
 (``protocol="deploy"``; ``protocol="repq_vit"`` is RepQ-ViT's published bit assignment).
 Reconstruction pipelines ``gptq``, ``gptaq``, ``marr`` and ``marr_grid`` solve the encoder weights
-layer by layer (options in ``QuantConfig.extra``: `hf_cd.quant.reconstruction`).
+layer by layer (options in ``QuantConfig.extra``: `hf_cd.quant.pipelines.reconstruction`).
 Quantization-aware training with learned step sizes: `prepare_qat` / `convert` (`hf_cd.quant.qat`);
 `save_quantized` / `load_quantized` save and reload a `quantize` or `convert` result.
 """
 
 from hf_cd.quant import pipelines as _builtin_pipelines  # noqa: F401  (registers the built-ins)
+from hf_cd.quant.algorithms.observers import NoCalibrationDataError
+from hf_cd.quant.algorithms.params import QuantParams
 from hf_cd.quant.api import quantize
 from hf_cd.quant.attention import ATTENTION_IMPLEMENTATION
 from hf_cd.quant.config import (
@@ -31,12 +33,10 @@ from hf_cd.quant.config import (
 )
 from hf_cd.quant.evaluate import DEFAULT_BITS, DEFAULT_PIPELINES, evaluate_accuracy, evaluate_quantized
 from hf_cd.quant.inputs import CalibrationDataError
-from hf_cd.quant.observers import NoCalibrationDataError
-from hf_cd.quant.params import QuantParams
 from hf_cd.quant.pipelines import FakeQuantPipeline
 from hf_cd.quant.prepare import quantization_state
 from hf_cd.quant.qat import QATConfig, convert, float_model, is_qat_model, prepare_qat, qat_init_pipelines
-from hf_cd.quant.reconstruction import measure_reconstruction_errors, reconstruction_report
+from hf_cd.quant.reconstruction_errors import measure_reconstruction_errors, reconstruction_report
 from hf_cd.quant.registry import (
     PIPELINES,
     Pipeline,

@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from hf_cd.quant.quantizers import check_bits, is_float_bits
+from hf_cd.quant.algorithms.quantizers import check_bits, is_float_bits
 
 DEFAULT_ACTIVATION_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
 """RepQ-ViT's candidates for activation ranges and for the log√2 quantizer's top level (its weight rows
@@ -68,7 +68,7 @@ def parse_bits(entry: Any) -> tuple[int, int]:
     The one parser behind the recipe's ``--quant_bits``, ``python -m hf_cd.quant --bits`` and the API,
     so every spelling works everywhere; each width is checked (`check_bits`) here, before any work.
     """
-    from hf_cd.quant.quantizers import check_bits
+    from hf_cd.quant.algorithms.quantizers import check_bits
 
     pair = None
     if isinstance(entry, str):

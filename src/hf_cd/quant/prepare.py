@@ -33,6 +33,7 @@ from hf_cd.architectures import (
     unwrap_model,
 )
 from hf_cd.finite import require_finite_weights
+from hf_cd.quant.algorithms.params import QuantParams
 from hf_cd.quant.attention import (
     ATTENTION_IMPLEMENTATION,
     QUANTIZERS_ATTRIBUTE,
@@ -40,7 +41,6 @@ from hf_cd.quant.attention import (
 )
 from hf_cd.quant.config import QuantConfig
 from hf_cd.quant.fake_quant import ActivationQuantizer, AttentionQuantizers
-from hf_cd.quant.params import QuantParams
 
 STATE_ATTRIBUTE = "hf_cd_quant"
 """Attribute of a quantized copy holding its `QuantizationState`."""

@@ -2,7 +2,7 @@
 
 Why LSQ and no new dependency: LSQ is what the ViT QAT papers build on (Q-ViT, OFQ, GPLQ), it learns
 the activation step sizes too, and it is one autograd function on top of the PTQ arithmetic that
-`hf_cd.quant.quantizers` already has; torchao's QAT is GPU-oriented and has no learned activation
+`hf_cd.quant.algorithms.quantizers` already has; torchao's QAT is GPU-oriented and has no learned activation
 steps. What is quantized, at which bits, is exactly what PTQ quantizes: the copy is made by the same
 `prepare_fake_quant_copy` and calibrated by a registered pipeline (``percentile`` by default), whose
 ranges become the initial step sizes::
@@ -40,22 +40,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_cd.architectures import UnsupportedArchitectureError, unwrap_model
-from hf_cd.quant.api import calibration_images_for
-from hf_cd.quant.config import QuantConfig, parse_bits
-from hf_cd.quant.fake_quant import ActivationQuantizer
-from hf_cd.quant.params import QuantParams, fake_quantize
-from hf_cd.quant.prepare import (
-    QuantizationState,
-    check_quantizable,
-    prepare_fake_quant_copy,
-    quantization_state,
-)
-from hf_cd.quant.quantizers import (
+from hf_cd.quant.algorithms.params import QuantParams, fake_quantize
+from hf_cd.quant.algorithms.quantizers import (
     asymmetric_range,
     fake_quantize_asymmetric,
     fake_quantize_symmetric,
     is_float_bits,
     symmetric_range,
+)
+from hf_cd.quant.api import calibration_images_for
+from hf_cd.quant.config import QuantConfig, parse_bits
+from hf_cd.quant.fake_quant import ActivationQuantizer
+from hf_cd.quant.prepare import (
+    QuantizationState,
+    check_quantizable,
+    prepare_fake_quant_copy,
+    quantization_state,
 )
 from hf_cd.quant.registry import available_pipelines, get_pipeline
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from hf_cd.quant.algorithms.quantizers import is_float_bits
 from hf_cd.quant.prepare import WeightSite, quantization_state
-from hf_cd.quant.quantizers import is_float_bits
 from hf_cd.quant.registry import get_pipeline
 from hf_cd.table import Table
 

@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hf_cd.architectures import unwrap_model
+from hf_cd.quant.algorithms.params import QuantParams
 from hf_cd.quant.config import QuantConfig
-from hf_cd.quant.params import QuantParams
 from hf_cd.quant.prepare import quantization_state
 from hf_cd.quant.qat import fake_quant_model, float_model, is_qat_model
 

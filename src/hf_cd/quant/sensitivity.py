@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 
 from hf_cd.architectures import ResolvedBlock, resolve_blocks, unwrap_model
 from hf_cd.diagnostics import save_figure
+from hf_cd.quant.algorithms.quantizers import check_bits
 from hf_cd.quant.api import calibration_images_for
 from hf_cd.quant.calibration import forward_images
 from hf_cd.quant.config import QuantConfig
 from hf_cd.quant.evaluate import evaluate_accuracy
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
 from hf_cd.quant.prepare import check_quantizable
-from hf_cd.quant.quantizers import check_bits
 from hf_cd.quant.registry import get_pipeline
 from hf_cd.table import Table
 

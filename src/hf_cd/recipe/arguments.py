@@ -553,7 +553,7 @@ def _cd_options() -> set[str]:
 def _quant_help() -> dict[str, str]:
     """Help that names what `hf_cd.quant` offers now, so a newly registered pipeline is listed by itself."""
     from hf_cd import quant
-    from hf_cd.quant.quantizers import FLOAT_BITS, MAX_BITS, MIN_BITS
+    from hf_cd.quant.algorithms.quantizers import FLOAT_BITS, MAX_BITS, MIN_BITS
 
     return {
         "quant_pipelines": (

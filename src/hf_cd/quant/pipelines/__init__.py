@@ -2,11 +2,12 @@
 
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
 from hf_cd.quant.pipelines.gptaq import GPTAQPipeline
-from hf_cd.quant.pipelines.gptq import GPTQPipeline, ReconstructionPipeline
+from hf_cd.quant.pipelines.gptq import GPTQPipeline
 from hf_cd.quant.pipelines.marr import MARRGridPipeline, MARRPipeline
 from hf_cd.quant.pipelines.minmax import MinMaxPipeline
 from hf_cd.quant.pipelines.per_tensor import PerTensorPipeline
 from hf_cd.quant.pipelines.percentile import PercentilePipeline
+from hf_cd.quant.pipelines.reconstruction import ReconstructionPipeline
 from hf_cd.quant.pipelines.repq import RepQPipeline
 from hf_cd.quant.pipelines.rotate import RotatePipeline
 from hf_cd.quant.registry import register_pipeline

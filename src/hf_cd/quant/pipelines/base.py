@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hf_cd.quant.algorithms.observers import Observer
+from hf_cd.quant.algorithms.params import QuantParams
+from hf_cd.quant.algorithms.quantizers import is_float_bits
 from hf_cd.quant.calibration import calibrate, load_presets
 from hf_cd.quant.config import QuantConfig
-from hf_cd.quant.observers import Observer
-from hf_cd.quant.params import QuantParams
 from hf_cd.quant.prepare import (
     ActivationSite,
     QuantizationState,
@@ -24,7 +25,6 @@ from hf_cd.quant.prepare import (
     prepare_fake_quant_copy,
     quantization_state,
 )
-from hf_cd.quant.quantizers import is_float_bits
 
 
 class FakeQuantPipeline:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from hf_cd.quant.gptaq import gptaq_quantize
-from hf_cd.quant.gptq import relative_reconstruction_error
-from hf_cd.quant.pipelines.gptq import ReconstructionPipeline
+from hf_cd.quant.algorithms.gptaq import gptaq_quantize
+from hf_cd.quant.algorithms.gptq import relative_reconstruction_error
+from hf_cd.quant.pipelines.reconstruction import ReconstructionPipeline
 
 
 class GPTAQPipeline(ReconstructionPipeline):

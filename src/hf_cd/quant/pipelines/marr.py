@@ -1,6 +1,6 @@
 """``marr`` and ``marr_grid``: GPTAQ with a residual scale α_m per module.
 
-``marr`` refines each α_m with the PID loop of `hf_cd.quant.marr` (feedback: the module's relative
+``marr`` refines each α_m with the PID loop of `hf_cd.quant.algorithms.marr` (feedback: the module's relative
 reconstruction error); ``marr_grid`` tries every α of ``marr_grid`` and is the reference it is
 measured against. Both keep, per module, the evaluated α of least error. With
 ``marr_feedback="holdout"`` the error that steers α is measured on a held-out share of the
@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from hf_cd.quant.gptaq import gptaq_quantize
-from hf_cd.quant.gptq import SolverSettings, WeightGrid, relative_reconstruction_error
-from hf_cd.quant.marr import AlphaSearch, PIDGains, grid_search, marr_search
-from hf_cd.quant.pipelines.gptq import ReconstructionPipeline
-from hf_cd.quant.reconstruction import LayerInputs, ReconstructionOptions
+from hf_cd.quant.algorithms.gptaq import gptaq_quantize
+from hf_cd.quant.algorithms.gptq import SolverSettings, WeightGrid, relative_reconstruction_error
+from hf_cd.quant.algorithms.marr import AlphaSearch, PIDGains, grid_search, marr_search
+from hf_cd.quant.pipelines.reconstruction import LayerInputs, ReconstructionOptions, ReconstructionPipeline
 
 
 class _AlphaSolves:

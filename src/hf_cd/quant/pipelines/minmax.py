@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from hf_cd.quant.algorithms.observers import MinMaxObserver, Observer
+from hf_cd.quant.algorithms.params import QuantParams
+from hf_cd.quant.algorithms.quantizers import quantize_weight_symmetric, symmetric_weight_scale
 from hf_cd.quant.config import QuantConfig
-from hf_cd.quant.observers import MinMaxObserver, Observer
-from hf_cd.quant.params import QuantParams
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
 from hf_cd.quant.prepare import ActivationSite
-from hf_cd.quant.quantizers import quantize_weight_symmetric, symmetric_weight_scale
 
 
 class MinMaxPipeline(FakeQuantPipeline):

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import torch
 
-from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, QuantConfig, options_from_extra
-from hf_cd.quant.observers import Observer, PercentileObserver
-from hf_cd.quant.params import QuantParams
-from hf_cd.quant.pipelines.base import FakeQuantPipeline
-from hf_cd.quant.prepare import ActivationSite, WeightSite
-from hf_cd.quant.quantizers import (
+from hf_cd.quant.algorithms.observers import Observer, PercentileObserver
+from hf_cd.quant.algorithms.params import QuantParams
+from hf_cd.quant.algorithms.quantizers import (
     asymmetric_weight_params,
     is_float_bits,
     quantize_weight_asymmetric,
     quantize_weight_symmetric,
     symmetric_weight_scale,
 )
+from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, QuantConfig, options_from_extra
+from hf_cd.quant.pipelines.base import FakeQuantPipeline
+from hf_cd.quant.prepare import ActivationSite, WeightSite
 
 WEIGHTS_OPTION = "percentile_weights"
 WEIGHT_SCHEMES = {

@@ -6,7 +6,7 @@ The reference is ``zkkli/RepQ-ViT``, ``classification/``: ``quant/quantizer.py``
 1. On the float copy, calibrate each post-LayerNorm activation *per channel* (percentile search;
    no channel's range is widened to contain 0).
 2. Fold those per-channel scales and zero-points into LayerNorm γ/β and into the weight columns and
-   bias of the linears that read it (`hf_cd.quant.reparam`), so one per-tensor range fits. That
+   bias of the linears that read it (`hf_cd.quant.algorithms.repq_reparam`), so one per-tensor range fits. That
    range is the mean of the per-channel scales and of the zero-points, as ``test_quant.py`` sets
    it; it is fixed here and never calibrated again.
 3. Quantize the (reparameterized) weights asymmetrically per output row, each row's range
@@ -49,20 +49,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_cd.quant.calibration import calibrate
-from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, QuantConfig, check_option, options_from_extra
-from hf_cd.quant.observers import LogSqrt2Observer, Observer, PercentileObserver
-from hf_cd.quant.params import QuantParams
-from hf_cd.quant.pipelines.base import FakeQuantPipeline
-from hf_cd.quant.prepare import ActivationSite, QuantizationState, WeightSite
-from hf_cd.quant.quantizers import (
+from hf_cd.quant.algorithms.observers import LogSqrt2Observer, Observer, PercentileObserver
+from hf_cd.quant.algorithms.params import QuantParams
+from hf_cd.quant.algorithms.quantizers import (
     asymmetric_weight_params,
     is_float_bits,
     quantize_weight_asymmetric,
     quantize_weight_symmetric,
     symmetric_weight_scale,
 )
-from hf_cd.quant.reparam import fold_into_layernorm, layernorm_reparameterization, post_layernorm_target
+from hf_cd.quant.algorithms.repq_reparam import (
+    fold_into_layernorm,
+    layernorm_reparameterization,
+    post_layernorm_target,
+)
+from hf_cd.quant.calibration import calibrate
+from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, QuantConfig, check_option, options_from_extra
+from hf_cd.quant.pipelines.base import FakeQuantPipeline
+from hf_cd.quant.prepare import ActivationSite, QuantizationState, WeightSite
 
 POST_LAYERNORM_ROLES = ("attention_input", "ffn_input")
 OPTION_PREFIX = "repq_"

@@ -1,6 +1,6 @@
 """``rotate``: rotation-based PTQ (the QuaRot / SpinQuant recipe for ViT / DeiT / DINOv2), with any weight solver.
 
-On the float copy, before anything is quantized (the math: `hf_cd.quant.rotation`):
+On the float copy, before anything is quantized (the math: `hf_cd.quant.algorithms.rotation`):
 
 1. **Rotation-invariant residual stream.** DINOv2's layer scale is folded into the writers
    (``o_proj``, ``fc2``); every writer of the residual stream (patch embedding, CLS / register /
@@ -74,14 +74,10 @@ from hf_cd.architectures import (
     residual_stream_parameters,
     unwrap_model,
 )
-from hf_cd.quant.config import QuantConfig, check_option, options_from_extra
-from hf_cd.quant.observers import Observer
-from hf_cd.quant.params import QuantParams
-from hf_cd.quant.pipelines.base import FakeQuantPipeline
-from hf_cd.quant.prepare import ActivationSite, QuantizationState, WeightSite, quantization_state
-from hf_cd.quant.quantizers import is_float_bits, quantize_weight_symmetric
-from hf_cd.quant.registry import get_pipeline
-from hf_cd.quant.rotation import (
+from hf_cd.quant.algorithms.observers import Observer
+from hf_cd.quant.algorithms.params import QuantParams
+from hf_cd.quant.algorithms.quantizers import is_float_bits, quantize_weight_symmetric
+from hf_cd.quant.algorithms.rotation import (
     block_diagonal,
     centre_rows,
     centre_vectors,
@@ -94,6 +90,10 @@ from hf_cd.quant.rotation import (
     rotation_matrix,
     scale_rows,
 )
+from hf_cd.quant.config import QuantConfig, check_option, options_from_extra
+from hf_cd.quant.pipelines.base import FakeQuantPipeline
+from hf_cd.quant.prepare import ActivationSite, QuantizationState, WeightSite, quantization_state
+from hf_cd.quant.registry import get_pipeline
 
 OPTION_PREFIX = "rotate_"
 SOLVERS = ("rtn", "gptq", "gptaq")

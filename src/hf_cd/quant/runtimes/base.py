@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_cd.quant.algorithms.quantizers import is_float_bits
 from hf_cd.quant.config import DEFAULT_PROTOCOL, QuantConfig
-from hf_cd.quant.quantizers import is_float_bits
 
 
 class RuntimeUnavailableError(RuntimeError):

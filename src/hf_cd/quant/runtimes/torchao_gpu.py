@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from hf_cd.architectures import classifiers, unwrap_model
+from hf_cd.quant.algorithms.quantizers import is_float_bits
 from hf_cd.quant.config import QuantConfig
 from hf_cd.quant.evaluate import evaluate_accuracy
 from hf_cd.quant.prepare import check_quantizable
-from hf_cd.quant.quantizers import is_float_bits
 from hf_cd.quant.runtimes.base import (
     RuntimePipeline,
     RuntimeUnavailableError,
