@@ -1,5 +1,16 @@
-"""The built-in pipelines, one module each, registered under their names on import."""
+"""The built-in pipelines, one module each, registered for their config types on import."""
 
+from hf_cd.quant.method_configs import (
+    GPTAQConfig,
+    GPTQConfig,
+    MARRConfig,
+    MARRGridConfig,
+    MinMaxConfig,
+    PercentileConfig,
+    PerTensorConfig,
+    RepQConfig,
+    RotateConfig,
+)
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
 from hf_cd.quant.pipelines.gptaq import GPTAQPipeline
 from hf_cd.quant.pipelines.gptq import GPTQPipeline
@@ -10,23 +21,29 @@ from hf_cd.quant.pipelines.percentile import PercentilePipeline
 from hf_cd.quant.pipelines.reconstruction import ReconstructionPipeline
 from hf_cd.quant.pipelines.repq import RepQPipeline
 from hf_cd.quant.pipelines.rotate import RotatePipeline
-from hf_cd.quant.registry import register_pipeline
+from hf_cd.quant.registry import register_handler
 
-_BUILTINS = (
-    MinMaxPipeline(),
-    PercentilePipeline(),
-    RepQPipeline(),
-    PerTensorPipeline(),
-    GPTQPipeline(),
-    GPTAQPipeline(),
-    MARRPipeline(),
-    MARRGridPipeline(),
+for _config, _pipeline in (
+    (MinMaxConfig, MinMaxPipeline()),
+    (PercentileConfig, PercentilePipeline()),
+    (RepQConfig, RepQPipeline()),
+    (PerTensorConfig, PerTensorPipeline()),
+    (GPTQConfig, GPTQPipeline()),
+    (GPTAQConfig, GPTAQPipeline()),
+    (MARRConfig, MARRPipeline()),
+    (MARRGridConfig, MARRGridPipeline()),
+):
+    register_handler(_config, _pipeline, overwrite=True)
+register_handler(
+    RotateConfig,
     RotatePipeline(),
-    RotatePipeline("rotate_gptq", solver="gptq"),
-    RotatePipeline("rotate_gptaq", solver="gptaq"),
+    names={
+        "rotate": RotateConfig,
+        "rotate_gptq": lambda **kw: RotateConfig(solver=GPTQConfig(), **kw),
+        "rotate_gptaq": lambda **kw: RotateConfig(solver=GPTAQConfig(), **kw),
+    },
+    overwrite=True,
 )
-for _pipeline in _BUILTINS:
-    register_pipeline(_pipeline, overwrite=True)
 
 __all__ = [
     "FakeQuantPipeline",

@@ -11,9 +11,10 @@ class GPTAQPipeline(ReconstructionPipeline):
     name = "gptaq"
     method = "gptaq"
     needs_reference = True
-    description = "GPTAQ: GPTQ plus the residual (X_fp − X_q) term scaled by gptaq_alpha (0.25)"
+    description = "GPTAQ: GPTQ plus the residual (X_fp − X_q) term scaled by GPTAQConfig.alpha (0.25)"
 
-    def solve(self, weight, inputs, grid, options, settings, name):
-        alpha = options.gptaq_alpha
-        solution = gptaq_quantize(weight, inputs.hessian, inputs.residual, grid, alpha, settings, name=name)
+    def solve(self, weight, inputs, grid, config, settings, name):
+        solution = gptaq_quantize(
+            weight, inputs.hessian, inputs.residual, grid, config.alpha, settings, name=name
+        )
         return solution, relative_reconstruction_error(weight, solution, inputs.statistics), None

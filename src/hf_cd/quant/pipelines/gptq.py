@@ -13,8 +13,10 @@ from hf_cd.quant.pipelines.reconstruction import ReconstructionPipeline
 class GPTQPipeline(ReconstructionPipeline):
     name = "gptq"
     method = "gptq"
-    description = "GPTQ encoder weights on the partially quantized inputs; activations as gptq_activations"
+    description = (
+        "GPTQ encoder weights on the partially quantized inputs; activations as GPTQConfig.activations"
+    )
 
-    def solve(self, weight, inputs, grid, options, settings, name):
+    def solve(self, weight, inputs, grid, config, settings, name):
         solution = gptq_quantize(weight, inputs.hessian, grid, settings, name=name)
         return solution, relative_reconstruction_error(weight, solution, inputs.statistics), None

@@ -14,9 +14,9 @@ import json
 import logging
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from torch import nn
 from hf_cd.architectures import unwrap_model
 from hf_cd.files import atomic_path
 from hf_cd.quant.algorithms.quantizers import is_float_bits
-from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.config import BaseQuantConfig
 from hf_cd.quant.runtimes.onnx_export import (
     DEFAULT_OPSET,
     INPUT_NAME,
@@ -53,8 +53,16 @@ class UnsupportedOpError(ValueError):
 
 
 @dataclass(frozen=True)
-class OnnxRuntimeInt8Config:
-    """How to quantize for ONNX Runtime and how to time it; pass as ``QuantConfig(extra={"onnxruntime": ...})``."""
+class OnnxRuntimeInt8Config(BaseQuantConfig):
+    """``onnxruntime-int8``: W8A8 on ONNX Runtime's CPU kernels; how to quantize for it and how to time it.
+
+    ``quantize(model, OnnxRuntimeInt8Config(calibration_method="percentile"), images)``; the spelling
+    ``onnxruntime-int8:calibration_method=percentile`` names these fields as they are.
+    """
+
+    name: ClassVar[str] = "onnxruntime-int8"
+    extra_key: ClassVar[str] = "onnxruntime"
+    """The deprecated ``QuantConfig(extra={"onnxruntime": {...}})`` held these settings there."""
 
     calibration_method: str = "minmax"
     """``minmax``, ``percentile`` or ``entropy`` (ONNX Runtime's calibrators)."""
@@ -98,6 +106,7 @@ class OnnxRuntimeInt8Config:
     latency_warmup: int = 5
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.calibration_method not in CALIBRATION_METHODS:
             raise ValueError(
                 f"calibration_method must be one of {CALIBRATION_METHODS}, got {self.calibration_method!r}."
@@ -330,7 +339,10 @@ def written_by_hf_cd(path: str | Path) -> bool:
 
 
 def onnx_metadata(
-    model: nn.Module, config: QuantConfig | None, settings: OnnxRuntimeInt8Config | None, num_calibration: int
+    model: nn.Module,
+    config: BaseQuantConfig | None,
+    settings: OnnxRuntimeInt8Config | None,
+    num_calibration: int,
 ) -> dict[str, Any]:
     """What a deployment needs beside the graph: labels, input size, and how the int8 copy was made."""
     from hf_cd._version import __version__
@@ -351,7 +363,7 @@ def onnx_metadata(
             "classifier_bits": config.classifier_bits,
             **{
                 k: v
-                for k, v in asdict(settings).items()
+                for k, v in settings.options().items()
                 if not k.startswith("latency") and k != "num_threads"
             },
         }

@@ -50,13 +50,11 @@ import torch
 from torch import nn
 
 from hf_cd.files import atomic_path
-from hf_cd.quant.config import QuantConfig
 from hf_cd.quant.evaluate import evaluate_accuracy
 from hf_cd.quant.runtimes.base import (
     RuntimePipeline,
     interleaved_median_ms,
     latency_columns,
-    settings_from_extra,
     tile_images,
 )
 from hf_cd.quant.runtimes.onnx_export import (
@@ -94,8 +92,8 @@ __all__ = [
     "written_by_hf_cd",
 ]
 
-ONNX_EXTRA_KEY = "onnxruntime"
-"""``QuantConfig.extra[ONNX_EXTRA_KEY]`` holds the `OnnxRuntimeInt8Config` (or a dict of its fields)."""
+ONNX_EXTRA_KEY = OnnxRuntimeInt8Config.extra_key
+"""The deprecated ``QuantConfig.extra[ONNX_EXTRA_KEY]`` held the `OnnxRuntimeInt8Config` settings."""
 
 
 class OnnxRuntimeClassifier(nn.Module):
@@ -149,19 +147,13 @@ class OnnxRuntimeInt8Pipeline(RuntimePipeline):
     runtime = "onnxruntime"
     description = "ONNX export + onnxruntime quantize_static (QDQ, per-channel int8 weights), CPU kernels"
 
-    def __init__(self, settings: OnnxRuntimeInt8Config | None = None):
-        self.default_settings = settings or OnnxRuntimeInt8Config()
-
-    def settings(self, config: QuantConfig) -> OnnxRuntimeInt8Config:
-        return settings_from_extra(config, ONNX_EXTRA_KEY, OnnxRuntimeInt8Config, self.default_settings)
-
-    def require(self, config: QuantConfig) -> None:
+    def require(self, config: OnnxRuntimeInt8Config) -> None:
         require_onnxruntime()
 
     def __call__(
-        self, model: nn.Module, config: QuantConfig, calibration_images: torch.Tensor | None
+        self, model: nn.Module, config: OnnxRuntimeInt8Config, calibration_images: torch.Tensor | None
     ) -> OnnxRuntimeClassifier:
-        settings = self.settings(config)
+        settings = config
         self.check(config)
         if calibration_images is None:
             raise ValueError(f"Pipeline {self.name!r} calibrates activations: pass calibration images.")
@@ -192,11 +184,11 @@ class OnnxRuntimeInt8Pipeline(RuntimePipeline):
     def evaluate(
         self,
         model: nn.Module,
-        config: QuantConfig,
+        config: OnnxRuntimeInt8Config,
         calibration_images: torch.Tensor | None,
         eval_data: Any,
     ) -> dict[str, Any]:
-        settings = self.settings(config)
+        settings = config
         start = time.perf_counter()
         classifier = self(model, config, calibration_images)
         quantize_seconds = time.perf_counter() - start
