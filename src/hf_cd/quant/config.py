@@ -39,7 +39,9 @@ def check_option(options: Any, condition: bool, key: str, expected: str) -> None
     Shared by every method's config, so a bad option reads the same whichever method owns it.
     """
     if not condition:
-        raise ValueError(f"{type(options).__name__}.{key} must be {expected}, got {getattr(options, key)!r}.")
+        spelt = {name: spec_key for spec_key, name in type(options).spec_keys().items()}.get(key)
+        where = f"{type(options).__name__}.{key}" + (f" ({spelt})" if spelt else "")
+        raise ValueError(f"{where} must be {expected}, got {getattr(options, key)!r}.")
 
 
 _BITS_TEXT = re.compile(r"[Ww]?\s*(\d+)\s*(?:,|[Aa]|,\s*[Aa])\s*(\d+)")

@@ -77,7 +77,7 @@ class PercentileConfig(BaseQuantConfig):
         super().__post_init__()
         if self.weights not in PERCENTILE_WEIGHT_SCHEMES:
             raise ValueError(
-                "PercentileConfig.weights must be one of "
+                "PercentileConfig.weights (percentile_weights) must be one of "
                 + "; ".join(f"{name!r} ({what})" for name, what in PERCENTILE_WEIGHT_SCHEMES.items())
                 + f", got {self.weights!r}."
             )
@@ -214,8 +214,8 @@ class GPTQConfig(BaseQuantConfig):
             and not isinstance(self.activations, GPTQConfig)
             and not (isinstance(self.activations, RotateConfig) and self.activations.solver is not None),
             "activations",
-            "a fake-quant method's config, e.g. PercentileConfig(), MinMaxConfig() or RepQConfig() (not "
-            "another reconstruction, nor a RotateConfig with a solver)",
+            "a fake-quant activation pipeline's config, e.g. PercentileConfig(), MinMaxConfig() or RepQConfig() "
+            "(not another reconstruction, nor a RotateConfig with a solver)",
         )
         check(isinstance(self.damp, (int, float)) and self.damp >= 0, "damp", "a number ≥ 0")
         check(_positive_int(self.block_size), "block_size", "a positive int")

@@ -145,6 +145,7 @@ def sensitivity(
     check_bits("base_bits", base_bits)
     check_quantizable(model)
     shared = {**(config.shared() if config is not None else {}), "progress": False}
+    shared.pop("w_bits", None), shared.pop("a_bits", None)
     extra = getattr(config, "extra", None)  # a deprecated QuantConfig's options
     base = parse_quant_spec(pipeline, w_bits=w_bits, a_bits=base_bits, extra=extra, **shared)
     runner = pipeline_for(base)

@@ -98,7 +98,7 @@ def config_from_options(
             "Add one with hf_cd.quant.register_handler(ConfigType, pipeline)."
         )
     used: set[str] = set()
-    config = _build(name, dict(options), dict(extra), dict(shared), used)
+    config = _build(name, dict(options), dict(extra), dict(shared), used, frozenset())
     unknown = [key for key in options if key not in used]
     if unknown:
         known = sorted(_known_keys(config))
@@ -110,7 +110,10 @@ def config_from_options(
     return config
 
 
-def _build(name: str, options: dict, extra: dict, shared: dict, used: set[str]) -> BaseQuantConfig:
+def _build(
+    name: str, options: dict, extra: dict, shared: dict, used: set[str], named: frozenset[str]
+) -> BaseQuantConfig:
+    """One config of the tree; ``named``: the part keys that already named a part above it (never read again)."""
     factory = SPELLINGS[name]
     defaults = factory()
     config_type = type(defaults)
@@ -118,7 +121,7 @@ def _build(name: str, options: dict, extra: dict, shared: dict, used: set[str]) 
     values: dict[str, Any] = _runtime_settings(config_type, extra)
     for source, strict in ((extra, False), (options, True)):
         for key, value in source.items():
-            if key in keys:
+            if key in keys and key not in named:
                 values[keys[key]] = value
                 if strict:
                     used.add(key)
@@ -134,10 +137,12 @@ def _build(name: str, options: dict, extra: dict, shared: dict, used: set[str]) 
                 values[field_name] = (
                     None
                     if part == NO_SOLVER and klass is RotateConfig
-                    else _part(part, options, extra, shared, used, key)
+                    else _part(part, options, extra, shared, used, key, named)
                 )
         elif isinstance(defaults, klass) and getattr(defaults, field_name) is not None:
-            values[field_name] = _part(getattr(defaults, field_name).name, options, extra, shared, used, key)
+            values[field_name] = _part(
+                getattr(defaults, field_name).name, options, extra, shared, used, key, named
+            )
     try:
         return config_type(**{**defaults.options(), **values, **shared})
     except TypeError as error:
@@ -169,10 +174,12 @@ def _runtime_settings(config_type: type, extra: Mapping[str, Any]) -> dict[str, 
     )
 
 
-def _part(name: str, options: dict, extra: dict, shared: dict, used: set[str], key: str) -> BaseQuantConfig:
+def _part(
+    name: str, options: dict, extra: dict, shared: dict, used: set[str], key: str, named: frozenset[str]
+) -> BaseQuantConfig:
     if name not in SPELLINGS:
         raise ValueError(f"{key}={name!r} is not a registered method; known: {', '.join(sorted(SPELLINGS))}.")
-    return _build(name, options, extra, shared, used)
+    return _build(name, options, extra, shared, used, named | {key})
 
 
 def _known_keys(config: BaseQuantConfig) -> set[str]:
@@ -248,6 +255,7 @@ class QuantConfig(BaseQuantConfig):
             warnings.warn(DEPRECATION, DeprecationWarning, stacklevel=3)
         super().__post_init__()
         get_pipeline(self.pipeline)  # raises, listing the known pipelines
+        to_typed(self)  # a misspelt or bad option in extra raises here, before any work
 
     @property
     def name(self) -> str:  # type: ignore[override]

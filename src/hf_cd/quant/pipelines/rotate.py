@@ -314,7 +314,7 @@ class RotatePipeline(FakeQuantPipeline):
         elif type(self).before_weights is not RotatePipeline.before_weights:
             raise ValueError(
                 f"{type(self).__name__} overrides before_weights (e.g. hf_cd.quant.sensitivity's site-by-site "
-                f"bits), which the {config.solver_name!r} solver would not run; use RotateConfig(solver=None) there."
+                f"bits), which the {config.solver_name!r} solver would not run; use RotateConfig(solver=None) (rotate_solver='rtn') there."
             )
         else:
             quantized = pipeline_for(config.solver)(model, self._solver_config(config), calibration_images)
