@@ -244,15 +244,6 @@ class BaseQuantConfig:
                     keys[cls.spec_renames.get(name, prefix + name)] = name
         return keys
 
-    def to_dict(self) -> dict[str, Any]:
-        """Shared settings, ``pipeline`` (the name) and ``extra`` (the options, as ``NAME:key=value`` keys).
-
-        The shape of the files written before the typed configs (saved models, result fingerprints).
-        """
-        from hf_cd.quant.spec import spec_options
-
-        return {**self.shared(), "pipeline": self.name, "extra": spec_options(self)}
-
 
 SHARED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BaseQuantConfig))
 """The fields every method's config shares (and a composed method hands to its parts)."""

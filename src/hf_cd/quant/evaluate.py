@@ -24,7 +24,14 @@ from hf_cd.quant.inputs import check_pixel_values, check_reiterable, iterate_bat
 from hf_cd.quant.prepare import check_quantizable
 from hf_cd.quant.registry import pipeline_for
 from hf_cd.quant.results import FULL_PRECISION, QuantResults, result_row
-from hf_cd.quant.spec import QuantConfig, config_to_spec, parse_quant_spec, parse_spec_string, to_typed
+from hf_cd.quant.spec import (
+    QuantConfig,
+    config_to_dict,
+    config_to_spec,
+    parse_quant_spec,
+    parse_spec_string,
+    to_typed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +165,7 @@ def row_configs(
             shared = {**base.shared(), "w_bits": w_bits, "a_bits": a_bits}
             if isinstance(entry, BaseQuantConfig):
                 row = to_typed(entry).replace(**shared)
-                name, settings = row.name, row.to_dict()
+                name, settings = row.name, config_to_dict(row)
             else:
                 name, options = parse_spec_string(entry)
                 row = parse_quant_spec(entry, extra=extra, **shared)

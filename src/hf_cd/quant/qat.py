@@ -59,7 +59,7 @@ from hf_cd.quant.prepare import (
     quantization_state,
 )
 from hf_cd.quant.registry import SPELLINGS, pipeline_for
-from hf_cd.quant.spec import parse_quant_spec, to_typed
+from hf_cd.quant.spec import config_to_dict, parse_quant_spec, to_typed
 
 QAT_ATTRIBUTE = "hf_cd_qat"
 """Attribute of a model returned by `prepare_qat` holding its `QATConfig`."""
@@ -114,7 +114,7 @@ class QATConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "init": self.init.to_dict(),
+            "init": config_to_dict(self.init),
             "learn_weight_steps": self.learn_weight_steps,
             "learn_activation_steps": self.learn_activation_steps,
         }

@@ -31,7 +31,7 @@ from hf_cd.quant.algorithms.params import QuantParams
 from hf_cd.quant.config import SHARED_FIELDS, BaseQuantConfig
 from hf_cd.quant.prepare import quantization_state
 from hf_cd.quant.qat import fake_quant_model, float_model, is_qat_model
-from hf_cd.quant.spec import config_from_options
+from hf_cd.quant.spec import config_from_options, config_to_dict
 
 QUANTIZATION_FILE = "hf_cd_quantization.json"
 QUANTIZERS_FILE = "hf_cd_quantizers.safetensors"
@@ -69,7 +69,7 @@ def _savable_float_model(model: nn.Module) -> nn.Module:
 
 
 def _plain_config(config: BaseQuantConfig) -> dict[str, Any]:
-    values = config.to_dict()
+    values = config_to_dict(config)
     values["activation_percentiles"] = list(values["activation_percentiles"])
     values["weight_clip_ratios"] = list(values["weight_clip_ratios"])
     return values

@@ -223,6 +223,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def config_to_dict(config: BaseQuantConfig) -> dict[str, Any]:
+    """Shared settings, ``pipeline`` (the name) and ``extra`` (the options, as ``NAME:key=value`` keys).
+
+    The shape of the files written before the typed configs (saved models, result fingerprints, QAT
+    settings); `config_from_options` reads it back.
+    """
+    extra = dict(config.extra) if isinstance(config, QuantConfig) else spec_options(config)
+    return {**config.shared(), "pipeline": config.name, "extra": extra}
+
+
 def config_to_spec(config: BaseQuantConfig) -> str:
     """The canonical ``NAME:key=value,...`` of ``config`` (only options that differ from the name's defaults)."""
     options = dict(config.extra) if isinstance(config, QuantConfig) else spec_options(config)
@@ -263,9 +273,6 @@ class QuantConfig(BaseQuantConfig):
 
     def replace(self, **changes: Any) -> QuantConfig:
         return _quietly(lambda: super(QuantConfig, self).replace(**changes))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.shared(), "pipeline": self.pipeline, "extra": dict(self.extra)}
 
     def to_typed(self) -> BaseQuantConfig:
         """The typed config this one stands for (itself for a pipeline registered by name only)."""
