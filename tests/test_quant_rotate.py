@@ -14,7 +14,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from conftest import tiny_dinov2_config, tiny_vit_config
+from conftest import scramble, tiny_dinov2_config, tiny_vit_config
 from hf_cd.architectures import resolve_blocks
 from hf_cd.quant import QuantConfig, RotateConfig, evaluate_quantized, parse_quant_spec, quantize
 from hf_cd.quant.algorithms.quantizers import fake_quantize_dynamic_per_token
@@ -34,22 +34,6 @@ FLOAT = dict(w_bits=16, a_bits=16, embedding_bits=16, classifier_bits=16)
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max())
-
-
-def scramble(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give LayerNorm γ/β, layer scales and the learned tokens values far from their init, so folds matter."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(
-                ("norm1.weight", "norm2.weight", "layernorm_before.weight", "layernorm_after.weight")
-            ):
-                parameter.copy_(torch.rand(parameter.shape, generator=generator) * 2 + 0.3)
-            elif "norm" in name and name.endswith("bias"):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-            elif "lambda1" in name or "token" in name or "position_embeddings" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) + 0.5)
-    return model.eval()
 
 
 def tiny_model(name: str) -> torch.nn.Module:

@@ -10,7 +10,9 @@ typed configs existed (issue 27), from a clean checkout of that commit, through 
     PYTHONPATH=/tmp/golden-090ce9a/src OMP_NUM_THREADS=1 .venv/bin/python tests/golden/make_quant_golden.py \
         --commit 090ce9a
 
-Everything is seeded and runs on one CPU thread; the cases are spelt as the CLI / YAML spells them
+(At that commit the script carried its own copy of ``scramble``, the same lines as
+``tests/test_quant_rotate.py``'s; both now share the one in ``conftest``.) Everything is seeded and
+runs on one CPU thread; the cases are spelt as the CLI / YAML spells them
 (``NAME`` or ``NAME:key=value,...``), so the same strings feed both the old and the new API.
 """
 
@@ -30,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 GOLDEN_FILE = HERE / "quant_golden.json"
 sys.path.insert(0, str(HERE.parent))  # tests/: conftest's tiny model configs
 
-from conftest import tiny_dinov2_config, tiny_vit_config  # noqa: E402
+from conftest import scramble, tiny_dinov2_config, tiny_vit_config  # noqa: E402
 
 SPECS: tuple[str, ...] = (
     "minmax",
@@ -91,31 +93,15 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, values
 
 
-def _scramble(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """LayerNorm γ/β, layer scales and learned tokens far from their init, so folds and ranges matter."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(
-                ("norm1.weight", "norm2.weight", "layernorm_before.weight", "layernorm_after.weight")
-            ):
-                parameter.copy_(torch.rand(parameter.shape, generator=generator) * 2 + 0.3)
-            elif "norm" in name and name.endswith("bias"):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-            elif "lambda1" in name or "token" in name or "position_embeddings" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) + 0.5)
-    return model.eval()
-
-
 def build_model(kind: str) -> torch.nn.Module:
     """The fixed tiny model: a ViT, or a Dinov2 with layer scale (what rotate folds)."""
     from transformers import Dinov2ForImageClassification, ViTForImageClassification
 
     torch.manual_seed(0)
     if kind == "vit":
-        return _scramble(ViTForImageClassification(tiny_vit_config()))
+        return scramble(ViTForImageClassification(tiny_vit_config()))
     if kind == "dinov2":
-        return _scramble(Dinov2ForImageClassification(tiny_dinov2_config(layerscale_value=0.7)))
+        return scramble(Dinov2ForImageClassification(tiny_dinov2_config(layerscale_value=0.7)))
     raise ValueError(f"Unknown golden model {kind!r}; known: {', '.join(MODELS)}.")
 
 

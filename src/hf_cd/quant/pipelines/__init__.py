@@ -1,16 +1,6 @@
 """The built-in pipelines, one module each, registered for their config types on import."""
 
-from hf_cd.quant.method_configs import (
-    GPTAQConfig,
-    GPTQConfig,
-    MARRConfig,
-    MARRGridConfig,
-    MinMaxConfig,
-    PercentileConfig,
-    PerTensorConfig,
-    RepQConfig,
-    RotateConfig,
-)
+import hf_cd.quant.method_configs as configs
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
 from hf_cd.quant.pipelines.gptaq import GPTAQPipeline
 from hf_cd.quant.pipelines.gptq import GPTQPipeline
@@ -24,23 +14,23 @@ from hf_cd.quant.pipelines.rotate import RotatePipeline
 from hf_cd.quant.registry import register_handler
 
 for _config, _pipeline in (
-    (MinMaxConfig, MinMaxPipeline()),
-    (PercentileConfig, PercentilePipeline()),
-    (RepQConfig, RepQPipeline()),
-    (PerTensorConfig, PerTensorPipeline()),
-    (GPTQConfig, GPTQPipeline()),
-    (GPTAQConfig, GPTAQPipeline()),
-    (MARRConfig, MARRPipeline()),
-    (MARRGridConfig, MARRGridPipeline()),
+    (configs.MinMaxConfig, MinMaxPipeline()),
+    (configs.PercentileConfig, PercentilePipeline()),
+    (configs.RepQConfig, RepQPipeline()),
+    (configs.PerTensorConfig, PerTensorPipeline()),
+    (configs.GPTQConfig, GPTQPipeline()),
+    (configs.GPTAQConfig, GPTAQPipeline()),
+    (configs.MARRConfig, MARRPipeline()),
+    (configs.MARRGridConfig, MARRGridPipeline()),
 ):
     register_handler(_config, _pipeline, overwrite=True)
 register_handler(
-    RotateConfig,
+    configs.RotateConfig,
     RotatePipeline(),
     names={
-        "rotate": RotateConfig,
-        "rotate_gptq": lambda **kw: RotateConfig(solver=GPTQConfig(), **kw),
-        "rotate_gptaq": lambda **kw: RotateConfig(solver=GPTAQConfig(), **kw),
+        "rotate": configs.RotateConfig,
+        "rotate_gptq": lambda **kw: configs.RotateConfig(solver=configs.GPTQConfig(), **kw),
+        "rotate_gptaq": lambda **kw: configs.RotateConfig(solver=configs.GPTAQConfig(), **kw),
     },
     overwrite=True,
 )

@@ -48,21 +48,6 @@ class RuntimePipeline(Pipeline):
     def row_fields(self, config: BaseQuantConfig) -> dict[str, Any]:
         return {"activation_mode": self.activation_mode}
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        config: BaseQuantConfig,
-        calibration_images: torch.Tensor | None,
-        eval_data: Any,
-    ) -> dict[str, Any]:
-        """Quantize, measure accuracy on ``eval_data`` and latency; returns `result_row` keyword arguments.
-
-        The keys are those of `hf_cd.quant.results.result_row` except ``pipeline``, ``runtime``,
-        ``seed`` and ``reference_accuracy`` (which `evaluate_quantized` fills in), plus this
-        runtime's latency columns.
-        """
-        raise NotImplementedError
-
 
 def check_int8_bits(pipeline: str, config: BaseQuantConfig, float_parts_allowed: bool = True) -> None:
     """Integer kernels come in one width: refuse other bits instead of silently running 8-bit ones."""
