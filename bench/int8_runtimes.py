@@ -76,8 +76,7 @@ def speed_reference(args) -> list[dict]:
         ViTConfig(image_size=224, patch_size=16, num_labels=1000, **VIT_SMALL)
     ).eval()
     calibration = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    settings = OnnxRuntimeInt8Config(num_threads=args.threads)
-    config = QuantConfig(pipeline="onnxruntime-int8", progress=False, extra={"onnxruntime": settings})
+    config = OnnxRuntimeInt8Config(num_threads=args.threads, progress=False)
     start = time.perf_counter()
     int8 = OnnxRuntimeInt8Pipeline()(model, config, calibration)
     quantize_seconds = time.perf_counter() - start

@@ -79,6 +79,7 @@ def parse_quant_spec(
     """
     values = {**shared, **{k: v for k, v in (("w_bits", w_bits), ("a_bits", a_bits)) if v is not None}}
     if isinstance(spec, BaseQuantConfig):
+        spec = to_typed(spec)
         return spec.replace(**values) if values else spec
     name, options = parse_spec_string(spec)
     return config_from_options(name, options, values, extra=extra or {})
