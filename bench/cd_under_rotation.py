@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS_DIR, environment, in_percent, parse_checked, record_header
-from pretrained_ptq import load_tensors, parse_bits, parse_spec
+from pretrained_ptq import load_tensors, parse_bits
 
 DEFAULT_PIPELINES = ("gptaq", "rotate_gptaq", "percentile", "rotate")
 
@@ -64,7 +64,7 @@ def main() -> None:
 
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from hf_cd.quant import QuantConfig, evaluate_quantized
+    from hf_cd.quant import BaseQuantConfig, evaluate_quantized
 
     runs = dict(item.split("=", 1) for item in args.runs)
     work = Path(args.work_dir)
@@ -93,10 +93,9 @@ def main() -> None:
                 (train_x, _), _, (test_x, test_y) = load_tensors(processor, 2000, args.num_eval, 0)
                 data = (train_x, (test_x[: args.num_eval], test_y[: args.num_eval]))
             print(f"[{time.strftime('%H:%M:%S')}] {name} {spec} {todo}", flush=True)
-            pipeline, options = parse_spec(spec)
-            config = QuantConfig(num_calibration=args.num_calibration, seed=args.calibration_seed, batch_size=64,
-                                 progress=False, extra=options)  # fmt: skip
-            table = evaluate_quantized(model, data[1], data[0], pipelines=[pipeline], bits=todo, config=config,
+            config = BaseQuantConfig(num_calibration=args.num_calibration, seed=args.calibration_seed, batch_size=64,
+                                     progress=False)  # fmt: skip
+            table = evaluate_quantized(model, data[1], data[0], pipelines=[spec], bits=todo, config=config,
                                        feature_cosine=True).to_dicts()  # fmt: skip
             full = next((r for r in done if r["pipeline"] == "full_precision"), None)
             if full is None:

@@ -88,7 +88,7 @@ def weight_of(model, block_index: int, role: str) -> torch.nn.Linear:
 
 def matrix_mechanism(weight: torch.Tensor, inputs: torch.Tensor) -> dict[str, float]:
     """Rounding error on real inputs and where the matrix's energy sits relative to its inputs' subspace."""
-    from hf_cd.quant.quantizers import quantize_weight_symmetric
+    from hf_cd.quant.algorithms.quantizers import quantize_weight_symmetric
 
     x = inputs.reshape(-1, inputs.shape[-1])
     w = weight.float()
@@ -150,7 +150,7 @@ def weight_only_by_role(model, test: tuple, roles=ROLES) -> dict[str, float]:
     """Accuracy with one role's weights at 4-bit per-row RTN in every block (all else float)."""
     from hf_cd.architectures import resolve_blocks
     from hf_cd.quant import evaluate_accuracy
-    from hf_cd.quant.quantizers import quantize_weight_symmetric
+    from hf_cd.quant.algorithms.quantizers import quantize_weight_symmetric
 
     accuracies = {}
     for role in roles:

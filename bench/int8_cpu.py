@@ -133,7 +133,6 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     from cd_overhead_cpu import cpu_flags
-    from hf_cd.quant import QuantConfig
     from hf_cd.quant.runtimes import OnnxRuntimeInt8Config, OnnxRuntimeInt8Pipeline
     from hf_cd.quant.runtimes.base import interleaved_median_ms, latency_columns, tile_images
     from hf_cd.quant.runtimes.onnxruntime_int8 import (
@@ -163,7 +162,7 @@ def main(argv=None) -> None:
     float_name = {export: f"float:{export[0]}_opset{export[1]}" for export in set(export_of.values())}
     sessions, quantize_seconds, paths, float_paths = {}, {}, {}, {}
     for name, settings in variants.items():
-        config = QuantConfig(pipeline="onnxruntime-int8", progress=False, extra={"onnxruntime": settings})
+        config = settings.replace(progress=False)
         export = export_of[name]
         start = time.perf_counter()
         if float_name[export] not in float_paths:  # the pipeline as a user calls it: export + quantize

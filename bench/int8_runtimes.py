@@ -31,7 +31,7 @@ from fashion_vit import SHAPES, fashion_mnist_tensors, train_fashion_vit
 from hf_cd.quant import QuantConfig, evaluate_quantized
 from hf_cd.quant.runtimes import OnnxRuntimeInt8Config, OnnxRuntimeInt8Pipeline
 from hf_cd.quant.runtimes.base import interleaved_median_ms
-from hf_cd.quant.runtimes.onnxruntime_int8 import INPUT_NAME, OUTPUT_NAME, ort_session
+from hf_cd.quant.runtimes.onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session
 from hf_cd.table import Table
 
 VIT_SMALL = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)
@@ -76,8 +76,7 @@ def speed_reference(args) -> list[dict]:
         ViTConfig(image_size=224, patch_size=16, num_labels=1000, **VIT_SMALL)
     ).eval()
     calibration = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    settings = OnnxRuntimeInt8Config(num_threads=args.threads)
-    config = QuantConfig(pipeline="onnxruntime-int8", progress=False, extra={"onnxruntime": settings})
+    config = OnnxRuntimeInt8Config(num_threads=args.threads, progress=False)
     start = time.perf_counter()
     int8 = OnnxRuntimeInt8Pipeline()(model, config, calibration)
     quantize_seconds = time.perf_counter() - start

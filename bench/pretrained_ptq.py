@@ -50,19 +50,6 @@ ROTATED_FOR_SENSITIVITY = "rotate"
 """Site-by-site bits need a fake-quant pipeline that quantizes its own weights: the RTN one."""
 
 
-def parse_spec(spec: str) -> tuple[str, dict]:
-    """``NAME`` or ``NAME:key=value,key=value`` → (pipeline name, its ``QuantConfig.extra`` options)."""
-    name, _, options = spec.partition(":")
-    extra = {}
-    for item in filter(None, options.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            extra[key] = json.loads(value)
-        except json.JSONDecodeError:
-            extra[key] = value
-    return name, extra
-
-
 def variant(row: dict) -> str:
     return row.get("variant", row["pipeline"])
 
@@ -250,7 +237,7 @@ def main() -> None:
         help="only run the missing rows (a resumable chunk); write no record",
     )
     parser.add_argument(
-        "--quant-extra", default="{}", help="JSON merged into QuantConfig's fields for every row"
+        "--quant-extra", default="{}", help="JSON of BaseQuantConfig's shared fields for every row"
     )
     parser.add_argument(
         "--rows-tag", default=None, help="name of the finished-rows file; change it when the code changes"
@@ -267,7 +254,13 @@ def main() -> None:
 
     from hf_cd.diagnostics import outlier_profile
     from hf_cd.pretrained import MODEL_NAME
-    from hf_cd.quant import QuantConfig, evaluate_quantized, plot_sensitivity, sensitivity
+    from hf_cd.quant import (
+        BaseQuantConfig,
+        evaluate_quantized,
+        parse_quant_spec,
+        plot_sensitivity,
+        sensitivity,
+    )
 
     work = Path(args.work_dir) / f"{args.image_size}px"
     work.mkdir(parents=True, exist_ok=True)
@@ -279,7 +272,9 @@ def main() -> None:
 
     extra = json.loads(args.quant_extra)
     calibration_seed = args.seed if args.calibration_seed is None else args.calibration_seed
-    base = QuantConfig(num_calibration=args.num_calibration, seed=calibration_seed, batch_size=64, **extra)
+    base = BaseQuantConfig(
+        num_calibration=args.num_calibration, seed=calibration_seed, batch_size=64, **extra
+    )
     tag = (
         args.rows_tag
         or hashlib.sha1(json.dumps([extra, calibration_seed], sort_keys=True).encode()).hexdigest()[:8]
@@ -288,7 +283,7 @@ def main() -> None:
     done: list[dict] = json.loads(rows_file.read_text()) if rows_file.is_file() else []
     plan = [(p, [b for b in args.bits]) for p in args.pipelines]
     for spec in args.pipelines:
-        parse_spec(spec)  # a malformed spec fails before any row runs
+        parse_quant_spec(spec)  # a malformed spec or an unknown option fails before any row runs
     if args.onnxruntime:
         plan.append(("onnxruntime-int8", [(8, 8)]))
     full_precision = next((r for r in done if r["pipeline"] == "full_precision"), None)
@@ -299,9 +294,7 @@ def main() -> None:
         if not todo:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {spec} {todo}", flush=True)
-        pipeline, options = parse_spec(spec)
-        config = base.replace(extra={**base.extra, **options})
-        table = evaluate_quantized(model, test, train_x, pipelines=[pipeline], bits=todo, config=config,
+        table = evaluate_quantized(model, test, train_x, pipelines=[spec], bits=todo, config=base,
                                    feature_cosine=True)  # fmt: skip
         rows = table.to_dicts()
         if full_precision is None:

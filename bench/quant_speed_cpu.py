@@ -70,7 +70,8 @@ again (no replay) and every weight row sorted in full."""
 
 @contextlib.contextmanager
 def as_before(enabled: bool):
-    from hf_cd.quant import calibration, quantizers
+    from hf_cd.quant import calibration
+    from hf_cd.quant.algorithms import quantizers
 
     if not enabled:
         yield

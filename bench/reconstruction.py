@@ -7,7 +7,7 @@ one with Colinearity Decay (``--cd-strength``), then quantizes each at every ``-
 * ``gptq``: GPTQ on the partially quantized model's inputs;
 * ``gptaq``: GPTAQ with one global α (``--alpha``, 0.25 published);
 * ``marr_grid``: a per-module α chosen by grid search (0, 0.125, …, 1);
-* ``marr``: a per-module α refined by the PID loop of `hf_cd.quant.marr`;
+* ``marr``: a per-module α refined by the PID loop of `hf_cd.quant.algorithms.marr`;
 * ``marr_holdout``: the same, with E(α) measured on a held-out quarter of the calibration images.
 
 Activations use the ``percentile`` observers in every row, so rows differ only in the encoder weights
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS_DIR, environment, parse_checked, write_result
 from fashion_vit import SHAPES, fashion_mnist_tensors, train_fashion_vit
 from hf_cd.quant import QuantConfig, evaluate_accuracy, quantize
-from hf_cd.quant.reconstruction import measure_reconstruction_errors, reconstruction_report
+from hf_cd.quant.reconstruction_errors import measure_reconstruction_errors, reconstruction_report
 
 METHODS: dict[str, tuple[str, str, dict]] = {
     "rtn": ("RTN", "percentile", {}),

@@ -49,6 +49,22 @@ def tiny_dinov2_config(**overrides) -> Dinov2Config:
     return Dinov2Config(**kwargs)
 
 
+def scramble(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give LayerNorm γ/β, layer scales and the learned tokens values far from their init, so folds matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(
+                ("norm1.weight", "norm2.weight", "layernorm_before.weight", "layernorm_after.weight")
+            ):
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) * 2 + 0.3)
+            elif "norm" in name and name.endswith("bias"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+            elif "lambda1" in name or "token" in name or "position_embeddings" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) + 0.5)
+    return model.eval()
+
+
 requires_fashion_mnist = pytest.mark.skipif(
     not fashion_mnist_available(),
     reason="Debian's dataset-fashion-mnist is not installed (`make setup` installs it where apt exists)",

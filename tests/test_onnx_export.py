@@ -19,7 +19,13 @@ from transformers import (
 from conftest import tiny_dinov2_config, tiny_vit_config
 from hf_cd import UnsupportedArchitectureError
 from hf_cd.export import export_model, main
-from hf_cd.quant import QuantConfig, RuntimeUnavailableError, evaluate_quantized, get_pipeline, quantize
+from hf_cd.quant import (
+    QuantConfig,
+    RuntimeUnavailableError,
+    evaluate_quantized,
+    parse_quant_spec,
+    quantize,
+)
 from hf_cd.quant.inputs import select_calibration_images
 from hf_cd.quant.runtimes import (
     OnnxExportError,
@@ -298,11 +304,13 @@ def test_unknown_op_types_and_settings_are_refused():
         quantize(
             make_model("vit"), QuantConfig(pipeline="onnxruntime-int8", extra={"onnxruntime": 3}), images(4)
         )
-    misspelt = QuantConfig(
-        pipeline="onnxruntime-int8", extra={"onnxruntime": {"calibration_metod": "percentile"}}
-    )
     with pytest.raises(ValueError, match=r"'calibration_metod' .* Did you mean 'calibration_method'"):
-        get_pipeline("onnxruntime-int8").check(misspelt)  # the check evaluate_quantized runs before any row
+        # the deprecated spelling is checked as soon as it is built, before any row
+        QuantConfig(pipeline="onnxruntime-int8", extra={"onnxruntime": {"calibration_metod": "percentile"}})
+    with pytest.raises(
+        ValueError, match=r"Unknown option 'calibration_metod'.* Did you mean 'calibration_method'"
+    ):
+        parse_quant_spec("onnxruntime-int8:calibration_metod=percentile")
 
 
 def test_int8_runtimes_refuse_other_bit_widths():

@@ -8,7 +8,7 @@ import torch
 from hf_cd.export import export_model
 from hf_cd.quant import QuantConfig, evaluate_quantized
 from hf_cd.quant.runtimes import OnnxRuntimeInt8Config
-from hf_cd.quant.runtimes.onnxruntime_int8 import ort_session
+from hf_cd.quant.runtimes.onnx_export import ort_session
 
 pytestmark = pytest.mark.slow
 

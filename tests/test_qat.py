@@ -15,19 +15,21 @@ from conftest import requires_fashion_mnist, tiny_dinov2_config, tiny_vit_config
 from hf_cd import CDConfig, CDTrainer, alignment_summary, measure_alignment
 from hf_cd.architectures import UnsupportedArchitectureError
 from hf_cd.quant import (
+    BaseQuantConfig,
     QATConfig,
-    QuantConfig,
     QuantParams,
     convert,
     float_model,
     get_pipeline,
     load_quantized,
+    parse_quant_spec,
     prepare_qat,
     qat_init_pipelines,
     quantization_state,
     quantize,
     save_quantized,
 )
+from hf_cd.quant.algorithms.quantizers import asymmetric_range, symmetric_range
 from hf_cd.quant.qat import (
     LearnedActivationQuantizer,
     LearnedWeightQuantizer,
@@ -35,7 +37,6 @@ from hf_cd.quant.qat import (
     qat_state_dict,
     step_size_parameters,
 )
-from hf_cd.quant.quantizers import asymmetric_range, symmetric_range
 from hf_cd.training.resume import ResumeSettingsError
 from hf_cd.training.trainer import QAT_STATE_FILE
 from test_trainer import RandomImages
@@ -59,9 +60,9 @@ def _images(n: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
 
 
-def _config(pipeline: str = "percentile", w_bits: int = 4, a_bits: int = 4, **extra) -> QuantConfig:
-    return QuantConfig(
-        w_bits=w_bits, a_bits=a_bits, pipeline=pipeline, num_calibration=8, progress=False, **extra
+def _config(pipeline: str = "percentile", w_bits: int = 4, a_bits: int = 4, **extra) -> BaseQuantConfig:
+    return parse_quant_spec(
+        pipeline, w_bits=w_bits, a_bits=a_bits, num_calibration=8, progress=False, **extra
     )
 
 
@@ -352,7 +353,7 @@ def test_qat_options_come_from_yaml_and_the_command_line(tmp_path):
         ["--config", str(config), "--qat_bits", "W6A6", "--qat_init", "minmax"]
     ).training
     assert (flags.qat_bits, flags.qat_init) == ("W6A6", "minmax")
-    assert flags.qat_config().init.w_bits == 6 and flags.qat_config().init.pipeline == "minmax"
+    assert flags.qat_config().init.w_bits == 6 and flags.qat_config().init.name == "minmax"
     off = parse_recipe_args(["--config", str(config), "--qat_bits", "none"]).training
     assert off.qat_bits is None and off.qat_config() is None
 

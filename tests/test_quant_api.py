@@ -209,7 +209,8 @@ def test_evaluate_quantized_rows_and_views():
         ("repq", 4, 4),
     ]
     rows = table.to_dicts()
-    assert all(list(row) == list(RESULT_COLUMNS) for row in rows)
+    assert all(list(row)[: len(RESULT_COLUMNS)] == list(RESULT_COLUMNS) for row in rows)
+    assert [row.get("config") for row in rows] == [None, "minmax", "minmax", "repq", "repq"]
     json.dumps(rows)
     assert table.full_precision_accuracy == accuracy(model, x, y)
     assert table.accuracy("minmax", 4, 4) == accuracy(
@@ -220,7 +221,7 @@ def test_evaluate_quantized_rows_and_views():
     assert all(row["accuracy_drop"] == pytest.approx(rows[0]["accuracy"] - row["accuracy"]) for row in rows)
     assert {row["runtime"] for row in rows[1:]} == {"fake_quant"}
     assert len(table.to_markdown().splitlines()) == 2 + len(rows)
-    assert list(table.to_pandas().columns) == list(RESULT_COLUMNS)
+    assert list(table.to_pandas().columns) == [*RESULT_COLUMNS, "config"]
 
 
 def test_data_in_every_accepted_form_gives_the_same_numbers():
@@ -293,7 +294,7 @@ def test_a_registered_pipeline_produces_rows_in_the_same_format():
             _model(), _labelled(), _images(), pipelines=("test_clipped",), bits=((6, 6),), config=_config()
         )
         assert table[1]["pipeline"] == "test_clipped" and table[1]["runtime"] == "test_runtime"
-        assert list(table.to_dicts()[1]) == list(RESULT_COLUMNS)
+        assert list(table.to_dicts()[1]) == [*RESULT_COLUMNS, "config"]
     finally:
         PIPELINES.pop("test_clipped")
 

@@ -11,9 +11,8 @@ from transformers import ViTForImageClassification
 
 from conftest import tiny_vit_config
 from hf_cd.quant import QuantConfig, quantization_state, quantize
-from hf_cd.quant.config import DEFAULT_WEIGHT_CLIP_RATIOS
-from hf_cd.quant.gptaq import gptaq_quantize
-from hf_cd.quant.gptq import (
+from hf_cd.quant.algorithms.gptaq import gptaq_quantize
+from hf_cd.quant.algorithms.gptq import (
     HessianNotPositiveDefiniteError,
     InputStatistics,
     SolverSettings,
@@ -21,9 +20,10 @@ from hf_cd.quant.gptq import (
     relative_reconstruction_error,
     weight_grid,
 )
-from hf_cd.quant.marr import PIDController, PIDGains, grid_search, marr_search
-from hf_cd.quant.quantizers import quantize_weight_symmetric, symmetric_range
-from hf_cd.quant.reconstruction import measure_reconstruction_errors, reconstruction_report
+from hf_cd.quant.algorithms.marr import PIDController, PIDGains, grid_search, marr_search
+from hf_cd.quant.algorithms.quantizers import quantize_weight_symmetric, symmetric_range
+from hf_cd.quant.config import DEFAULT_WEIGHT_CLIP_RATIOS
+from hf_cd.quant.reconstruction_errors import measure_reconstruction_errors, reconstruction_report
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_cd.quant import RESULT_COLUMNS, QuantConfig, evaluate_quantized, quantize
-from hf_cd.quant.reconstruction import measure_reconstruction_errors
+from hf_cd.quant.reconstruction_errors import measure_reconstruction_errors
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def test_w4a4_reconstruction_pipelines_run_end_to_end(
         bits=((4, 4),),
         config=QuantConfig(progress=False, batch_size=250),
     )
-    assert table.columns == list(RESULT_COLUMNS)
+    assert table.columns == [*RESULT_COLUMNS, "config"]
     assert [(r["pipeline"], r["w_bits"], r["a_bits"]) for r in table][1:] == [
         ("gptq", 4, 4),
         ("gptaq", 4, 4),

@@ -7,8 +7,15 @@ import torch
 from transformers import DeiTConfig, DeiTForImageClassification, ViTForImageClassification
 
 from conftest import tiny_vit_config
-from hf_cd.quant import QuantConfig, quantization_state, quantize
-from hf_cd.quant.observers import PercentileObserver
+from hf_cd.quant import (
+    BaseQuantConfig,
+    MinMaxConfig,
+    PercentileConfig,
+    parse_quant_spec,
+    quantization_state,
+    quantize,
+)
+from hf_cd.quant.algorithms.observers import PercentileObserver
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -48,7 +55,7 @@ def test_the_plain_search_clips_the_cls_value_and_the_prefix_aware_one_covers_it
 
     # and the aware search is what it claims: least CLS-weighted error among its candidates
     def weighted_error(params):
-        from hf_cd.quant.params import fake_quantize
+        from hf_cd.quant.algorithms.params import fake_quantize
 
         error = (fake_quantize(x, params.scheme, bits, params.scale, params.zero_point) - x).square()
         error[:, 0] *= 16  # one CLS token = the 16 patch tokens
@@ -66,7 +73,7 @@ def test_the_weighting_concerns_only_the_prefix_tokens():
     assert torch.equal(aware.scale, plain.scale) and torch.equal(aware.zero_point, plain.zero_point)
 
 
-def _block_prefix_tokens(model, config: QuantConfig) -> set[int]:
+def _block_prefix_tokens(model, config: BaseQuantConfig) -> set[int]:
     state = quantization_state(quantize(model, config, torch.randn(4, *_input_shape(model))))
     return {site.prefix_tokens for site in state.activations if site.role == "ffn_hidden"}
 
@@ -85,7 +92,7 @@ def test_prefix_tokens_come_from_the_architecture_table():
                                                             "intermediate_size", "image_size", "patch_size",
                                                             "num_channels", "num_labels")})
     ).eval()  # fmt: skip
-    config = QuantConfig(pipeline="minmax", progress=False, num_calibration=4)
+    config = MinMaxConfig(progress=False, num_calibration=4)
     assert _block_prefix_tokens(vit, config) == {1}
     assert _block_prefix_tokens(deit, config) == {2}
 
@@ -99,7 +106,7 @@ def test_pipeline_defaults_and_the_explicit_setting(pipeline, setting, expected)
     from hf_cd.quant.registry import get_pipeline
 
     site = ActivationSite(quantizer=None, group=1, block=0, prefix_tokens=1)
-    config = QuantConfig(pipeline=pipeline, weight_prefix_tokens=setting)
+    config = parse_quant_spec(pipeline, weight_prefix_tokens=setting)
     assert get_pipeline(pipeline).prefix_tokens(site, config) == expected
 
 
@@ -108,15 +115,11 @@ def test_percentile_weights_are_asymmetric_per_row_unless_asked_otherwise():
     model = ViTForImageClassification(tiny_vit_config(hidden_size=256, intermediate_size=256)).eval()
     images = torch.randn(4, 1, 28, 28)
     for scheme, max_levels in (("asymmetric", 16), ("symmetric", 15)):
-        config = QuantConfig(pipeline="percentile", w_bits=4, a_bits=16, progress=False, num_calibration=4,
-                             extra={"percentile_weights": scheme})  # fmt: skip
+        config = PercentileConfig(w_bits=4, a_bits=16, progress=False, num_calibration=4, weights=scheme)
         fc1 = quantize(model, config, images).vit.layers[0].mlp.fc1.weight
         levels = max(len(torch.unique(row)) for row in fc1)
         assert levels == max_levels, scheme
         if scheme == "asymmetric":  # an asymmetric row is not sign-symmetric
             assert any(not torch.allclose(row.max(), -row.min()) for row in fc1)
-    from hf_cd.quant.registry import get_pipeline
-
-    bad = QuantConfig(pipeline="percentile", extra={"percentile_weights": "minmax"})
     with pytest.raises(ValueError, match=r"percentile_weights.*'asymmetric'.*'symmetric'"):
-        get_pipeline("percentile").check(bad)
+        PercentileConfig(weights="minmax")

@@ -1,4 +1,4 @@
-"""The quantizer arithmetic (`hf_cd.quant.quantizers`) and the streaming observers built on it."""
+"""The quantizer arithmetic (`hf_cd.quant.algorithms.quantizers`) and the streaming observers built on it."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from hf_cd.quant.observers import LogSqrt2Observer, MinMaxObserver, PercentileObserver
-from hf_cd.quant.quantizers import (
+from hf_cd.quant.algorithms.observers import LogSqrt2Observer, MinMaxObserver, PercentileObserver
+from hf_cd.quant.algorithms.quantizers import (
     asymmetric_params,
     asymmetric_range,
     fake_quantize_asymmetric,

@@ -8,9 +8,9 @@ from transformers import Dinov2ForImageClassification, ViTForImageClassification
 
 from conftest import tiny_dinov2_config, tiny_vit_config
 from hf_cd.architectures import resolve_blocks
-from hf_cd.quant.observers import PercentileObserver
-from hf_cd.quant.quantizers import asymmetric_params
-from hf_cd.quant.reparam import fold_into_layernorm, layernorm_reparameterization
+from hf_cd.quant.algorithms.observers import PercentileObserver
+from hf_cd.quant.algorithms.quantizers import asymmetric_params
+from hf_cd.quant.algorithms.repq_reparam import fold_into_layernorm, layernorm_reparameterization
 
 
 def _with_outlier_channels(model):

@@ -22,16 +22,21 @@ from hf_cd.hub.parse import parse_card
 from hf_cd.quant import (
     FULL_PRECISION,
     RESULT_COLUMNS,
+    BaseQuantConfig,
+    MinMaxConfig,
+    OnnxRuntimeInt8Config,
     QuantConfig,
+    RepQConfig,
     evaluate_quantized,
     get_pipeline,
+    parse_quant_spec,
     quantization_state,
     quantize,
 )
-from hf_cd.quant.observers import PercentileObserver
-from hf_cd.quant.pipelines.repq import RepQOptions, RepQPipeline
-from hf_cd.quant.quantizers import asymmetric_weight_params, quantize_weight_asymmetric
-from hf_cd.quant.reparam import post_layernorm_target
+from hf_cd.quant.algorithms.observers import PercentileObserver
+from hf_cd.quant.algorithms.quantizers import asymmetric_weight_params, quantize_weight_asymmetric
+from hf_cd.quant.algorithms.repq_reparam import post_layernorm_target
+from hf_cd.quant.pipelines.repq import RepQPipeline
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -150,14 +155,14 @@ def test_weights_are_asymmetric_per_row_with_the_reference_percentile_search(nam
         quantize_weight_asymmetric(weight, BITS, REFERENCE_PERCENTILES), expected, **close
     )
     # What `repq` does to a weight by default is exactly this.
-    repq = RepQPipeline().quantize_weight(weight, BITS, QuantConfig())
+    repq = RepQPipeline().quantize_weight(weight, BITS, RepQConfig())
     torch.testing.assert_close(repq, expected, **close)
     # A 2^b-code grid per row (codes 0 … 2^b − 1 all in use somewhere); the symmetric one has 2^b − 1.
     codes = repq.reshape(weight.shape[0], -1) / scale + zero_point
     torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)
     assert codes.round().min() == 0 and codes.round().max() == 2**BITS - 1
     assert (codes.amax(1) - codes.amin(1)).round().max() == 2**BITS - 1
-    symmetric = RepQPipeline().quantize_weight(weight, BITS, QuantConfig(extra={"repq_weights": "symmetric"}))
+    symmetric = RepQPipeline().quantize_weight(weight, BITS, RepQConfig(weights="symmetric"))
     assert max(row.unique().numel() for row in symmetric.reshape(weight.shape[0], -1)) <= 2**BITS - 1
     assert not torch.allclose(symmetric, repq)
     if name == "linear":
@@ -171,7 +176,7 @@ def test_weights_are_asymmetric_per_row_with_the_reference_percentile_search(nam
 def test_per_tensor_activations_match_the_reference(name):
     x = _activations()[name]
     ref_delta, ref_zero_point = ref_uniform_init(x, BITS)
-    reference = QuantConfig(activation_include_zero=False)
+    reference = RepQConfig(activation_include_zero=False)
     params = _observe(RepQPipeline().observer(_site("ffn_hidden"), reference), x)
     torch.testing.assert_close(params.scale, ref_delta, rtol=1e-5, atol=0)
     assert torch.equal(params.zero_point, ref_zero_point)
@@ -181,7 +186,7 @@ def test_per_tensor_activations_match_the_reference(name):
 
     # The default widens the range to contain 0: the same wherever the range already does, and a
     # valid code (the reference's is negative, so 0 is not on its grid) where it does not.
-    default = _observe(RepQPipeline().observer(_site("ffn_hidden"), QuantConfig()), x)
+    default = _observe(RepQPipeline().observer(_site("ffn_hidden"), RepQConfig()), x)
     if name == "positive_off_zero":
         assert ref_zero_point < 0 and default.zero_point == 0
         assert not torch.allclose(default.scale, ref_delta)
@@ -201,7 +206,7 @@ def test_log_sqrt2_matches_the_reference_including_zeros_and_the_lowest_level():
     lowest = ref_delta * 2 ** (-(2**BITS - 1) / 2)  # δ·2^−7.5 at 4 bits
     assert (expected == 0).any() and torch.isclose(expected, lowest.expand_as(expected), rtol=1e-6).any()
 
-    params = _observe(RepQPipeline().observer(_site("attention_probs"), QuantConfig()), probs)
+    params = _observe(RepQPipeline().observer(_site("attention_probs"), RepQConfig()), probs)
     assert params.scheme == "log_sqrt2"
     torch.testing.assert_close(params.scale, ref_delta, rtol=1e-6, atol=0)
     quantized = params.apply(probs)
@@ -210,7 +215,7 @@ def test_log_sqrt2_matches_the_reference_including_zeros_and_the_lowest_level():
     assert quantized.unique().numel() <= 2**BITS + 1
 
     # The b-bit variant gives the lowest level's code to zero: those entries become 0.
-    zero_code = QuantConfig(extra={"repq_log_zero_code": True})
+    zero_code = RepQConfig(log_zero_code=True)
     variant = _observe(RepQPipeline().observer(_site("attention_probs"), zero_code), probs)
     assert variant.scheme == "log_sqrt2_zero_code"
     at_lowest = torch.isclose(expected, lowest.expand_as(expected), rtol=1e-6)
@@ -268,11 +273,9 @@ def test_repq_sets_each_post_layernorm_quantizer_to_the_mean_target_and_never_re
     model(pixel_values=images)
     for handle in handles:
         handle.remove()
-    config = QuantConfig(w_bits=BITS, a_bits=BITS, num_calibration=8, progress=False)
+    config = RepQConfig(w_bits=BITS, a_bits=BITS, num_calibration=8, progress=False)
     state = quantization_state(quantize(model, config, images))
-    recalibrated = quantization_state(
-        quantize(model, config.replace(extra={"repq_post_layernorm": "recalibrate"}), images)
-    )
+    recalibrated = quantization_state(quantize(model, config.replace(post_layernorm="recalibrate"), images))
     for (index, kind), output in outputs.items():
         block = state.blocks[index]
         norm = block.norm_before_attention if kind == "attention" else block.norm_before_ffn
@@ -293,13 +296,19 @@ def test_repq_sets_each_post_layernorm_quantizer_to_the_mean_target_and_never_re
 
 
 def test_repq_options_are_checked_with_a_did_you_mean():
-    assert RepQOptions.from_extra({"gptq_damp": 0.1}) == RepQOptions()  # other pipelines' keys are left alone
+    other = parse_quant_spec("repq", extra={"gptq_damp": 0.1})
+    assert other == RepQConfig()  # other pipelines' keys are left alone
     with pytest.raises(ValueError, match="Did you mean 'repq_weights'"):
-        RepQOptions.from_extra({"repq_weight": "symmetric"})
-    with pytest.raises(ValueError, match="repq_post_layernorm"):
-        RepQOptions.from_extra({"repq_post_layernorm": "median"})
+        parse_quant_spec("repq:repq_weight=symmetric")
+    with pytest.raises(ValueError, match="post_layernorm"):
+        parse_quant_spec("repq:repq_post_layernorm=median")
     with pytest.raises(ValueError, match="Did you mean"):
-        get_pipeline("repq").check(QuantConfig(extra={"repq_log_zero_cod": True}))
+        parse_quant_spec("repq:repq_log_zero_cod=true")
+    with (
+        pytest.warns(DeprecationWarning),
+        pytest.raises(ValueError, match="Did you mean 'repq_log_zero_code'"),
+    ):
+        QuantConfig(extra={"repq_log_zero_cod": True})  # the deprecated spelling is checked as early
 
 
 # --- bit protocols --------------------------------------------------------------------------------
@@ -318,7 +327,7 @@ def _bits_by_role(state) -> dict[str, set[int]]:
 def test_the_repq_vit_protocol_gives_reference_bits_to_the_patch_embedding_and_the_classifier():
     torch.manual_seed(0)
     model, images = ViTForImageClassification(tiny_vit_config()).eval(), _images(8, seed=2)
-    config = QuantConfig(pipeline="minmax", w_bits=4, a_bits=6, num_calibration=8, progress=False)
+    config = MinMaxConfig(w_bits=4, a_bits=6, num_calibration=8, progress=False)
     paper = _bits_by_role(quantization_state(quantize(model, config.replace(protocol="repq_vit"), images)))
     assert paper["patch_embedding:weight"] == {4} and paper["patch_embedding_input:input"] == {8}
     assert paper["classifier:weight"] == {4} and paper["classifier_input:input"] == {6}
@@ -327,7 +336,7 @@ def test_the_repq_vit_protocol_gives_reference_bits_to_the_patch_embedding_and_t
     assert deploy["classifier:weight"] == deploy["classifier_input:input"] == {8}
 
     # repq under the paper's protocol: the patch-embedding weight is RepQ-ViT's per-row 4-bit quantizer.
-    quantized = quantize(model, config.replace(pipeline="repq", protocol="repq_vit"), images)
+    quantized = quantize(model, RepQConfig(**{**config.shared(), "protocol": "repq_vit"}), images)
     weight = model.vit.embeddings.patch_embeddings.projection.weight
     rows = weight.reshape(weight.shape[0], -1)
     delta, zero_point = ref_channel_wise(rows, 4, channel_dim=0)
@@ -339,19 +348,19 @@ def test_the_repq_vit_protocol_gives_reference_bits_to_the_patch_embedding_and_t
 
 def test_protocols_are_validated():
     with pytest.raises(ValueError, match="Did you mean 'repq_vit'"):
-        QuantConfig(protocol="repq-vit")
+        RepQConfig(protocol="repq-vit")
     with pytest.raises(ValueError, match="leave embedding_bits and classifier_bits at 8"):
-        QuantConfig(protocol="repq_vit", embedding_bits=6)
-    assert QuantConfig(protocol="repq_vit", w_bits=16, a_bits=16).quantizes_activations  # pixels at 8 bits
+        RepQConfig(protocol="repq_vit", embedding_bits=6)
+    assert RepQConfig(protocol="repq_vit", w_bits=16, a_bits=16).quantizes_activations  # pixels at 8 bits
     with pytest.raises(ValueError, match="protocol='deploy'"):
-        get_pipeline("onnxruntime-int8").check(QuantConfig(protocol="repq_vit"))
+        get_pipeline("onnxruntime-int8").check(OnnxRuntimeInt8Config(protocol="repq_vit"))
 
 
 def test_every_row_names_its_protocol_and_the_card_keeps_the_protocols_apart():
     torch.manual_seed(0)
     model = ViTForImageClassification(tiny_vit_config()).eval()
     x, y = _images(12, seed=3), torch.randint(0, 10, (12,), generator=torch.Generator().manual_seed(4))
-    config = QuantConfig(num_calibration=8, batch_size=12, progress=False)
+    config = BaseQuantConfig(num_calibration=8, batch_size=12, progress=False)
     rows = []
     for protocol in ("deploy", "repq_vit"):
         table = evaluate_quantized(

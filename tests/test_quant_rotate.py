@@ -14,13 +14,11 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from conftest import tiny_dinov2_config, tiny_vit_config
+from conftest import scramble, tiny_dinov2_config, tiny_vit_config
 from hf_cd.architectures import resolve_blocks
-from hf_cd.quant import QuantConfig, evaluate_quantized, quantize
-from hf_cd.quant.pipelines.rotate import FoldedRMSNorm, RotateOptions, rotate_float_model
-from hf_cd.quant.prepare import quantization_state
-from hf_cd.quant.quantizers import fake_quantize_dynamic_per_token
-from hf_cd.quant.rotation import (
+from hf_cd.quant import QuantConfig, RotateConfig, evaluate_quantized, parse_quant_spec, quantize
+from hf_cd.quant.algorithms.quantizers import fake_quantize_dynamic_per_token
+from hf_cd.quant.algorithms.rotation import (
     hadamard_factors,
     hadamard_matrix,
     hadamard_transform,
@@ -28,28 +26,14 @@ from hf_cd.quant.rotation import (
     rotation_matrix,
     walsh_hadamard_transform,
 )
+from hf_cd.quant.pipelines.rotate import FoldedRMSNorm, rotate_float_model
+from hf_cd.quant.prepare import quantization_state
 
 FLOAT = dict(w_bits=16, a_bits=16, embedding_bits=16, classifier_bits=16)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max())
-
-
-def scramble(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give LayerNorm γ/β, layer scales and the learned tokens values far from their init, so folds matter."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(
-                ("norm1.weight", "norm2.weight", "layernorm_before.weight", "layernorm_after.weight")
-            ):
-                parameter.copy_(torch.rand(parameter.shape, generator=generator) * 2 + 0.3)
-            elif "norm" in name and name.endswith("bias"):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-            elif "lambda1" in name or "token" in name or "position_embeddings" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) + 0.5)
-    return model.eval()
 
 
 def tiny_model(name: str) -> torch.nn.Module:
@@ -222,9 +206,9 @@ def test_dynamic_mode_quantizes_encoder_sites_per_token_and_keeps_the_outer_ones
 
 def test_options_are_checked_and_recorded_in_every_row():
     with pytest.raises(ValueError, match="rotate_residual"):
-        RotateOptions.from_extra({"rotate_residuals": False})
+        parse_quant_spec("rotate:rotate_residuals=false")
     with pytest.raises(ValueError, match="rotate_solver"):
-        RotateOptions.from_extra({"rotate_solver": "adaround"})
+        parse_quant_spec("rotate:rotate_solver=adaround")
     model = tiny_model("vit")
     images = torch.randn(16, 1, 28, 28)
     data = (images, torch.randint(0, 10, (16,)))
@@ -291,7 +275,7 @@ def test_folding_alone_keeps_the_function_and_sets_the_layer_scale_to_one():
 
     copied = copy.deepcopy(model)
     blocks = resolve_blocks(copied)
-    options = RotateOptions(rotate_residual=False, rotate_fc2_online=False, rotate_value_output=False)
+    options = RotateConfig(residual=False, fc2_online=False, value_output=False)
     used = rotate_float_model(copied, blocks, options, seed=0)
     assert used == {"residual": "none", "value_output": "none", "query_key": "none", "fc2_online": "none"}
     assert all(torch.equal(b.layer_scale_ffn, torch.ones_like(b.layer_scale_ffn)) for b in blocks)

@@ -79,7 +79,7 @@ def test_a_replay_budget_too_small_for_some_sites_still_gives_the_same_ranges(mo
 @pytest.mark.parametrize("columns", [7, 64, 384, 1537])
 @pytest.mark.parametrize("percentiles", [(0.999, 0.9999, 0.99999), (0.9, 0.99), (0.6, 1.0)])
 def test_tail_quantiles_equal_the_quantiles_of_the_sorted_rows(columns, percentiles):
-    from hf_cd.quant.quantizers import row_tails, sorted_quantile, tail_quantile
+    from hf_cd.quant.algorithms.quantizers import row_tails, sorted_quantile, tail_quantile
 
     torch.manual_seed(columns)
     rows = torch.randn(16, columns) * torch.rand(16, 1) * 3
@@ -92,7 +92,7 @@ def test_tail_quantiles_equal_the_quantiles_of_the_sorted_rows(columns, percenti
 
 
 def test_asymmetric_weight_params_pick_the_ranges_a_full_sort_picks():
-    from hf_cd.quant.quantizers import (
+    from hf_cd.quant.algorithms.quantizers import (
         asymmetric_params,
         asymmetric_weight_params,
         fake_quantize_asymmetric,

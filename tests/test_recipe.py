@@ -430,8 +430,8 @@ def test_bare_debug_is_the_recipes_and_debug_with_values_the_trainers(tmp_path):
         (["--config", "no_such.yaml"], "--config 'no_such.yaml': no such file"),
         (["--quant_pipelines", "rotate_gptaq", "--quant_bits", "W4A4", "--quant_extra",
           '{"rotate_activaton": "dynamic_per_token"}'],
-         "--quant_extra (pipeline rotate_gptaq at W4A4): Unknown rotate option 'rotate_activaton' in "
-         "QuantConfig.extra. Did you mean 'rotate_activations'?"),
+         "--quant_extra (pipeline rotate_gptaq at W4A4): Unknown rotate_gptaq option 'rotate_activaton'. "
+         "Did you mean 'rotate_activations'?"),
         (["--quant_extra", "{rotate_activations: dynamic_per_token}"], "--quant_extra is not valid JSON"),
         (["--quant_extra", '["rotate_activations"]'], "--quant_extra must be a JSON object"),
     ],
@@ -489,8 +489,10 @@ def test_quant_extra_from_yaml_or_command_line_reaches_the_quant_config_and_the_
 
     seen = []
 
-    def fake_evaluate_quantized(model, eval_data, calibration_data, *, pipelines, bits, config, **kwargs):
-        seen.append((pipelines, bits, config))
+    def fake_evaluate_quantized(
+        model, eval_data, calibration_data, *, pipelines, bits, config, extra, **kwargs
+    ):
+        seen.append((pipelines, bits, extra))
         return FakeTable()
 
     monkeypatch.setattr(quant, "evaluate_quantized", fake_evaluate_quantized)
@@ -501,7 +503,7 @@ def test_quant_extra_from_yaml_or_command_line_reaches_the_quant_config_and_the_
         )
         assert record["pipelines"] == ["rotate_gptaq"] and record["bits"] == ["W4A4"]
         assert record["extra"] == extra and record["status"] == "done"
-    assert [(p, b, c.extra) for p, b, c in seen] == [(["rotate_gptaq"], [(4, 4)], extra)] * 2
+    assert [(p, b, e) for p, b, e in seen] == [(["rotate_gptaq"], [(4, 4)], extra)] * 2
 
 
 def test_a_misspelt_runtime_setting_in_quant_extra_is_refused_before_training(tmp_path, capsys, monkeypatch):

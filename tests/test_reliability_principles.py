@@ -148,14 +148,14 @@ def test_an_export_that_fails_its_parity_check_leaves_nothing_and_keeps_the_earl
 ):
     pytest.importorskip("onnxruntime")
     from hf_cd.export import export_model
-    from hf_cd.quant.runtimes import onnxruntime_int8
-    from hf_cd.quant.runtimes.onnxruntime_int8 import OnnxParityError
+    from hf_cd.quant.runtimes import onnx_export
+    from hf_cd.quant.runtimes.onnx_export import OnnxParityError
 
     model = _tiny_vit()
     output = tmp_path / "model.onnx"
     export_model(model, output)
     earlier = output.read_bytes()
-    monkeypatch.setattr(onnxruntime_int8, "onnx_logits_max_abs_diff", lambda *a, **k: 1.0)
+    monkeypatch.setattr(onnx_export, "onnx_logits_max_abs_diff", lambda *a, **k: 1.0)
     with pytest.raises(OnnxParityError):
         export_model(_tiny_vit(seed=1), output)
     assert output.read_bytes() == earlier  # not replaced by a file that failed the check
@@ -178,8 +178,8 @@ def test_quant_and_export_refuse_nan_weights_by_name_and_parity_counts_nan_as_fa
     pytest.importorskip("onnxruntime")
     from hf_cd import quant
     from hf_cd.export import export_model
-    from hf_cd.quant.runtimes import onnxruntime_int8
-    from hf_cd.quant.runtimes.onnxruntime_int8 import export_onnx, onnx_logits_max_abs_diff
+    from hf_cd.quant.runtimes import onnx_export
+    from hf_cd.quant.runtimes.onnx_export import export_onnx, onnx_logits_max_abs_diff
 
     model = _nan_model()
     data = (_images(16), torch.randint(0, 10, (16,)))
@@ -199,7 +199,7 @@ def test_quant_and_export_refuse_nan_weights_by_name_and_parity_counts_nan_as_fa
         def run(self, names, feeds):
             return [np.full((next(iter(feeds.values())).shape[0], 10), np.nan, dtype=np.float32)]
 
-    monkeypatch.setattr(onnxruntime_int8, "ort_session", lambda *args, **kwargs: NaNSession())
+    monkeypatch.setattr(onnx_export, "ort_session", lambda *args, **kwargs: NaNSession())
     assert onnx_logits_max_abs_diff(good, path, _images(2)) == float("inf")
 
 

@@ -44,7 +44,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from hf_cd.quant.inputs import CalibrationDataError
     from hf_cd.quant.registry import UnknownPipelineError
     from hf_cd.quant.runtimes.base import RuntimeUnavailableError
-    from hf_cd.quant.runtimes.onnxruntime_int8 import OnnxExportError, OnnxParityError
+    from hf_cd.quant.runtimes.onnx_export import OnnxExportError, OnnxParityError
     from hf_cd.recipe.arguments import RecipeArgumentError
     from hf_cd.training.callback import UnsupportedTrainingSetupError
     from hf_cd.training.locking import OutputDirLockedError

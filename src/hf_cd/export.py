@@ -31,21 +31,18 @@ from hf_cd.errors import (
 from hf_cd.files import atomic_path, check_output_file
 from hf_cd.quant.api import calibration_images_for
 from hf_cd.quant.cli import add_saved_model_argument
-from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.config import BaseQuantConfig
 from hf_cd.quant.prepare import check_quantizable
-from hf_cd.quant.runtimes.base import settings_from_extra
-from hf_cd.quant.runtimes.onnxruntime_int8 import (
+from hf_cd.quant.runtimes.onnx_export import DEFAULT_OPSET, EXPORT_ATTENTION_IMPLEMENTATIONS, export_onnx
+from hf_cd.quant.runtimes.onnx_static_quant import (
     CALIBRATION_METHODS,
-    DEFAULT_OPSET,
-    EXPORT_ATTENTION_IMPLEMENTATIONS,
-    ONNX_EXTRA_KEY,
     OnnxRuntimeInt8Config,
-    OnnxRuntimeInt8Pipeline,
     add_metadata,
-    export_onnx,
     onnx_metadata,
     written_by_hf_cd,
 )
+from hf_cd.quant.runtimes.onnxruntime_int8 import OnnxRuntimeInt8Pipeline
+from hf_cd.quant.spec import to_typed
 from hf_cd.recipe.arguments import check_model_source
 
 EXPORT_FORMATS: tuple[str, ...] = ("onnx",)
@@ -61,7 +58,7 @@ def export_model(
     format: str = "onnx",
     int8: bool = False,
     calib_data: Any = None,
-    config: QuantConfig | None = None,
+    config: BaseQuantConfig | None = None,
 ) -> Path:
     """Write ``model`` to ``output`` as a float32 or int8 (``int8=True``) ONNX file; returns the path.
 
@@ -71,13 +68,15 @@ def export_model(
         format: ``"onnx"`` (the only format so far).
         int8: statically quantize for ONNX Runtime's int8 CPU kernels (needs ``calib_data``).
         calib_data: calibration images in any form `hf_cd.quant.quantize` reads.
-        config: calibration count, seed, batch size, embedding / classifier bits, and the ONNX
-            settings in ``config.extra["onnxruntime"]`` (an `OnnxRuntimeInt8Config`).
+        config: an `OnnxRuntimeInt8Config`: calibration count, seed, batch size, embedding /
+            classifier bits and the ONNX settings (another method's config gives its shared settings).
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"Unknown export format {format!r}; supported: {', '.join(EXPORT_FORMATS)}.")
-    config = (config or QuantConfig()).replace(pipeline=INT8_PIPELINE, w_bits=8, a_bits=8)
-    settings = settings_from_extra(config, ONNX_EXTRA_KEY, OnnxRuntimeInt8Config, OnnxRuntimeInt8Config())
+    config = to_typed(config) if config is not None else OnnxRuntimeInt8Config()
+    if not isinstance(config, OnnxRuntimeInt8Config):
+        config = OnnxRuntimeInt8Config(**config.shared())
+    settings = config = config.replace(w_bits=8, a_bits=8)
     output = check_output_file(output, "output", ours=written_by_hf_cd)
     check_quantizable(model)  # NaN/Inf weights and unknown architectures, before any export work
     if int8 and calib_data is None:
@@ -99,7 +98,7 @@ def export_model(
             add_metadata(tmp, onnx_metadata(model, None, None, 0))
         else:
             images = calibration_images_for(config, calib_data)
-            OnnxRuntimeInt8Pipeline(settings)(model, config, images).save(tmp)
+            OnnxRuntimeInt8Pipeline()(model, config, images).save(tmp)
     return output
 
 
@@ -205,26 +204,22 @@ def _main(argv: list[str], prog: str) -> int:
     check_output_file(args.output, "--output", ours=written_by_hf_cd)
     check_model_source(args.model, "--model_name_or_path")
     try:  # every setting is checked before the model loads
-        settings = OnnxRuntimeInt8Config(
+        config = OnnxRuntimeInt8Config(
             calibration_method=args.calibration_method,
             activation_type=args.activation_type,
             opset=args.opset,
             attention_implementation=args.attention_implementation,
             fuse_linear_bias=not args.qdq_only,
             dynamo=not args.torchscript_exporter,
-        )
-        config = QuantConfig(
-            pipeline=INT8_PIPELINE,
             embedding_bits=args.embedding_bits,
             classifier_bits=args.classifier_bits,
             num_calibration=args.num_calibration,
             seed=args.seed,
             batch_size=args.batch_size,
             progress=False,
-            extra={ONNX_EXTRA_KEY: settings},
         )
         if args.int8:
-            OnnxRuntimeInt8Pipeline(settings).check(config.replace(w_bits=8, a_bits=8))
+            OnnxRuntimeInt8Pipeline().check(config)
     except (TypeError, ValueError) as error:
         raise CommandLineError(str(error)) from None
     from transformers import AutoModelForImageClassification

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_cd.quant.observers import Observer, ReplayBudget
-from hf_cd.quant.params import QuantParams
+from hf_cd.quant.algorithms.observers import Observer, ReplayBudget
+from hf_cd.quant.algorithms.params import QuantParams
+from hf_cd.quant.algorithms.quantizers import is_float_bits
 from hf_cd.quant.prepare import ActivationSite, QuantizationState
-from hf_cd.quant.quantizers import is_float_bits
 
 REPLAY_BYTES = 1 << 30
 """Activation copies one calibration group may hold so that its second pass needs no forward

@@ -32,10 +32,10 @@ from hf_cd.errors import (
     run_command,
 )
 from hf_cd.files import atomic_write_text, check_output_file
-from hf_cd.quant.config import PROTOCOLS, QuantConfig, parse_bits
-from hf_cd.quant.evaluate import DEFAULT_BITS, DEFAULT_PIPELINES, check_rows, evaluate_quantized
+from hf_cd.quant.config import PROTOCOLS, BaseQuantConfig, parse_bits
+from hf_cd.quant.evaluate import DEFAULT_BITS, DEFAULT_PIPELINES, check_rows, evaluate_quantized, row_configs
 from hf_cd.quant.prepare import check_quantizable
-from hf_cd.quant.registry import available_pipelines, get_pipeline
+from hf_cd.quant.registry import available_pipelines
 from hf_cd.quant.results import ACCURACY_UNIT, rows_as_fractions
 from hf_cd.recipe.arguments import check_model_source
 
@@ -114,7 +114,8 @@ def build_parser(prog: str = "hf-cd quantize") -> argparse.ArgumentParser:
         dest="pipelines",
         nargs="+",
         default=list(DEFAULT_PIPELINES),
-        help=f"any of {available_pipelines()}",
+        help=f"any of {available_pipelines()}, each optionally with its options: "
+        "NAME:key=value,... (e.g. rotate_gptaq:rotate_activations=dynamic_per_token)",
     )
     parser.add_argument(
         "--quant_bits",
@@ -140,7 +141,7 @@ def build_parser(prog: str = "hf-cd quantize") -> argparse.ArgumentParser:
         dest="extra",
         type=_json_object,
         default={},
-        help="pipeline options as a JSON object (QuantConfig.extra), e.g. "
+        help="options for several pipelines at once as a JSON object (each takes its own keys), e.g. "
         '\'{"rotate_activations": "dynamic_per_token", "rotate_solver": "gptaq"}\'',
     )
     parser.add_argument(
@@ -292,16 +293,14 @@ def _is_our_markdown(path: Path) -> bool:
 MARKDOWN_TITLE = "# Post-training quantization:"
 
 
-def _checked_config(args: argparse.Namespace) -> QuantConfig:
+def _checked_config(args: argparse.Namespace) -> BaseQuantConfig:
     """The settings, and every (pipeline, bits) row they make, checked before the model loads."""
     if args.max_eval_samples is not None and args.max_eval_samples < 1:
         raise CommandLineError(
             f"--quant_max_eval_samples must be a positive integer, got {args.max_eval_samples}."
         )
-    for pipeline in args.pipelines:
-        get_pipeline(pipeline)  # UnknownPipelineError lists the known ones
     try:
-        config = QuantConfig(
+        config = BaseQuantConfig(
             protocol=args.protocol,
             embedding_bits=args.embedding_bits,
             classifier_bits=args.classifier_bits,
@@ -309,12 +308,9 @@ def _checked_config(args: argparse.Namespace) -> QuantConfig:
             seed=args.seed,
             batch_size=args.batch_size,
             progress=not args.no_progress,
-            extra=args.extra,
         )
-        # e.g. an 8-bit runtime asked for W4A4: refused before the model loads
-        check_rows(
-            [config.replace(pipeline=p, w_bits=w, a_bits=a) for p in args.pipelines for w, a in args.bits]
-        )
+        # an unknown method or option, or e.g. an 8-bit runtime asked for W4A4: refused before the model loads
+        check_rows([row for _, row, _ in row_configs(args.pipelines, args.bits, config, args.extra)])
     except (TypeError, ValueError) as error:
         raise CommandLineError(one_line(error)) from None
     return config
@@ -342,13 +338,22 @@ def _main(argv: list[str], prog: str) -> int:
     check_quantizable(model)  # NaN/Inf weights or an unknown architecture, before the data loads
     eval_split, calibration_split = load_splits(args, model)
     results = evaluate_quantized(
-        model, eval_split, calibration_split, pipelines=args.pipelines, bits=args.bits, config=config
+        model,
+        eval_split,
+        calibration_split,
+        pipelines=args.pipelines,
+        bits=args.bits,
+        config=config,
+        extra=args.extra,
     )
     table = results.to_markdown(float_format=".2f")
     print(table)
     provenance = _provenance(device, argv)
     if args.output is not None:
-        settings = {k: v for k, v in config.to_dict().items() if k not in ("w_bits", "a_bits", "pipeline")}
+        settings = {
+            **{k: v for k, v in config.shared().items() if k not in ("w_bits", "a_bits")},
+            "extra": args.extra,
+        }
         payload = {
             **provenance,
             "model": str(args.model),

@@ -1,13 +1,18 @@
-"""`QuantConfig`: everything one post-training quantization run depends on, validated up front."""
+"""`BaseQuantConfig`: the settings every quantization method shares, validated up front.
+
+Each method has its own frozen config that adds its options (`hf_cd.quant.method_configs`; the
+runtimes' beside them); `quantize` dispatches on the config's type.
+"""
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar
 
-from hf_cd.quant.quantizers import check_bits, is_float_bits
+from hf_cd.quant.algorithms.quantizers import check_bits, is_float_bits
 
 DEFAULT_ACTIVATION_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
 """RepQ-ViT's candidates for activation ranges and for the log√2 quantizer's top level (its weight rows
@@ -28,34 +33,15 @@ PROTOCOLS: dict[str, str] = {
 protocol, so no number is compared with a paper's measured under another assignment."""
 
 
-def options_from_extra(
-    extra: dict[str, Any], prefixes: str | tuple[str, ...], known: list[str], what: str
-) -> dict[str, Any]:
-    """A pipeline's own keys of ``QuantConfig.extra`` (those starting with ``prefixes``).
-
-    Other pipelines' keys are left alone; one of ours that is misspelt raises, naming the closest.
-    """
-    values = {}
-    for key, value in extra.items():
-        if not key.startswith(prefixes):
-            continue
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"Unknown {what} option {key!r} in QuantConfig.extra.{hint} Known: {', '.join(known)}."
-            )
-        values[key] = value
-    return values
-
-
 def check_option(options: Any, condition: bool, key: str, expected: str) -> None:
-    """Raise, naming the ``QuantConfig.extra`` key, its value and what it must be, unless ``condition``.
+    """Raise, naming the config's field, its value and what it must be, unless ``condition``.
 
-    Shared by every pipeline's options dataclass, so a bad option reads the same whichever pipeline owns it.
+    Shared by every method's config, so a bad option reads the same whichever method owns it.
     """
     if not condition:
-        raise ValueError(f"QuantConfig.extra[{key!r}] must be {expected}, got {getattr(options, key)!r}.")
+        spelt = {name: spec_key for spec_key, name in type(options).spec_keys().items()}.get(key)
+        where = f"{type(options).__name__}.{key}" + (f" ({spelt})" if spelt else "")
+        raise ValueError(f"{where} must be {expected}, got {getattr(options, key)!r}.")
 
 
 _BITS_TEXT = re.compile(r"[Ww]?\s*(\d+)\s*(?:,|[Aa]|,\s*[Aa])\s*(\d+)")
@@ -68,7 +54,7 @@ def parse_bits(entry: Any) -> tuple[int, int]:
     The one parser behind the recipe's ``--quant_bits``, ``python -m hf_cd.quant --bits`` and the API,
     so every spelling works everywhere; each width is checked (`check_bits`) here, before any work.
     """
-    from hf_cd.quant.quantizers import check_bits
+    from hf_cd.quant.algorithms.quantizers import check_bits
 
     pair = None
     if isinstance(entry, str):
@@ -102,8 +88,8 @@ REPQ_VIT_EMBEDDING_INPUT_BITS = 8
 
 
 @dataclass(frozen=True)
-class QuantConfig:
-    """How to quantize: bit widths, the pipeline, and calibration settings.
+class BaseQuantConfig:
+    """The shared settings of every method: bit widths, bit protocol and calibration.
 
     Bits are ints in 2..8, or ≥ 16 to leave that part in floating point. ``w_bits`` / ``a_bits``
     cover the encoder (every block's linear weights and inputs, and the inputs of both attention
@@ -115,7 +101,6 @@ class QuantConfig:
 
     w_bits: int = 8
     a_bits: int = 8
-    pipeline: str = "repq"
     embedding_bits: int = 8
     classifier_bits: int = 8
     num_calibration: int = 32
@@ -124,7 +109,7 @@ class QuantConfig:
     batch_size: int = 32
     """Images per forward pass, for calibration and evaluation."""
     activation_percentiles: tuple[float, ...] = DEFAULT_ACTIVATION_PERCENTILES
-    weight_clip_ratios: tuple[float, ...] = DEFAULT_WEIGHT_CLIP_RATIOS
+    weight_clip_ratios: tuple[float, ...] = field(default=DEFAULT_WEIGHT_CLIP_RATIOS, repr=False)
     sequential: bool = True
     """Calibrate block after block with the blocks before already quantized (as RepQ-ViT's single
     quantized calibration pass does); ``False`` calibrates every site at once on float activations."""
@@ -146,8 +131,6 @@ class QuantConfig:
     bench/results/ptq_anomaly.md). ``None``: the pipeline's default, on for ``percentile`` (ours)
     and off for ``repq`` (RepQ-ViT does not do it; ``True`` is our improvement of it). Pipelines
     that never clip (``minmax``, ``per_tensor``) ignore it."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Options for pipelines registered later (e.g. GPTQ's damping); ignored by the built-in ones."""
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "embedding_bits", "classifier_bits"):
@@ -172,9 +155,6 @@ class QuantConfig:
             )
         if not isinstance(self.activation_include_zero, bool):
             raise TypeError(f"activation_include_zero must be a bool, got {self.activation_include_zero!r}.")
-        from hf_cd.quant.registry import get_pipeline
-
-        get_pipeline(self.pipeline)  # raises, listing the known pipelines
         for name in ("num_calibration", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -224,9 +204,46 @@ class QuantConfig:
         """``W4A4`` style name of the encoder bits (``W16A16`` etc. mean float)."""
         return f"W{self.w_bits}A{self.a_bits}"
 
-    def replace(self, **changes: Any) -> QuantConfig:
+    name: ClassVar[str] = ""
+    """The method's name as the CLI and YAML spell it (``"repq"``), and its rows' ``pipeline``."""
+    option_prefix: ClassVar[str] = ""
+    """Prefix of the option keys of the fields this class declares, in the spelling ``NAME:key=value``
+    (``"repq_"``: `RepQConfig.weights` is ``repq_weights``); inherited fields keep their class's prefix."""
+    spec_prefixes: ClassVar[tuple[str, ...]] = ()
+    """Every prefix of this method's option keys: a misspelt key with one of them is an error, while
+    keys of other methods are left to them (the options of the deprecated ``QuantConfig.extra``)."""
+    spec_renames: ClassVar[dict[str, str]] = {}
+    """Fields whose option key is not prefix + field name (``{"rotation_seed": "rotate_seed"}``)."""
+
+    def replace(self, **changes: Any) -> BaseQuantConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def shared(self) -> dict[str, Any]:
+        """The shared settings (this class's fields that `BaseQuantConfig` declares), as keyword arguments."""
+        return {name: getattr(self, name) for name in SHARED_FIELDS}
+
+    def options(self) -> dict[str, Any]:
+        """The method's own options: every field `BaseQuantConfig` does not declare."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SHARED_FIELDS}
+
+    def with_shared(self, source: BaseQuantConfig) -> BaseQuantConfig:
+        """This config with ``source``'s shared settings: how a composed method runs its parts."""
+        values = source.shared()
+        return self if values == self.shared() else replace(self, **values)
+
+    @classmethod
+    def spec_keys(cls) -> dict[str, str]:
+        """``{option key: field name}`` of this method's options in the spelling ``NAME:key=value``."""
+        names = {f.name for f in fields(cls)} - set(SHARED_FIELDS)
+        keys = {}
+        for klass in reversed(cls.__mro__):
+            prefix = klass.__dict__.get("option_prefix", "")
+            for name in inspect.get_annotations(klass):
+                if name in names:
+                    keys[cls.spec_renames.get(name, prefix + name)] = name
+        return keys
+
+
+SHARED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BaseQuantConfig))
+"""The fields every method's config shares (and a composed method hands to its parts)."""

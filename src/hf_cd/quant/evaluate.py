@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,19 @@ from hf_cd.architectures import classifiers
 from hf_cd.files import atomic_write_text, check_output_file
 from hf_cd.quant.api import calibration_images_for
 from hf_cd.quant.calibration import forward_images
-from hf_cd.quant.config import QuantConfig, parse_bits_list
+from hf_cd.quant.config import BaseQuantConfig, parse_bits_list
 from hf_cd.quant.inputs import check_pixel_values, check_reiterable, iterate_batches, num_batches
 from hf_cd.quant.prepare import check_quantizable
-from hf_cd.quant.registry import get_pipeline
+from hf_cd.quant.registry import pipeline_for
 from hf_cd.quant.results import FULL_PRECISION, QuantResults, result_row
+from hf_cd.quant.spec import (
+    QuantConfig,
+    config_to_dict,
+    config_to_spec,
+    parse_quant_spec,
+    parse_spec_string,
+    to_typed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,20 +130,48 @@ def unwrap_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return unwrap_model(model).state_dict()
 
 
-def _row_fingerprint(parts: dict[str, Any], row_config: QuantConfig, feature_cosine: bool) -> str:
-    settings = {k: v for k, v in row_config.to_dict().items() if k != "progress"}
+def _row_fingerprint(parts: dict[str, Any], settings: dict[str, Any], feature_cosine: bool) -> str:
+    settings = {k: v for k, v in settings.items() if k != "progress"}
     payload = json.dumps(
         {**parts, "settings": settings, "feature_cosine": feature_cosine}, sort_keys=True, default=str
     )
     return hashlib.blake2b(payload.encode(), digest_size=12).hexdigest()
 
 
-def check_rows(configs: Sequence[QuantConfig]) -> None:
+def check_rows(configs: Sequence[BaseQuantConfig]) -> None:
     """Each row's pipeline checks its config, so every row's problem is reported before any row runs."""
     for row_config in configs:
-        check = getattr(get_pipeline(row_config.pipeline), "check", None)
-        if callable(check):
-            check(row_config)
+        pipeline_for(row_config).check(row_config)
+
+
+def row_configs(
+    pipelines: Sequence[str | BaseQuantConfig],
+    bits: Sequence[tuple[int, int]],
+    config: BaseQuantConfig | None,
+    extra: Mapping[str, Any] | None = None,
+) -> list[tuple[str, BaseQuantConfig, dict[str, Any]]]:
+    """``(pipeline name, config, settings)`` of every row: each method at each bits, with ``config``'s
+    shared settings; ``extra`` (``--quant_extra``, or a deprecated `QuantConfig`'s) gives every method
+    its own options and leaves the others' alone.
+
+    ``settings`` is the row as the one-config spelling wrote it (shared settings, ``pipeline``,
+    ``extra``): what a row's fingerprint hashes, so rows persisted before the typed configs are reused.
+    """
+    base = config or BaseQuantConfig()
+    extra = {**(base.extra if isinstance(base, QuantConfig) else {}), **(extra or {})}
+    rows = []
+    for entry in pipelines:
+        for w_bits, a_bits in bits:
+            shared = {**base.shared(), "w_bits": w_bits, "a_bits": a_bits}
+            if isinstance(entry, BaseQuantConfig):
+                row = to_typed(entry).replace(**shared)
+                name, settings = row.name, config_to_dict(row)
+            else:
+                name, options = parse_spec_string(entry)
+                row = parse_quant_spec(entry, extra=extra, **shared)
+                settings = {**shared, "pipeline": name, "extra": {**extra, **options}}
+            rows.append((name, row, settings))
+    return rows
 
 
 def _is_rows_file(path: Path) -> bool:
@@ -179,11 +215,12 @@ def evaluate_quantized(
     model: nn.Module,
     eval_data: Any,
     calib_data: Any,
-    pipelines: Sequence[str] = DEFAULT_PIPELINES,
+    pipelines: Sequence[str | BaseQuantConfig] = DEFAULT_PIPELINES,
     bits: Iterable[tuple[int, int]] = DEFAULT_BITS,
-    config: QuantConfig | None = None,
+    config: BaseQuantConfig | None = None,
     feature_cosine: bool = False,
     *,
+    extra: Mapping[str, Any] | None = None,
     results_file: str | os.PathLike | None = None,
     done_rows: Sequence[dict[str, Any]] = (),
     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -195,10 +232,14 @@ def evaluate_quantized(
         eval_data: labelled images: ``(pixel_values, labels)`` tensors, a DataLoader / list of batch
             dicts with ``labels``, or a ``datasets.Dataset``; read once per row, batch by batch.
         calib_data: calibration images (see `quantize`); the same draw serves every row.
-        pipelines: registered pipeline names (one name alone is a list of one).
+        pipelines: methods, each a config (``RotateConfig(solver=GPTAQConfig())``) or its spelling
+            (``"repq"``, ``"rotate_gptaq:rotate_activations=dynamic_per_token"``); one alone is a list of one.
         bits: ``(w_bits, a_bits)`` pairs for the encoder, or ``"W4A4"``-style labels.
-        config: the other settings (bit protocol, embedding / classifier bits, calibration count,
-            seed, batch size, …); its ``w_bits``, ``a_bits`` and ``pipeline`` are replaced per row.
+        config: the shared settings of every row (bit protocol, embedding / classifier bits,
+            calibration count, seed, batch size, …), e.g. ``BaseQuantConfig(num_calibration=64)``;
+            its ``w_bits`` and ``a_bits`` are replaced per row.
+        extra: options for several methods at once (``{"rotate_activations": "dynamic_per_token"}``,
+            the recipe's ``--quant_extra``): each method takes its own keys and leaves the others.
         feature_cosine: also report, per fake-quant row, ``feature_cosine``: the mean cosine between
             the float and the quantized model's classifier input (the backbone feature a linear
             probe reads). It shows damage that top-1 accuracy hides until it flips predictions.
@@ -216,15 +257,17 @@ def evaluate_quantized(
 
     Returns:
         `QuantResults`: the full-precision row, then one row per (pipeline, bits) in the order given;
-        the keys are documented in `hf_cd.quant.results`. Every quantized row names its ``protocol``.
+        the keys are documented in `hf_cd.quant.results`. Every quantized row names its ``protocol``
+        and, in ``config``, the method and options it ran (`hf_cd.quant.spec.config_to_spec`).
     """
-    base = config or QuantConfig()
-    if isinstance(pipelines, str):
+    base = config or BaseQuantConfig()
+    if isinstance(pipelines, (str, BaseQuantConfig)):
         pipelines = [pipelines]
     bits = parse_bits_list(bits)
     check_reiterable(eval_data, "eval_data")
     check_quantizable(model)
-    configs = [base.replace(pipeline=name, w_bits=w, a_bits=a) for name in pipelines for w, a in bits]
+    rows_planned = row_configs(pipelines, bits, base, extra)
+    configs = [row_config for _, row_config, _ in rows_planned]
     results_path = None if results_file is None else Path(results_file)
     if results_path is not None:  # a file that is not a rows file is someone else's: never overwritten
         check_output_file(results_path, "results_file", ours=_is_rows_file)
@@ -251,7 +294,8 @@ def evaluate_quantized(
         else None
     )
     fingerprints = [
-        _row_fingerprint(fingerprint_parts, c, feature_cosine) if persist else None for c in configs
+        _row_fingerprint(fingerprint_parts, settings, feature_cosine) if persist else None
+        for _, _, settings in rows_planned
     ]
     done = {
         row["fingerprint"]: row for row in done_rows if row.get("fingerprint") in set(fingerprints) - {None}
@@ -292,22 +336,21 @@ def evaluate_quantized(
         None,
     )
     reused = 0
-    for row_config, fingerprint in zip(configs, fingerprints):
+    for (name, row_config, _), fingerprint in zip(rows_planned, fingerprints):
         if fingerprint in done:
             reused += 1
             finished(dict(done[fingerprint]), fingerprint)
             continue
-        pipeline = get_pipeline(row_config.pipeline)
-        describe = getattr(pipeline, "row_fields", None)
-        fields = describe(row_config) if callable(describe) else {}
-        evaluate_itself = getattr(pipeline, "evaluate", None)
-        if callable(evaluate_itself):  # a real runtime measures itself: accuracy and latency vs its own float
-            row_images = images if row_config.quantizes_activations else None
-            measured = evaluate_itself(model, row_config, row_images, eval_data)
+        pipeline = pipeline_for(row_config)
+        fields = {**pipeline.row_fields(row_config), "config": config_to_spec(row_config)}
+        row_images = images if row_config.quantizes_activations else None
+        # a real runtime measures itself: accuracy and latency against its own float model
+        measured = pipeline.evaluate(model, row_config, row_images, eval_data)
+        if measured is not None:
             finished(
                 result_row(
-                    pipeline=row_config.pipeline,
-                    runtime=pipeline.runtime,
+                    pipeline=name,
+                    runtime=pipeline.runtime_for(row_config),
                     seed=row_config.seed,
                     reference_accuracy=reference,
                     protocol=row_config.protocol,
@@ -317,7 +360,7 @@ def evaluate_quantized(
             )
             continue
         start = time.perf_counter()
-        quantized = pipeline(model, row_config, images if row_config.quantizes_activations else None)
+        quantized = pipeline(model, row_config, row_images)
         quantize_seconds = time.perf_counter() - start
         start = time.perf_counter()
         accuracy, count, features = _evaluate(
@@ -325,7 +368,7 @@ def evaluate_quantized(
             eval_data,
             base.batch_size,
             base.progress,
-            f"{row_config.pipeline} {row_config.label} eval",
+            f"{name} {row_config.label} eval",
             feature_cosine,
         )
         cosine = (
@@ -336,8 +379,8 @@ def evaluate_quantized(
         del quantized
         finished(
             result_row(
-                pipeline=row_config.pipeline,
-                runtime=pipeline.runtime,
+                pipeline=name,
+                runtime=pipeline.runtime_for(row_config),
                 w_bits=row_config.w_bits,
                 a_bits=row_config.a_bits,
                 embedding_bits=row_config.embedding_weight_bits,

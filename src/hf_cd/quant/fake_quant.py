@@ -11,9 +11,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from hf_cd.quant.observers import Observer
-from hf_cd.quant.params import QuantParams, fake_quantize
-from hf_cd.quant.quantizers import is_float_bits
+from hf_cd.quant.algorithms.observers import Observer
+from hf_cd.quant.algorithms.params import QuantParams, fake_quantize
+from hf_cd.quant.algorithms.quantizers import is_float_bits
 
 Mode = Literal["float", "observe", "quantize"]
 

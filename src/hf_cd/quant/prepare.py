@@ -33,14 +33,14 @@ from hf_cd.architectures import (
     unwrap_model,
 )
 from hf_cd.finite import require_finite_weights
+from hf_cd.quant.algorithms.params import QuantParams
 from hf_cd.quant.attention import (
     ATTENTION_IMPLEMENTATION,
     QUANTIZERS_ATTRIBUTE,
     register_fake_quant_attention,
 )
-from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.config import BaseQuantConfig
 from hf_cd.quant.fake_quant import ActivationQuantizer, AttentionQuantizers
-from hf_cd.quant.params import QuantParams
 
 STATE_ATTRIBUTE = "hf_cd_quant"
 """Attribute of a quantized copy holding its `QuantizationState`."""
@@ -54,7 +54,7 @@ class ActivationSite:
     block: int | None = None
     prefix_tokens: int = 0
     """For (batch, tokens, channels) sites inside the blocks: how many leading tokens are prefix
-    tokens (CLS, distillation), which percentile searches weigh apart (`QuantConfig.weight_prefix_tokens`)."""
+    tokens (CLS, distillation), which percentile searches weigh apart (`BaseQuantConfig.weight_prefix_tokens`)."""
 
     @property
     def name(self) -> str:
@@ -83,7 +83,7 @@ class WeightSite:
 class QuantizationState:
     """What `quantize` did to a copy; kept on it as ``model.hf_cd_quant``."""
 
-    config: QuantConfig
+    config: BaseQuantConfig
     activations: list[ActivationSite]
     weights: list[WeightSite]
     group_ends: list[nn.Module | None]
@@ -146,7 +146,7 @@ def check_quantizable(model: nn.Module) -> None:
     require_finite_weights(model, "before quantization or export")
 
 
-def prepare_fake_quant_copy(model: nn.Module, config: QuantConfig) -> nn.Module:
+def prepare_fake_quant_copy(model: nn.Module, config: BaseQuantConfig) -> nn.Module:
     """A deep copy of ``model`` (eval mode, same device) with float-mode quantizers at every site."""
     check_quantizable(model)
     quantized = copy.deepcopy(unwrap_model(model)).eval()

@@ -2,14 +2,14 @@
 
 Why LSQ and no new dependency: LSQ is what the ViT QAT papers build on (Q-ViT, OFQ, GPLQ), it learns
 the activation step sizes too, and it is one autograd function on top of the PTQ arithmetic that
-`hf_cd.quant.quantizers` already has; torchao's QAT is GPU-oriented and has no learned activation
+`hf_cd.quant.algorithms.quantizers` already has; torchao's QAT is GPU-oriented and has no learned activation
 steps. What is quantized, at which bits, is exactly what PTQ quantizes: the copy is made by the same
 `prepare_fake_quant_copy` and calibrated by a registered pipeline (``percentile`` by default), whose
 ranges become the initial step sizes::
 
-    from hf_cd.quant import QATConfig, QuantConfig, prepare_qat, convert
+    from hf_cd.quant import PercentileConfig, QATConfig, prepare_qat, convert
 
-    qat = prepare_qat(model, QATConfig(QuantConfig(w_bits=4, a_bits=4, pipeline="percentile")), calib)
+    qat = prepare_qat(model, QATConfig(PercentileConfig(w_bits=4, a_bits=4)), calib)
     ...train qat (CDTrainer with CDConfig(qat_bits="W4A4") does this itself)...
     deployable = convert(qat)  # the form `quantize` returns: save it with `save_quantized`
 
@@ -40,24 +40,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_cd.architectures import UnsupportedArchitectureError, unwrap_model
-from hf_cd.quant.api import calibration_images_for
-from hf_cd.quant.config import QuantConfig, parse_bits
-from hf_cd.quant.fake_quant import ActivationQuantizer
-from hf_cd.quant.params import QuantParams, fake_quantize
-from hf_cd.quant.prepare import (
-    QuantizationState,
-    check_quantizable,
-    prepare_fake_quant_copy,
-    quantization_state,
-)
-from hf_cd.quant.quantizers import (
+from hf_cd.quant.algorithms.params import QuantParams, fake_quantize
+from hf_cd.quant.algorithms.quantizers import (
     asymmetric_range,
     fake_quantize_asymmetric,
     fake_quantize_symmetric,
     is_float_bits,
     symmetric_range,
 )
-from hf_cd.quant.registry import available_pipelines, get_pipeline
+from hf_cd.quant.api import calibration_images_for
+from hf_cd.quant.config import BaseQuantConfig, parse_bits
+from hf_cd.quant.fake_quant import ActivationQuantizer
+from hf_cd.quant.method_configs import PercentileConfig
+from hf_cd.quant.prepare import (
+    QuantizationState,
+    check_quantizable,
+    prepare_fake_quant_copy,
+    quantization_state,
+)
+from hf_cd.quant.registry import SPELLINGS, pipeline_for
+from hf_cd.quant.spec import config_to_dict, parse_quant_spec, to_typed
 
 QAT_ATTRIBUTE = "hf_cd_qat"
 """Attribute of a model returned by `prepare_qat` holding its `QATConfig`."""
@@ -68,29 +70,30 @@ LEARNED_SCHEMES = ("asymmetric", "symmetric")
 
 def qat_init_pipelines() -> list[str]:
     """Registered pipelines a QAT run can start from (round-to-nearest grids, the model's own modules)."""
-    return [name for name in available_pipelines() if getattr(get_pipeline(name), "qat_init", False)]
+    return sorted(name for name, factory in SPELLINGS.items() if pipeline_for(factory()).qat_init)
 
 
 @dataclass(frozen=True)
 class QATConfig:
     """What `prepare_qat` quantizes and how it starts.
 
-    ``init`` is a PTQ `QuantConfig`: its bits and protocol fix the quantized sites and widths (the
+    ``init`` is a PTQ method's config (e.g. ``PercentileConfig(w_bits=4, a_bits=4)``): its bits and protocol fix the quantized sites and widths (the
     same as that PTQ row's), its pipeline calibrates the initial step sizes on the calibration images.
     """
 
-    init: QuantConfig = field(default_factory=lambda: QuantConfig(w_bits=4, a_bits=4, pipeline="percentile"))
+    init: BaseQuantConfig = field(default_factory=lambda: PercentileConfig(w_bits=4, a_bits=4))
     learn_weight_steps: bool = True
     learn_activation_steps: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.init, QuantConfig):
+        if not isinstance(self.init, BaseQuantConfig):
             raise TypeError(
-                f"QATConfig.init must be a hf_cd.quant.QuantConfig, got {type(self.init).__name__}."
+                f"QATConfig.init must be a method's config (e.g. PercentileConfig(...)), got {type(self.init).__name__}."
             )
-        if not getattr(get_pipeline(self.init.pipeline), "qat_init", False):
+        object.__setattr__(self, "init", to_typed(self.init))
+        if not pipeline_for(self.init).qat_init:
             raise ValueError(
-                f"QAT cannot start from pipeline {self.init.pipeline!r} (it rotates the model or solves its "
+                f"QAT cannot start from pipeline {self.init.name!r} (it rotates the model or solves its "
                 f"weights instead of rounding them to a grid); use one of {', '.join(qat_init_pipelines())}."
             )
         if is_float_bits(self.init.w_bits) and is_float_bits(self.init.a_bits):
@@ -102,7 +105,8 @@ class QATConfig:
     def from_bits(cls, bits: Any, init: str = "percentile", **quant_config: Any) -> QATConfig:
         """``QATConfig.from_bits("W4A4", init="repq", num_calibration=64)``: bits as the recipe spells them."""
         w_bits, a_bits = parse_bits(bits)
-        return cls(QuantConfig(w_bits=w_bits, a_bits=a_bits, pipeline=init, **quant_config))
+        extra = quant_config.pop("extra", None)
+        return cls(parse_quant_spec(init, w_bits=w_bits, a_bits=a_bits, extra=extra, **quant_config))
 
     @property
     def label(self) -> str:
@@ -110,7 +114,7 @@ class QATConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "init": self.init.to_dict(),
+            "init": config_to_dict(self.init),
             "learn_weight_steps": self.learn_weight_steps,
             "learn_activation_steps": self.learn_activation_steps,
         }
@@ -291,7 +295,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calib_data: A
     check_qat_model(model)
     init = config.init
     images = calibration_images_for(init, calib_data, model)
-    pipeline = get_pipeline(init.pipeline)
+    pipeline = pipeline_for(init)
     pipeline.check(init)
 
     quantized = prepare_fake_quant_copy(model, init)
@@ -385,7 +389,7 @@ def float_model(model: nn.Module) -> nn.Module:
 
 def fake_quant_model(
     plain: nn.Module,
-    config: QuantConfig,
+    config: BaseQuantConfig,
     activations: dict[str, QuantParams],
     num_calibration: int = 0,
 ) -> nn.Module:
@@ -490,6 +494,6 @@ def qat_result_row(
         quantize_seconds=convert_seconds,
         eval_seconds=time.perf_counter() - started,
         reference_accuracy=reference_accuracy,
-        qat_init=init.pipeline,
-        **{**get_pipeline(init.pipeline).row_fields(init), **extra},
+        qat_init=init.name,
+        **{**pipeline_for(init).row_fields(init), **extra},
     )

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from hf_cd.quant.prepare import WeightSite, quantization_state
-from hf_cd.quant.quantizers import is_float_bits
-from hf_cd.quant.registry import get_pipeline
+from hf_cd.quant.prepare import quantization_state
+from hf_cd.quant.registry import pipeline_for
 from hf_cd.table import Table
-
-
-def _weight_scheme(site: WeightSite, config) -> str:
-    """The weight's scheme as the pipeline that made the copy says (``symmetric`` for one that doesn't say)."""
-    scheme = getattr(get_pipeline(config.pipeline), "weight_scheme", None)
-    if callable(scheme):
-        return scheme(site, config)
-    return "float" if is_float_bits(site.bits) else "symmetric"
 
 
 def quantization_report(model: nn.Module) -> Table:
@@ -52,7 +43,7 @@ def quantization_report(model: nn.Module) -> Table:
                 "role": site.role,
                 "block": site.block,
                 "bits": site.bits,
-                "scheme": _weight_scheme(site, state.config),
+                "scheme": pipeline_for(state.config).weight_scheme(site, state.config),
             }
         )
     return Table(rows)

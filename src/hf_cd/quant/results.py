@@ -25,6 +25,9 @@ these are never renamed):
 ``seed``            seed of the calibration draw
 ``quantize_seconds`` wall time of `quantize` (copy, calibration, weight quantization)
 ``eval_seconds``    wall time of the evaluation pass
+``config``          the method and options the row ran, as ``NAME:key=value`` spells them
+                    (`hf_cd.quant.spec.config_to_spec`; ``None`` for full precision); added after the
+                    columns above, like the runtimes' keys below
 ``fingerprint``     only when results are persisted (``results_file`` / ``done_rows`` / ``on_row``):
                     a hash of the model weights, evaluation and calibration data and the row's
                     settings; a row with the same fingerprint is reused instead of measured again

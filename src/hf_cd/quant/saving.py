@@ -2,11 +2,11 @@
 
 A folder holds what `from_pretrained` reads (``config.json`` and ``model.safetensors`` with the
 rounded weights, the model's own attention) plus two files of ours: `QUANTIZATION_FILE` (the
-`QuantConfig`, how the model was made, each activation site's scheme and bits) and
+config (`BaseQuantConfig.to_dict`), how the model was made, each activation site's scheme and bits) and
 `QUANTIZERS_FILE` (each site's scale and zero-point). `load_quantized` rebuilds the copy with the
 same sites (`prepare_fake_quant_copy`) and loads them::
 
-    save_quantized(quantize(model, QuantConfig(w_bits=4, a_bits=4), calib), "w4a4")
+    save_quantized(quantize(model, RepQConfig(w_bits=4, a_bits=4), calib), "w4a4")
     model = load_quantized("w4a4")  # or load_quantized("w4a4", AutoModelForImageClassification.from_pretrained("w4a4"))
 
 Pipelines that change the model's modules (``rotate``: folded norms, online Hadamards) cannot be
@@ -27,10 +27,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hf_cd.architectures import unwrap_model
-from hf_cd.quant.config import QuantConfig
-from hf_cd.quant.params import QuantParams
+from hf_cd.quant.algorithms.params import QuantParams
+from hf_cd.quant.config import SHARED_FIELDS, BaseQuantConfig
 from hf_cd.quant.prepare import quantization_state
 from hf_cd.quant.qat import fake_quant_model, float_model, is_qat_model
+from hf_cd.quant.spec import config_from_options, config_to_dict
 
 QUANTIZATION_FILE = "hf_cd_quantization.json"
 QUANTIZERS_FILE = "hf_cd_quantizers.safetensors"
@@ -60,15 +61,15 @@ def _savable_float_model(model: nn.Module) -> nn.Module:
         ]
     if changed:
         raise ValueError(
-            f"A {state.config.pipeline!r} model cannot be saved for from_pretrained: it changed the model's modules "
+            f"A {state.config.name!r} model cannot be saved for from_pretrained: it changed the model's modules "
             f"({', '.join(changed[:3])}), which a reload would not rebuild. Save a minmax / percentile / repq / gptq "
             "result instead (rotate pipelines export through the onnxruntime-int8 runtime)."
         )
     return plain
 
 
-def _plain_config(config: QuantConfig) -> dict[str, Any]:
-    values = config.to_dict()
+def _plain_config(config: BaseQuantConfig) -> dict[str, Any]:
+    values = config_to_dict(config)
     values["activation_percentiles"] = list(values["activation_percentiles"])
     values["weight_clip_ratios"] = list(values["weight_clip_ratios"])
     return values
@@ -139,7 +140,11 @@ def load_quantized(
     (loaded here with ``from_pretrained``'s keyword arguments when not given).
     """
     description = read_quantization_config(directory)
-    config = QuantConfig(**{**description["config"], "progress": False})
+    saved = description["config"]
+    shared = {k: v for k, v in saved.items() if k in SHARED_FIELDS}
+    config = config_from_options(
+        saved["pipeline"], {}, {**shared, "progress": False}, extra=saved.get("extra", {})
+    )
     if model is None:
         from transformers import AutoModelForImageClassification
 

@@ -21,14 +21,15 @@ from tqdm.auto import tqdm
 
 from hf_cd.architectures import ResolvedBlock, resolve_blocks, unwrap_model
 from hf_cd.diagnostics import save_figure
+from hf_cd.quant.algorithms.quantizers import check_bits
 from hf_cd.quant.api import calibration_images_for
 from hf_cd.quant.calibration import forward_images
-from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.config import BaseQuantConfig
 from hf_cd.quant.evaluate import evaluate_accuracy
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
 from hf_cd.quant.prepare import check_quantizable
-from hf_cd.quant.quantizers import check_bits
-from hf_cd.quant.registry import get_pipeline
+from hf_cd.quant.registry import pipeline_for
+from hf_cd.quant.spec import parse_quant_spec
 from hf_cd.table import Table
 
 if TYPE_CHECKING:
@@ -124,13 +125,13 @@ def sensitivity(
     model: nn.Module,
     eval_data: Any,
     calib_data: Any,
-    pipeline: str = "percentile",
+    pipeline: str | BaseQuantConfig = "percentile",
     w_bits: int = 8,
     a_bits: int = 4,
     *,
     base_bits: int = 8,
     per_block: bool = False,
-    config: QuantConfig | None = None,
+    config: BaseQuantConfig | None = None,
     progress: bool = True,
 ) -> Table:
     """Accuracy with one activation site group at ``a_bits`` and the rest at ``base_bits``.
@@ -143,15 +144,16 @@ def sensitivity(
     check_bits("a_bits", a_bits)
     check_bits("base_bits", base_bits)
     check_quantizable(model)
-    runner = get_pipeline(pipeline)
+    shared = {**(config.shared() if config is not None else {}), "progress": False}
+    shared.pop("w_bits", None), shared.pop("a_bits", None)
+    extra = getattr(config, "extra", None)  # a deprecated QuantConfig's options
+    base = parse_quant_spec(pipeline, w_bits=w_bits, a_bits=base_bits, extra=extra, **shared)
+    runner = pipeline_for(base)
     if not isinstance(runner, FakeQuantPipeline):
         raise ValueError(
-            f"sensitivity needs a fake-quant pipeline (site by site bits); {pipeline!r} is a {type(runner).__name__}."
+            f"sensitivity needs a fake-quant pipeline (site by site bits); {base.name!r} is a {type(runner).__name__}."
         )
-    base = config or QuantConfig(pipeline=pipeline)
-    base = QuantConfig(
-        **{**base.__dict__, "w_bits": w_bits, "a_bits": base_bits, "pipeline": pipeline, "progress": False}
-    )
+    pipeline = base.name
     images = calibration_images_for(base, calib_data, model)
     stats = site_statistics(model, images)
     num_blocks = len(resolve_blocks(unwrap_model(model)))

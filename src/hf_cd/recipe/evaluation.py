@@ -77,11 +77,9 @@ def measure_diagnostics(
     return Diagnostics(alignment, activation_stats(model, batch))
 
 
-def _check_pipeline(config: quant.QuantConfig) -> None:
-    """The pipeline's own check of ``config`` (its ``extra`` options, bits it cannot run), as `evaluate_quantized` does."""
-    check = getattr(quant.get_pipeline(config.pipeline), "check", None)
-    if callable(check):
-        check(config)
+def _check_pipeline(config: quant.BaseQuantConfig) -> None:
+    """The pipeline's own check of ``config`` (bits it cannot run, a runtime missing), as `evaluate_quantized` does."""
+    quant.pipeline_for(config).check(config)
 
 
 def check_quant_arguments(quant_args: QuantArguments, seed: int) -> None:
@@ -95,15 +93,14 @@ def check_quant_arguments(quant_args: QuantArguments, seed: int) -> None:
     for pipeline in quant_args.quant_pipelines:
         for w_bits, a_bits in quant_args.bit_pairs():
             try:
-                config = quant.QuantConfig(
+                shared = dict(
                     w_bits=w_bits,
                     a_bits=a_bits,
-                    pipeline=pipeline,
                     num_calibration=quant_args.quant_num_calibration,
                     batch_size=quant_args.quant_batch_size,
                     seed=seed,
                 )
-                _check_pipeline(config)
+                _check_pipeline(quant.parse_quant_spec(pipeline, **shared))
             except ValueError as error:
                 raise RecipeArgumentError(
                     f"--quant_pipelines {pipeline} at W{w_bits}A{a_bits}: {error} "
@@ -112,7 +109,9 @@ def check_quant_arguments(quant_args: QuantArguments, seed: int) -> None:
             if not quant_args.quant_extra:
                 continue
             try:
-                _check_pipeline(config.replace(extra=dict(quant_args.quant_extra)))
+                _check_pipeline(
+                    quant.parse_quant_spec(pipeline, extra=dict(quant_args.quant_extra), **shared)
+                )
             except (ValueError, TypeError) as error:
                 raise RecipeArgumentError(
                     f"--quant_extra (pipeline {pipeline} at W{w_bits}A{a_bits}): {error}"
@@ -148,12 +147,11 @@ def run_quantized_evaluation(
     }
     if not quant_args.quant_eval:
         return {**record, "status": "skipped", "reason": "--no_quant_eval"}
-    config = quant.QuantConfig(
+    config = quant.BaseQuantConfig(
         num_calibration=quant_args.quant_num_calibration,
         batch_size=quant_args.quant_batch_size,
         seed=seed,
         progress=progress,
-        extra=dict(quant_args.quant_extra),
     )
     logger.info(
         "Quantized evaluation: %d pipelines × %d bit widths on %d test images.",
@@ -168,6 +166,7 @@ def run_quantized_evaluation(
         pipelines=list(quant_args.quant_pipelines),
         bits=quant_args.bit_pairs(),
         config=config,
+        extra=dict(quant_args.quant_extra),
         done_rows=rows_as_percent(done_rows),
         on_row=None
         if on_record is None

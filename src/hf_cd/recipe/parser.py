@@ -22,7 +22,6 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from hf_cd.training.config import CDConfig
 from hf_cd.data import UnknownDatasetError
 from hf_cd.deprecation import rename_deprecated_flags, rename_deprecated_keys
 from hf_cd.errors import DEBUG_FLAG, one_line, one_line_parser_errors, split_debug_flag
@@ -36,6 +35,7 @@ from hf_cd.recipe.arguments import (
     RecipeArgumentError,
     RecipeArguments,
 )
+from hf_cd.training.config import CDConfig
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _cd_options() -> set[str]:
 def _quant_help() -> dict[str, str]:
     """Help that names what `hf_cd.quant` offers now, so a newly registered pipeline is listed by itself."""
     from hf_cd import quant
-    from hf_cd.quant.quantizers import FLOAT_BITS, MAX_BITS, MIN_BITS
+    from hf_cd.quant.algorithms.quantizers import FLOAT_BITS, MAX_BITS, MIN_BITS
 
     return {
         "quant_pipelines": (

@@ -1,31 +1,39 @@
-"""The built-in pipelines, one module each, registered under their names on import."""
+"""The built-in pipelines, one module each, registered for their config types on import."""
 
+import hf_cd.quant.method_configs as configs
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
 from hf_cd.quant.pipelines.gptaq import GPTAQPipeline
-from hf_cd.quant.pipelines.gptq import GPTQPipeline, ReconstructionPipeline
+from hf_cd.quant.pipelines.gptq import GPTQPipeline
 from hf_cd.quant.pipelines.marr import MARRGridPipeline, MARRPipeline
 from hf_cd.quant.pipelines.minmax import MinMaxPipeline
 from hf_cd.quant.pipelines.per_tensor import PerTensorPipeline
 from hf_cd.quant.pipelines.percentile import PercentilePipeline
+from hf_cd.quant.pipelines.reconstruction import ReconstructionPipeline
 from hf_cd.quant.pipelines.repq import RepQPipeline
 from hf_cd.quant.pipelines.rotate import RotatePipeline
-from hf_cd.quant.registry import register_pipeline
+from hf_cd.quant.registry import register_handler
 
-_BUILTINS = (
-    MinMaxPipeline(),
-    PercentilePipeline(),
-    RepQPipeline(),
-    PerTensorPipeline(),
-    GPTQPipeline(),
-    GPTAQPipeline(),
-    MARRPipeline(),
-    MARRGridPipeline(),
+for _config, _pipeline in (
+    (configs.MinMaxConfig, MinMaxPipeline()),
+    (configs.PercentileConfig, PercentilePipeline()),
+    (configs.RepQConfig, RepQPipeline()),
+    (configs.PerTensorConfig, PerTensorPipeline()),
+    (configs.GPTQConfig, GPTQPipeline()),
+    (configs.GPTAQConfig, GPTAQPipeline()),
+    (configs.MARRConfig, MARRPipeline()),
+    (configs.MARRGridConfig, MARRGridPipeline()),
+):
+    register_handler(_config, _pipeline, overwrite=True)
+register_handler(
+    configs.RotateConfig,
     RotatePipeline(),
-    RotatePipeline("rotate_gptq", solver="gptq"),
-    RotatePipeline("rotate_gptaq", solver="gptaq"),
+    names={
+        "rotate": configs.RotateConfig,
+        "rotate_gptq": lambda **kw: configs.RotateConfig(solver=configs.GPTQConfig(), **kw),
+        "rotate_gptaq": lambda **kw: configs.RotateConfig(solver=configs.GPTAQConfig(), **kw),
+    },
+    overwrite=True,
 )
-for _pipeline in _BUILTINS:
-    register_pipeline(_pipeline, overwrite=True)
 
 __all__ = [
     "FakeQuantPipeline",

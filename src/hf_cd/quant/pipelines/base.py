@@ -13,34 +13,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hf_cd.quant.algorithms.observers import Observer
+from hf_cd.quant.algorithms.params import QuantParams
+from hf_cd.quant.algorithms.quantizers import is_float_bits
 from hf_cd.quant.calibration import calibrate, load_presets
-from hf_cd.quant.config import QuantConfig
-from hf_cd.quant.observers import Observer
-from hf_cd.quant.params import QuantParams
+from hf_cd.quant.config import BaseQuantConfig
 from hf_cd.quant.prepare import (
     ActivationSite,
     QuantizationState,
-    WeightSite,
     prepare_fake_quant_copy,
     quantization_state,
 )
-from hf_cd.quant.quantizers import is_float_bits
+from hf_cd.quant.registry import Pipeline
 
 
-class FakeQuantPipeline:
+class FakeQuantPipeline(Pipeline):
     """Base class; subclasses set ``name`` and implement `quantize_weight` and `observer`."""
 
-    name: str = ""
-    runtime: str = "fake_quant"
-    description: str = ""
     weights_prefix_tokens: bool = False
-    """Default of `QuantConfig.weight_prefix_tokens` for this pipeline (when the config leaves it None)."""
-    qat_init: bool = False
-    """Whether `hf_cd.quant.qat` can start from this pipeline: its weights are rounded to a per-row grid
-    that `weight_params` returns, and it keeps the model's modules (no rotation, no solved weights)."""
+    """Default of `BaseQuantConfig.weight_prefix_tokens` for this pipeline (when the config leaves it None)."""
 
     def __call__(
-        self, model: nn.Module, config: QuantConfig, calibration_images: torch.Tensor | None
+        self, model: nn.Module, config: BaseQuantConfig, calibration_images: torch.Tensor | None
     ) -> nn.Module:
         quantized = prepare_fake_quant_copy(model, config)
         state = quantization_state(quantized)
@@ -53,7 +47,7 @@ class FakeQuantPipeline:
         self,
         quantized: nn.Module,
         state: QuantizationState,
-        config: QuantConfig,
+        config: BaseQuantConfig,
         calibration_images: torch.Tensor | None,
     ) -> None:
         """Load the preset activation sites and calibrate the others (after the weights are quantized)."""
@@ -81,22 +75,22 @@ class FakeQuantPipeline:
         self,
         model: nn.Module,
         state: QuantizationState,
-        config: QuantConfig,
+        config: BaseQuantConfig,
         calibration_images: torch.Tensor | None,
     ) -> None:
         """Hook on the float copy before anything is quantized (no-op by default)."""
 
     @torch.no_grad()
-    def quantize_weights(self, state: QuantizationState, config: QuantConfig) -> None:
+    def quantize_weights(self, state: QuantizationState, config: BaseQuantConfig) -> None:
         for site in state.weights:
             if not is_float_bits(site.bits):
                 weight = site.module.weight
                 weight.copy_(self.quantize_weight(weight.detach(), site.bits, config))
 
-    def quantize_weight(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
+    def quantize_weight(self, weight: torch.Tensor, bits: int, config: BaseQuantConfig) -> torch.Tensor:
         raise NotImplementedError
 
-    def weight_params(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> QuantParams:
+    def weight_params(self, weight: torch.Tensor, bits: int, config: BaseQuantConfig) -> QuantParams:
         """The per-row grid `quantize_weight` rounds ``weight`` to (scale ``(C, 1)``), where ``qat_init``.
 
         ``weight_params(w, b, c).apply(w.reshape(C, -1))`` equals ``quantize_weight(w, b, c)``: the
@@ -104,24 +98,10 @@ class FakeQuantPipeline:
         """
         raise NotImplementedError(f"Pipeline {self.name!r} does not expose its weight grid.")
 
-    def weight_scheme(self, site: WeightSite, config: QuantConfig) -> str:
-        """How `quantize_weight` quantizes ``site`` (``symmetric`` unless a pipeline says otherwise)."""
-        return "float" if is_float_bits(site.bits) else "symmetric"
-
-    def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
+    def observer(self, site: ActivationSite, config: BaseQuantConfig) -> Observer:
         raise NotImplementedError
 
-    def prefix_tokens(self, site: ActivationSite, config: QuantConfig) -> int:
+    def prefix_tokens(self, site: ActivationSite, config: BaseQuantConfig) -> int:
         """How many leading tokens of ``site`` its observer weighs as prefix tokens (0: none)."""
         weigh = config.weight_prefix_tokens
         return site.prefix_tokens if (self.weights_prefix_tokens if weigh is None else weigh) else 0
-
-    def check(self, config: QuantConfig) -> None:
-        """Reject bad pipeline options in ``config`` before `evaluate_quantized` runs any row (none here)."""
-
-    def row_fields(self, config: QuantConfig) -> dict:
-        """Keys every result row of this pipeline adds (`hf_cd.quant.results`): at least ``activation_mode``."""
-        return {"activation_mode": "static_per_tensor"}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r})"

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from hf_cd.quant.gptaq import gptaq_quantize
-from hf_cd.quant.gptq import relative_reconstruction_error
-from hf_cd.quant.pipelines.gptq import ReconstructionPipeline
+from hf_cd.quant.algorithms.gptaq import gptaq_quantize
+from hf_cd.quant.algorithms.gptq import relative_reconstruction_error
+from hf_cd.quant.pipelines.reconstruction import ReconstructionPipeline
 
 
 class GPTAQPipeline(ReconstructionPipeline):
     name = "gptaq"
     method = "gptaq"
     needs_reference = True
-    description = "GPTAQ: GPTQ plus the residual (X_fp − X_q) term scaled by gptaq_alpha (0.25)"
+    description = "GPTAQ: GPTQ plus the residual (X_fp − X_q) term scaled by GPTAQConfig.alpha (0.25)"
 
-    def solve(self, weight, inputs, grid, options, settings, name):
-        alpha = options.gptaq_alpha
-        solution = gptaq_quantize(weight, inputs.hessian, inputs.residual, grid, alpha, settings, name=name)
+    def solve(self, weight, inputs, grid, config, settings, name):
+        solution = gptaq_quantize(
+            weight, inputs.hessian, inputs.residual, grid, config.alpha, settings, name=name
+        )
         return solution, relative_reconstruction_error(weight, solution, inputs.statistics), None

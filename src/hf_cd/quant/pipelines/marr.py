@@ -1,9 +1,9 @@
 """``marr`` and ``marr_grid``: GPTAQ with a residual scale α_m per module.
 
-``marr`` refines each α_m with the PID loop of `hf_cd.quant.marr` (feedback: the module's relative
-reconstruction error); ``marr_grid`` tries every α of ``marr_grid`` and is the reference it is
+``marr`` refines each α_m with the PID loop of `hf_cd.quant.algorithms.marr` (feedback: the module's relative
+reconstruction error); ``marr_grid`` tries every α of `MARRGridConfig.grid` and is the reference it is
 measured against. Both keep, per module, the evaluated α of least error. With
-``marr_feedback="holdout"`` the error that steers α is measured on a held-out share of the
+``MARRConfig(feedback="holdout")`` the error that steers α is measured on a held-out share of the
 calibration images (the solves fit the rest) and the kept α is then solved on all of them: a small
 calibration set otherwise rewards large α that fit its own noise.
 """
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from hf_cd.quant.gptaq import gptaq_quantize
-from hf_cd.quant.gptq import SolverSettings, WeightGrid, relative_reconstruction_error
-from hf_cd.quant.marr import AlphaSearch, PIDGains, grid_search, marr_search
-from hf_cd.quant.pipelines.gptq import ReconstructionPipeline
-from hf_cd.quant.reconstruction import LayerInputs, ReconstructionOptions
+from hf_cd.quant.algorithms.gptaq import gptaq_quantize
+from hf_cd.quant.algorithms.gptq import SolverSettings, WeightGrid, relative_reconstruction_error
+from hf_cd.quant.algorithms.marr import AlphaSearch, PIDGains, grid_search, marr_search
+from hf_cd.quant.method_configs import MARRConfig, MARRGridConfig
+from hf_cd.quant.pipelines.reconstruction import LayerInputs, ReconstructionPipeline
 
 
 class _AlphaSolves:
@@ -46,30 +46,27 @@ class MARRPipeline(ReconstructionPipeline):
         "GPTAQ with a per-module residual scale α_m refined by a PID loop on the reconstruction error"
     )
 
-    def search(self, evaluate: _AlphaSolves, options: ReconstructionOptions) -> AlphaSearch:
+    def search(self, evaluate: _AlphaSolves, config: MARRConfig) -> AlphaSearch:
         return marr_search(
             evaluate,
-            alpha_init=options.marr_alpha_init,
-            gains=PIDGains(*options.marr_gains),
-            rounds=options.marr_rounds,
-            max_step=options.marr_max_step,
-            tolerance=options.marr_tolerance,
+            alpha_init=config.alpha_init,
+            gains=PIDGains(*config.gains),
+            rounds=config.rounds,
+            max_step=config.max_step,
+            tolerance=config.tolerance,
         )
-
-    def holdout_fraction(self, options: ReconstructionOptions) -> float | None:
-        return options.holdout_fraction()
 
     def solve(
         self,
         weight: torch.Tensor,
         inputs: LayerInputs,
         grid: WeightGrid,
-        options: ReconstructionOptions,
+        config: MARRConfig,
         settings: SolverSettings,
         name: str,
     ) -> tuple[torch.Tensor, float, AlphaSearch]:
         evaluate = _AlphaSolves(weight, inputs, grid, settings, name)
-        search = self.search(evaluate, options)
+        search = self.search(evaluate, config)
         if not inputs.split:
             return evaluate.solutions[search.best_alpha], search.best_error, search
         # α was chosen on held-out images; the weight is solved again on all of them with that α.
@@ -82,5 +79,5 @@ class MARRGridPipeline(MARRPipeline):
     method = "marr_grid"
     description = "GPTAQ with a per-module residual scale α_m chosen by grid search (MARR's reference)"
 
-    def search(self, evaluate: _AlphaSolves, options: ReconstructionOptions) -> AlphaSearch:
-        return grid_search(evaluate, options.marr_grid)
+    def search(self, evaluate: _AlphaSolves, config: MARRGridConfig) -> AlphaSearch:
+        return grid_search(evaluate, config.grid)

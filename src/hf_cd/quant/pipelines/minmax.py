@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from hf_cd.quant.config import QuantConfig
-from hf_cd.quant.observers import MinMaxObserver, Observer
-from hf_cd.quant.params import QuantParams
+from hf_cd.quant.algorithms.observers import MinMaxObserver, Observer
+from hf_cd.quant.algorithms.params import QuantParams
+from hf_cd.quant.algorithms.quantizers import quantize_weight_symmetric, symmetric_weight_scale
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
 from hf_cd.quant.prepare import ActivationSite
-from hf_cd.quant.quantizers import quantize_weight_symmetric, symmetric_weight_scale
 
 
 class MinMaxPipeline(FakeQuantPipeline):
@@ -18,11 +17,11 @@ class MinMaxPipeline(FakeQuantPipeline):
     description = "per-channel symmetric weights, per-tensor min/max asymmetric activations"
     qat_init = True
 
-    def quantize_weight(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
+    def quantize_weight(self, weight: torch.Tensor, bits: int, config) -> torch.Tensor:
         return quantize_weight_symmetric(weight, bits, per_channel=True)
 
-    def weight_params(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> QuantParams:
+    def weight_params(self, weight: torch.Tensor, bits: int, config) -> QuantParams:
         return QuantParams("symmetric", bits, symmetric_weight_scale(weight, bits, per_channel=True))
 
-    def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
+    def observer(self, site: ActivationSite, config) -> Observer:
         return MinMaxObserver(site.bits, site.name, include_zero=config.activation_include_zero)

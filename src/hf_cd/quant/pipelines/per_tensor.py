@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from hf_cd.quant.config import QuantConfig
-from hf_cd.quant.observers import AbsMaxObserver, Observer
-from hf_cd.quant.params import QuantParams
+from hf_cd.quant.algorithms.observers import AbsMaxObserver, Observer
+from hf_cd.quant.algorithms.params import QuantParams
+from hf_cd.quant.algorithms.quantizers import quantize_weight_symmetric, symmetric_weight_scale
 from hf_cd.quant.pipelines.base import FakeQuantPipeline
 from hf_cd.quant.prepare import ActivationSite
-from hf_cd.quant.quantizers import quantize_weight_symmetric, symmetric_weight_scale
 
 
 class PerTensorPipeline(FakeQuantPipeline):
@@ -21,11 +20,11 @@ class PerTensorPipeline(FakeQuantPipeline):
     description = "per-tensor AbsMax symmetric weights and activations"
     qat_init = True
 
-    def quantize_weight(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
+    def quantize_weight(self, weight: torch.Tensor, bits: int, config) -> torch.Tensor:
         return quantize_weight_symmetric(weight, bits, per_channel=False)
 
-    def weight_params(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> QuantParams:
+    def weight_params(self, weight: torch.Tensor, bits: int, config) -> QuantParams:
         return QuantParams("symmetric", bits, symmetric_weight_scale(weight, bits, per_channel=False))
 
-    def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
+    def observer(self, site: ActivationSite, config) -> Observer:
         return AbsMaxObserver(site.bits, site.name)

@@ -4,36 +4,31 @@ Weights: asymmetric per output row, each row's range ``[quantile(1 − p), quant
 ``p`` in {0.999, 0.9999, 0.99999} of least squared error (RepQ-ViT's weight quantizer: 2^b levels
 per row). Activations: asymmetric per tensor, ``p`` from ``config.activation_percentiles`` by least
 squared error on the calibration images, with the prefix-aware search of
-`QuantConfig.weight_prefix_tokens` on by default: the CLS token counts as much as all patch tokens.
+`BaseQuantConfig.weight_prefix_tokens` on by default: the CLS token counts as much as all patch tokens.
 
 Both defaults were chosen on the pretrained DINOv2-S (bench/results/pretrained_ptq.md), where the
 previous ones (symmetric weights clipped by a ratio of their absmax; the plain per-tensor error)
-lost to min-max at W6A6. ``QuantConfig(extra={"percentile_weights": "symmetric"})`` brings the
-symmetric weights back; ``QuantConfig(weight_prefix_tokens=False)`` the plain error.
+lost to min-max at W6A6. ``PercentileConfig(weights="symmetric")`` brings the symmetric weights
+back; ``PercentileConfig(weight_prefix_tokens=False)`` the plain error.
 """
 
 from __future__ import annotations
 
 import torch
 
-from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, QuantConfig, options_from_extra
-from hf_cd.quant.observers import Observer, PercentileObserver
-from hf_cd.quant.params import QuantParams
-from hf_cd.quant.pipelines.base import FakeQuantPipeline
-from hf_cd.quant.prepare import ActivationSite, WeightSite
-from hf_cd.quant.quantizers import (
+from hf_cd.quant.algorithms.observers import Observer, PercentileObserver
+from hf_cd.quant.algorithms.params import QuantParams
+from hf_cd.quant.algorithms.quantizers import (
     asymmetric_weight_params,
     is_float_bits,
     quantize_weight_asymmetric,
     quantize_weight_symmetric,
     symmetric_weight_scale,
 )
-
-WEIGHTS_OPTION = "percentile_weights"
-WEIGHT_SCHEMES = {
-    "asymmetric": "per-row [quantile(1 − p), quantile(p)], p of least squared error (2^b levels)",
-    "symmetric": "narrow-range symmetric per row, clip ratio of the absmax from config.weight_clip_ratios",
-}
+from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES
+from hf_cd.quant.method_configs import PercentileConfig
+from hf_cd.quant.pipelines.base import FakeQuantPipeline
+from hf_cd.quant.prepare import ActivationSite, WeightSite
 
 
 class PercentilePipeline(FakeQuantPipeline):
@@ -44,31 +39,15 @@ class PercentilePipeline(FakeQuantPipeline):
     weights_prefix_tokens = True
     qat_init = True
 
-    def check(self, config: QuantConfig) -> None:
-        self._weights(config)
-
-    @staticmethod
-    def _weights(config: QuantConfig) -> str:
-        scheme = options_from_extra(config.extra, "percentile_", [WEIGHTS_OPTION], "percentile").get(
-            WEIGHTS_OPTION, "asymmetric"
-        )
-        if scheme not in WEIGHT_SCHEMES:
-            raise ValueError(
-                f"QuantConfig.extra[{WEIGHTS_OPTION!r}] must be one of "
-                + "; ".join(f"{name!r} ({what})" for name, what in WEIGHT_SCHEMES.items())
-                + f", got {scheme!r}."
-            )
-        return scheme
-
-    def quantize_weight(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
-        if self._weights(config) == "symmetric":
+    def quantize_weight(self, weight: torch.Tensor, bits: int, config: PercentileConfig) -> torch.Tensor:
+        if config.weights == "symmetric":
             return quantize_weight_symmetric(
                 weight, bits, per_channel=True, clip_ratios=config.weight_clip_ratios
             )
         return quantize_weight_asymmetric(weight, bits, DEFAULT_ACTIVATION_PERCENTILES)
 
-    def weight_params(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> QuantParams:
-        if self._weights(config) == "symmetric":
+    def weight_params(self, weight: torch.Tensor, bits: int, config: PercentileConfig) -> QuantParams:
+        if config.weights == "symmetric":
             scale = symmetric_weight_scale(
                 weight, bits, per_channel=True, clip_ratios=config.weight_clip_ratios
             )
@@ -76,10 +55,10 @@ class PercentilePipeline(FakeQuantPipeline):
         scale, zero_point = asymmetric_weight_params(weight, bits, DEFAULT_ACTIVATION_PERCENTILES)
         return QuantParams("asymmetric", bits, scale, zero_point)
 
-    def weight_scheme(self, site: WeightSite, config: QuantConfig) -> str:
-        return "float" if is_float_bits(site.bits) else self._weights(config)
+    def weight_scheme(self, site: WeightSite, config: PercentileConfig) -> str:
+        return "float" if is_float_bits(site.bits) else config.weights
 
-    def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
+    def observer(self, site: ActivationSite, config: PercentileConfig) -> Observer:
         return PercentileObserver(
             site.bits,
             config.activation_percentiles,

@@ -6,7 +6,7 @@ The reference is ``zkkli/RepQ-ViT``, ``classification/``: ``quant/quantizer.py``
 1. On the float copy, calibrate each post-LayerNorm activation *per channel* (percentile search;
    no channel's range is widened to contain 0).
 2. Fold those per-channel scales and zero-points into LayerNorm γ/β and into the weight columns and
-   bias of the linears that read it (`hf_cd.quant.reparam`), so one per-tensor range fits. That
+   bias of the linears that read it (`hf_cd.quant.algorithms.repq_reparam`), so one per-tensor range fits. That
    range is the mean of the per-channel scales and of the zero-points, as ``test_quant.py`` sets
    it; it is fixed here and never calibrated again.
 3. Quantize the (reparameterized) weights asymmetrically per output row, each row's range
@@ -15,94 +15,56 @@ The reference is ``zkkli/RepQ-ViT``, ``classification/``: ``quant/quantizer.py``
 4. Calibrate every other activation per tensor with the same percentile search, except the
    softmax probabilities, which get the log√2 quantizer (2^b levels and a zero below them).
 
-Our variants, in ``QuantConfig.extra`` (keys starting ``repq_`` are checked, with a did-you-mean):
+Our variants, `RepQConfig`'s fields (spelt ``repq_<field>`` in ``repq:key=value``):
 
 ===========================  ======================  ============================================
-``repq_weights``             ``asymmetric``          ``symmetric``: narrow-range symmetric per
+``weights``                  ``asymmetric``          ``symmetric``: narrow-range symmetric per
                                                      channel, clip ratio from
-                                                     ``config.weight_clip_ratios`` (as ``percentile``)
-``repq_weight_percentiles``  0.999, 0.9999, 0.99999  candidates of the asymmetric weight search
-``repq_post_layernorm``      ``mean``                ``recalibrate``: calibrate the post-LayerNorm
+                                                     ``weight_clip_ratios`` (as ``percentile``)
+``weight_percentiles``       0.999, 0.9999, 0.99999  candidates of the asymmetric weight search
+``post_layernorm``           ``mean``                ``recalibrate``: calibrate the post-LayerNorm
                                                      site again after folding (an integer zero-point
                                                      in range; the mean's may be fractional)
-``repq_log_zero_code``       False                   True: the last of the 2^b log√2 codes is zero
+``log_zero_code``            False                   True: the last of the 2^b log√2 codes is zero
                                                      (2^b − 1 levels), so the softmax fits b bits
 ===========================  ======================  ============================================
 
-``QuantConfig(weight_prefix_tokens=True)`` (ours; off by default here because RepQ-ViT does not do
+``RepQConfig(weight_prefix_tokens=True)`` (ours; off by default here because RepQ-ViT does not do
 it) makes the percentile search of the block activations count the CLS token as much as all patch
 tokens, so it stops clipping the CLS token's rare large values (bench/results/pretrained_ptq.md).
 
-Per-tensor activation ranges widen to contain 0 unless ``QuantConfig.activation_include_zero`` is
+Per-tensor activation ranges widen to contain 0 unless ``activation_include_zero`` is
 False (RepQ-ViT's; it changes only ranges that exclude 0). Left as it is: the reference takes the
 per-channel statistics and every other activation range in one pass over the quantized model
 before folding and never refits them; here the statistics come from the float copy and the other
-ranges are calibrated after folding, block by block (``QuantConfig.sequential``).
+ranges are calibrated after folding, block by block (``sequential``).
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, fields
-from typing import Any
-
 import torch
 from torch import nn
 
-from hf_cd.quant.calibration import calibrate
-from hf_cd.quant.config import DEFAULT_ACTIVATION_PERCENTILES, QuantConfig, check_option, options_from_extra
-from hf_cd.quant.observers import LogSqrt2Observer, Observer, PercentileObserver
-from hf_cd.quant.params import QuantParams
-from hf_cd.quant.pipelines.base import FakeQuantPipeline
-from hf_cd.quant.prepare import ActivationSite, QuantizationState, WeightSite
-from hf_cd.quant.quantizers import (
+from hf_cd.quant.algorithms.observers import LogSqrt2Observer, Observer, PercentileObserver
+from hf_cd.quant.algorithms.params import QuantParams
+from hf_cd.quant.algorithms.quantizers import (
     asymmetric_weight_params,
     is_float_bits,
     quantize_weight_asymmetric,
     quantize_weight_symmetric,
     symmetric_weight_scale,
 )
-from hf_cd.quant.reparam import fold_into_layernorm, layernorm_reparameterization, post_layernorm_target
+from hf_cd.quant.algorithms.repq_reparam import (
+    fold_into_layernorm,
+    layernorm_reparameterization,
+    post_layernorm_target,
+)
+from hf_cd.quant.calibration import calibrate
+from hf_cd.quant.method_configs import RepQConfig
+from hf_cd.quant.pipelines.base import FakeQuantPipeline
+from hf_cd.quant.prepare import ActivationSite, QuantizationState, WeightSite
 
 POST_LAYERNORM_ROLES = ("attention_input", "ffn_input")
-OPTION_PREFIX = "repq_"
-WEIGHT_SCHEMES = ("asymmetric", "symmetric")
-POST_LAYERNORM_TARGETS = ("mean", "recalibrate")
-
-
-@dataclass(frozen=True)
-class RepQOptions:
-    """The ``QuantConfig.extra`` options of ``repq`` (table in the module docstring); defaults are RepQ-ViT's."""
-
-    repq_weights: str = "asymmetric"
-    repq_weight_percentiles: tuple[float, ...] = DEFAULT_ACTIVATION_PERCENTILES
-    repq_post_layernorm: str = "mean"
-    repq_log_zero_code: bool = False
-
-    @classmethod
-    def from_extra(cls, extra: dict[str, Any]) -> RepQOptions:
-        """Read the ``repq_`` keys of ``extra``; other keys are left alone, misspelt ones of ours raise."""
-        values = options_from_extra(extra, OPTION_PREFIX, [f.name for f in fields(cls)], "repq")
-        if "repq_weight_percentiles" in values:
-            values["repq_weight_percentiles"] = tuple(float(p) for p in values["repq_weight_percentiles"])
-        return cls(**values)
-
-    def __post_init__(self) -> None:
-        check = functools.partial(check_option, self)
-
-        check(self.repq_weights in WEIGHT_SCHEMES, "repq_weights", " or ".join(map(repr, WEIGHT_SCHEMES)))
-        check(
-            len(self.repq_weight_percentiles) > 0
-            and all(0.5 < p <= 1.0 for p in self.repq_weight_percentiles),
-            "repq_weight_percentiles",
-            "a non-empty sequence of values in (0.5, 1]",
-        )
-        check(
-            self.repq_post_layernorm in POST_LAYERNORM_TARGETS,
-            "repq_post_layernorm",
-            " or ".join(map(repr, POST_LAYERNORM_TARGETS)),
-        )
-        check(isinstance(self.repq_log_zero_code, bool), "repq_log_zero_code", "a bool")
 
 
 class RepQPipeline(FakeQuantPipeline):
@@ -112,17 +74,13 @@ class RepQPipeline(FakeQuantPipeline):
     )
     qat_init = True
 
-    def check(self, config: QuantConfig) -> None:
-        RepQOptions.from_extra(config.extra)
-
     def before_weights(
         self,
         model: nn.Module,
         state: QuantizationState,
-        config: QuantConfig,
+        config: RepQConfig,
         calibration_images: torch.Tensor | None,
     ) -> None:
-        options = RepQOptions.from_extra(config.extra)
         sites = [s for s in state.activations if s.role in POST_LAYERNORM_ROLES and not is_float_bits(s.bits)]
         if not sites:
             return
@@ -158,41 +116,38 @@ class RepQPipeline(FakeQuantPipeline):
                     continue
                 ratio, shift = layernorm_reparameterization(params.scale, params.zero_point)
                 fold_into_layernorm(norm, consumers, ratio, shift)
-                if options.repq_post_layernorm == "mean":
+                if config.post_layernorm == "mean":
                     scale, zero_point = post_layernorm_target(params.scale, params.zero_point)
                     state.preset[site] = QuantParams("asymmetric", params.bits, scale, zero_point)
 
-    def quantize_weight(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
-        options = RepQOptions.from_extra(config.extra)
-        if options.repq_weights == "symmetric":
+    def quantize_weight(self, weight: torch.Tensor, bits: int, config: RepQConfig) -> torch.Tensor:
+        if config.weights == "symmetric":
             return quantize_weight_symmetric(
                 weight, bits, per_channel=True, clip_ratios=config.weight_clip_ratios
             )
-        return quantize_weight_asymmetric(weight, bits, options.repq_weight_percentiles)
+        return quantize_weight_asymmetric(weight, bits, config.weight_percentiles)
 
-    def weight_params(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> QuantParams:
-        options = RepQOptions.from_extra(config.extra)
-        if options.repq_weights == "symmetric":
+    def weight_params(self, weight: torch.Tensor, bits: int, config: RepQConfig) -> QuantParams:
+        if config.weights == "symmetric":
             scale = symmetric_weight_scale(
                 weight, bits, per_channel=True, clip_ratios=config.weight_clip_ratios
             )
             return QuantParams("symmetric", bits, scale)
-        scale, zero_point = asymmetric_weight_params(weight, bits, options.repq_weight_percentiles)
+        scale, zero_point = asymmetric_weight_params(weight, bits, config.weight_percentiles)
         return QuantParams("asymmetric", bits, scale, zero_point)
 
-    def weight_scheme(self, site: WeightSite, config: QuantConfig) -> str:
+    def weight_scheme(self, site: WeightSite, config: RepQConfig) -> str:
         if is_float_bits(site.bits):
             return "float"
-        return RepQOptions.from_extra(config.extra).repq_weights
+        return config.weights
 
-    def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
+    def observer(self, site: ActivationSite, config: RepQConfig) -> Observer:
         if site.role == "attention_probs":
-            options = RepQOptions.from_extra(config.extra)
             return LogSqrt2Observer(
                 site.bits,
                 config.activation_percentiles,
                 name=site.name,
-                reserve_zero_code=options.repq_log_zero_code,
+                reserve_zero_code=config.log_zero_code,
             )
         return PercentileObserver(
             site.bits,

@@ -1,6 +1,6 @@
 """``rotate``: rotation-based PTQ (the QuaRot / SpinQuant recipe for ViT / DeiT / DINOv2), with any weight solver.
 
-On the float copy, before anything is quantized (the math: `hf_cd.quant.rotation`):
+On the float copy, before anything is quantized (the math: `hf_cd.quant.algorithms.rotation`):
 
 1. **Rotation-invariant residual stream.** DINOv2's layer scale is folded into the writers
    (``o_proj``, ``fc2``); every writer of the residual stream (patch embedding, CLS / register /
@@ -18,9 +18,9 @@ On the float copy, before anything is quantized (the math: `hf_cd.quant.rotation
 
 The float function is unchanged (tests: 1e-4 relative on the real DINOv2-S). Then weights are
 quantized by ``rotate_solver``: ``rtn`` (symmetric per output channel, clip ratio of least squared
-error from ``QuantConfig.weight_clip_ratios``), or ``gptq`` / ``gptaq``, which run the registered
-reconstruction pipelines with this one as their activation pipeline (``gptq_activations="rotate"``:
-nothing of theirs is duplicated). ``rotate_gptq`` and ``rotate_gptaq`` are the same pipeline with
+error from ``weight_clip_ratios``), or ``gptq`` / ``gptaq``, which run the reconstruction pipeline
+of ``RotateConfig.solver`` with this rotation as its activation method
+(``GPTQConfig(activations=RotateConfig())``: nothing of theirs is duplicated). ``rotate_gptq`` and ``rotate_gptaq`` are the same pipeline with
 that solver by default. Activations: ``rotate_activations``:
 
 * ``static_per_tensor`` (default): one asymmetric range per site from calibration, as
@@ -30,7 +30,8 @@ that solver by default. Activations: ``rotate_activations``:
   (attention matmul inputs per token and head); the patch-embedding and classifier inputs stay
   static. Every result row says which (``activation_mode``).
 
-Options in ``QuantConfig.extra`` (keys starting ``rotate_`` are checked, with a did-you-mean):
+Options: `RotateConfig`'s fields, spelt as below in ``rotate:key=value`` (``rotate_solver`` is its
+``solver``: ``None``, ``GPTQConfig(...)`` or ``GPTAQConfig(...)``; ``rotate_seed`` its ``rotation_seed``):
 
 ========================  =====================  ===================================================
 ``rotate_solver``         ``rtn``                ``gptq`` or ``gptaq`` (their ``gptq_`` / ``gptaq_``
@@ -42,7 +43,7 @@ Options in ``QuantConfig.extra`` (keys starting ``rotate_`` are checked, with a 
 ``rotate_query_key``      False                  ours: head-wise randomized Hadamard of queries and
                                                  keys, offline on both (``q kᵀ`` is unchanged; no
                                                  RoPE here, so nothing runs online)
-``rotate_seed``           None                   seed of the random signs (None: ``QuantConfig.seed``)
+``rotate_seed``           None                   seed of the random signs (None: the shared ``seed``)
 ========================  =====================  ===================================================
 
 Measured on the pretrained DINOv2-S (bench/results/pretrained_ptq-rotate-notes.md): with GPTAQ
@@ -59,8 +60,6 @@ online (after RoPE) and leaves queries unquantized; here both are quantized at `
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -74,14 +73,10 @@ from hf_cd.architectures import (
     residual_stream_parameters,
     unwrap_model,
 )
-from hf_cd.quant.config import QuantConfig, check_option, options_from_extra
-from hf_cd.quant.observers import Observer
-from hf_cd.quant.params import QuantParams
-from hf_cd.quant.pipelines.base import FakeQuantPipeline
-from hf_cd.quant.prepare import ActivationSite, QuantizationState, WeightSite, quantization_state
-from hf_cd.quant.quantizers import is_float_bits, quantize_weight_symmetric
-from hf_cd.quant.registry import get_pipeline
-from hf_cd.quant.rotation import (
+from hf_cd.quant.algorithms.observers import Observer
+from hf_cd.quant.algorithms.params import QuantParams
+from hf_cd.quant.algorithms.quantizers import is_float_bits, quantize_weight_symmetric
+from hf_cd.quant.algorithms.rotation import (
     block_diagonal,
     centre_rows,
     centre_vectors,
@@ -94,63 +89,14 @@ from hf_cd.quant.rotation import (
     rotation_matrix,
     scale_rows,
 )
+from hf_cd.quant.method_configs import PercentileConfig, RotateConfig
+from hf_cd.quant.pipelines.base import FakeQuantPipeline
+from hf_cd.quant.pipelines.percentile import PercentilePipeline
+from hf_cd.quant.prepare import ActivationSite, QuantizationState, quantization_state
+from hf_cd.quant.registry import pipeline_for
 
-OPTION_PREFIX = "rotate_"
-SOLVERS = ("rtn", "gptq", "gptaq")
-ACTIVATION_MODES = ("static_per_tensor", "dynamic_per_token")
-STATIC_OBSERVERS = "percentile"
-"""The pipeline whose observers calibrate the static ranges."""
-
-
-@dataclass(frozen=True)
-class RotateOptions:
-    """The ``QuantConfig.extra`` options of ``rotate`` (table in the module docstring)."""
-
-    rotate_solver: str = "rtn"
-    rotate_activations: str = "static_per_tensor"
-    rotate_residual: bool = True
-    rotate_fc2_online: bool = True
-    rotate_value_output: bool = True
-    rotate_query_key: bool = False
-    rotate_seed: int | None = None
-
-    @classmethod
-    def from_extra(cls, extra: dict[str, Any], **defaults: Any) -> RotateOptions:
-        values = options_from_extra(extra, OPTION_PREFIX, [f.name for f in fields(cls)], "rotate")
-        return cls(**{**defaults, **values})
-
-    def __post_init__(self) -> None:
-        check = functools.partial(check_option, self)
-
-        check(self.rotate_solver in SOLVERS, "rotate_solver", " or ".join(map(repr, SOLVERS)))
-        check(
-            self.rotate_activations in ACTIVATION_MODES,
-            "rotate_activations",
-            " or ".join(map(repr, ACTIVATION_MODES)),
-        )
-        for key in ("rotate_residual", "rotate_fc2_online", "rotate_value_output", "rotate_query_key"):
-            check(isinstance(getattr(self, key), bool), key, "a bool")
-        check(
-            self.rotate_seed is None
-            or (isinstance(self.rotate_seed, int) and not isinstance(self.rotate_seed, bool)),
-            "rotate_seed",
-            "an int or None",
-        )
-
-    @property
-    def rotations(self) -> str:
-        """The rotations switched on, e.g. ``residual+fc2_online+value_output`` (``none``: folding only)."""
-        names = [
-            name
-            for name, on in (
-                ("residual", self.rotate_residual),
-                ("fc2_online", self.rotate_fc2_online),
-                ("value_output", self.rotate_value_output),
-                ("query_key", self.rotate_query_key),
-            )
-            if on
-        ]
-        return "+".join(names) or "none"
+STATIC_OBSERVERS = PercentilePipeline()
+"""The pipeline whose observers calibrate the static ranges (run with a `PercentileConfig`)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,7 +186,7 @@ def _store(linear: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 @torch.no_grad()
 def rotate_float_model(
-    model: nn.Module, blocks: list[ResolvedBlock], options: RotateOptions, seed: int
+    model: nn.Module, blocks: list[ResolvedBlock], options: RotateConfig, seed: int
 ) -> dict[str, str]:
     """Fold, centre and rotate the (copied) float ``model`` in place, keeping its function; says what it used.
 
@@ -290,7 +236,7 @@ def rotate_float_model(
 
     used = {"residual": "none", "value_output": "none", "query_key": "none", "fc2_online": "none"}
     # 3. the residual stream rotated by Q: writers' rows, readers' columns; the final norm rotates back
-    if options.rotate_residual:
+    if options.residual:
         rotation, used["residual"] = rotation_matrix(hidden, seed)
         _store(embedding, *rotate_writer(*_f64(embedding), rotation))
         for parameter in vectors.values():
@@ -306,7 +252,7 @@ def rotate_float_model(
         setattr(parent, attribute, RotatedBackLayerNorm(norm, rotation))
 
     # 4. head-wise value → output
-    if options.rotate_value_output:
+    if options.value_output:
         for block in blocks:
             head, used["value_output"] = rotation_matrix(block.head_dim, seed + 1 + block.index)
             per_head = block_diagonal(head, block.num_heads)
@@ -314,7 +260,7 @@ def rotate_float_model(
             _set(block.output.weight, rotate_reader(block.output.weight.detach().double(), per_head))
 
     # 4b. head-wise query and key (ours): q kᵀ = (q R)(k R)ᵀ, so both fold offline (no RoPE in these models)
-    if options.rotate_query_key:
+    if options.query_key:
         for block in blocks:
             head, used["query_key"] = rotation_matrix(block.head_dim, seed + 1000 + block.index)
             per_head = block_diagonal(head, block.num_heads)
@@ -322,13 +268,13 @@ def rotate_float_model(
                 _store(projection, *rotate_writer(*_f64(projection), per_head))
 
     # 5. online Hadamard on the fc2 input, the same fused offline into fc2's columns
-    if options.rotate_fc2_online:
+    if options.fc2_online:
         for block in blocks:
             size = block.ffn_output.in_features
             if not has_hadamard(size):
                 raise ValueError(
                     f"No Hadamard matrix of order {size} (the fc2 input of block {block.index}) is known; "
-                    "switch the online rotation off with QuantConfig(extra={'rotate_fc2_online': False})."
+                    "switch the online rotation off with RotateConfig(fc2_online=False) (rotate_fc2_online=false)."
                 )
             fc2 = block.ffn_output
             _set(fc2.weight, rotate_reader(fc2.weight.detach().double(), hadamard_matrix(size)))
@@ -343,7 +289,7 @@ def rotate_float_model(
 
 
 class RotatePipeline(FakeQuantPipeline):
-    """Rotation-based PTQ; ``solver`` is the default of ``rotate_solver`` (``rotate_gptq`` etc. differ only there)."""
+    """Rotation-based PTQ; `RotateConfig.solver` solves the weights (``rotate_gptq`` etc. differ only there)."""
 
     name = "rotate"
     description = (
@@ -351,43 +297,27 @@ class RotatePipeline(FakeQuantPipeline):
         "RTN or GPTQ/GPTAQ weights; static per-tensor or dynamic per-token activations"
     )
 
-    def __init__(self, name: str = "rotate", solver: str = "rtn") -> None:
-        self.name = name
-        self.solver = solver
-        if solver != "rtn":
-            self.description = f"{type(self).description}; rotate_solver={solver!r} by default"
+    def check(self, config: RotateConfig) -> None:
+        if config.solver is not None:
+            pipeline_for(config.solver).check(self._solver_config(config))
 
-    def options(self, config: QuantConfig) -> RotateOptions:
-        return RotateOptions.from_extra(config.extra, rotate_solver=self.solver)
-
-    def check(self, config: QuantConfig) -> None:
-        options = self.options(config)
-        if options.rotate_solver != "rtn":
-            get_pipeline(options.rotate_solver).check(self._solver_config(config, options))
-
-    def _solver_config(self, config: QuantConfig, options: RotateOptions) -> QuantConfig:
-        """The config the reconstruction pipeline runs with: this pipeline (rtn) as its activation pipeline."""
-        extra = {**config.extra, "rotate_solver": "rtn", "gptq_activations": "rotate"}
-        for field_ in fields(RotateOptions):  # the rotation options travel with it
-            extra[field_.name] = getattr(options, field_.name) if field_.name != "rotate_solver" else "rtn"
-        return config.replace(pipeline=options.rotate_solver, extra=extra)
+    @staticmethod
+    def _solver_config(config: RotateConfig):
+        """The solver's config as it runs: this rotation (round to nearest) as its activation method."""
+        return config.solver.replace(activations=config.replace(solver=None), **config.shared())
 
     def __call__(
-        self, model: nn.Module, config: QuantConfig, calibration_images: torch.Tensor | None
+        self, model: nn.Module, config: RotateConfig, calibration_images: torch.Tensor | None
     ) -> nn.Module:
-        options = self.options(config)
-        if options.rotate_solver == "rtn":
+        if config.solver is None:
             quantized = super().__call__(model, config, calibration_images)
         elif type(self).before_weights is not RotatePipeline.before_weights:
             raise ValueError(
                 f"{type(self).__name__} overrides before_weights (e.g. hf_cd.quant.sensitivity's site-by-site "
-                f"bits), which the {options.rotate_solver!r} solver would not run; use pipeline='rotate' "
-                "(rotate_solver='rtn') there."
+                f"bits), which the {config.solver_name!r} solver would not run; use RotateConfig(solver=None) (rotate_solver='rtn') there."
             )
         else:
-            quantized = get_pipeline(options.rotate_solver)(
-                model, self._solver_config(config, options), calibration_images
-            )
+            quantized = pipeline_for(config.solver)(model, self._solver_config(config), calibration_images)
         quantization_state(quantized).config = config  # the row's own config, not the solver's
         return quantized
 
@@ -395,33 +325,28 @@ class RotatePipeline(FakeQuantPipeline):
         self,
         model: nn.Module,
         state: QuantizationState,
-        config: QuantConfig,
+        config: RotateConfig,
         calibration_images: torch.Tensor | None,
     ) -> None:
-        options = self.options(config)
-        seed = config.seed if options.rotate_seed is None else options.rotate_seed
-        rotate_float_model(model, state.blocks, options, seed)
-        if options.rotate_activations == "dynamic_per_token":
+        seed = config.seed if config.rotation_seed is None else config.rotation_seed
+        rotate_float_model(model, state.blocks, config, seed)
+        if config.activations == "dynamic_per_token":
             for site in state.activations:
                 if site.block is not None and not is_float_bits(site.bits):
                     state.preset[site.name] = QuantParams("dynamic_per_token", site.bits, torch.tensor(1.0))
 
-    def quantize_weight(self, weight: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
+    def quantize_weight(self, weight: torch.Tensor, bits: int, config: RotateConfig) -> torch.Tensor:
         return quantize_weight_symmetric(
             weight, bits, per_channel=True, clip_ratios=config.weight_clip_ratios
         )
 
-    def weight_scheme(self, site: WeightSite, config: QuantConfig) -> str:
-        return "float" if is_float_bits(site.bits) else "symmetric"
+    def observer(self, site: ActivationSite, config: RotateConfig) -> Observer:
+        return STATIC_OBSERVERS.observer(site, PercentileConfig(**config.shared()))
 
-    def observer(self, site: ActivationSite, config: QuantConfig) -> Observer:
-        return get_pipeline(STATIC_OBSERVERS).observer(site, config)
-
-    def row_fields(self, config: QuantConfig) -> dict[str, Any]:
+    def row_fields(self, config: RotateConfig) -> dict[str, Any]:
         """What every result row of this pipeline records beyond the bits: activation mode, solver, rotations."""
-        options = self.options(config)
         return {
-            "activation_mode": options.rotate_activations,
-            "weight_solver": options.rotate_solver,
-            "rotations": options.rotations,
+            "activation_mode": config.activations,
+            "weight_solver": config.solver_name,
+            "rotations": config.rotations,
         }

@@ -5,7 +5,7 @@
 torchao are imported only when a pipeline runs, with an error naming the package to install.
 """
 
-from hf_cd.quant.registry import register_pipeline
+from hf_cd.quant.registry import register_handler
 from hf_cd.quant.runtimes.base import RuntimePipeline, RuntimeUnavailableError
 from hf_cd.quant.runtimes.onnxruntime_int8 import (
     OnnxExportError,
@@ -19,14 +19,21 @@ from hf_cd.quant.runtimes.onnxruntime_int8 import (
     quantize_onnx_int8,
 )
 from hf_cd.quant.runtimes.torchao_gpu import (
+    TorchaoConfig,
+    TorchaoFloat8Config,
     TorchaoFloat8Pipeline,
+    TorchaoInt8Config,
     TorchaoInt8Pipeline,
     TorchaoPipeline,
     TorchaoRuntimeConfig,
 )
 
-for _pipeline in (OnnxRuntimeInt8Pipeline(), TorchaoInt8Pipeline(), TorchaoFloat8Pipeline()):
-    register_pipeline(_pipeline, overwrite=True)
+for _config, _pipeline in (
+    (OnnxRuntimeInt8Config, OnnxRuntimeInt8Pipeline()),
+    (TorchaoInt8Config, TorchaoInt8Pipeline()),
+    (TorchaoFloat8Config, TorchaoFloat8Pipeline()),
+):
+    register_handler(_config, _pipeline, overwrite=True)
 
 __all__ = [
     "OnnxExportError",
@@ -36,7 +43,10 @@ __all__ = [
     "OnnxRuntimeInt8Pipeline",
     "RuntimePipeline",
     "RuntimeUnavailableError",
+    "TorchaoConfig",
+    "TorchaoFloat8Config",
     "TorchaoFloat8Pipeline",
+    "TorchaoInt8Config",
     "TorchaoInt8Pipeline",
     "TorchaoPipeline",
     "TorchaoRuntimeConfig",

@@ -8,8 +8,6 @@ own float baseline (same runtime, same threads), which a returned ``nn.Module`` 
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -18,69 +16,40 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_cd.quant.config import DEFAULT_PROTOCOL, QuantConfig
-from hf_cd.quant.quantizers import is_float_bits
+from hf_cd.quant.algorithms.quantizers import is_float_bits
+from hf_cd.quant.config import DEFAULT_PROTOCOL, BaseQuantConfig
+from hf_cd.quant.registry import Pipeline
 
 
 class RuntimeUnavailableError(RuntimeError):
     """A real runtime that cannot run here (missing package or device); the message says the fix."""
 
 
-class RuntimePipeline:
+class RuntimePipeline(Pipeline):
     """Base of the real-runtime pipelines; subclasses set ``name``, ``runtime`` and implement both methods."""
 
-    name: str = ""
     runtime: str = ""
-    description: str = ""
 
-    def __call__(
-        self, model: nn.Module, config: QuantConfig, calibration_images: torch.Tensor | None
-    ) -> nn.Module:
-        raise NotImplementedError
-
-    def check(self, config: QuantConfig) -> None:
+    def check(self, config: BaseQuantConfig) -> None:
         """Refuse a config this runtime cannot run, and say why, before any work is done.
 
         `evaluate_quantized` checks every row first, so a W4A4 row for an 8-bit runtime fails
         at once instead of after the rows before it. The default: 8-bit kernels and the runtime present.
         """
         check_int8_bits(self.name, config)
-        self.settings(config)  # a misspelt or bad ``config.extra`` setting fails here, not mid-run
         self.require(config)
 
-    def settings(self, config: QuantConfig) -> Any:
-        """The runtime's own settings, read (and checked) from ``config.extra``; none by default."""
-        return None
-
-    def require(self, config: QuantConfig) -> None:
+    def require(self, config: BaseQuantConfig) -> None:
         """Raise `RuntimeUnavailableError` (with the fix) when the runtime cannot run here."""
 
     activation_mode: str = "static_per_tensor"
     """How the runtime quantizes activations, recorded in every row (`hf_cd.quant.results`)."""
 
-    def row_fields(self, config: QuantConfig) -> dict[str, Any]:
+    def row_fields(self, config: BaseQuantConfig) -> dict[str, Any]:
         return {"activation_mode": self.activation_mode}
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        config: QuantConfig,
-        calibration_images: torch.Tensor | None,
-        eval_data: Any,
-    ) -> dict[str, Any]:
-        """Quantize, measure accuracy on ``eval_data`` and latency; returns `result_row` keyword arguments.
 
-        The keys are those of `hf_cd.quant.results.result_row` except ``pipeline``, ``runtime``,
-        ``seed`` and ``reference_accuracy`` (which `evaluate_quantized` fills in), plus this
-        runtime's latency columns.
-        """
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r})"
-
-
-def check_int8_bits(pipeline: str, config: QuantConfig, float_parts_allowed: bool = True) -> None:
+def check_int8_bits(pipeline: str, config: BaseQuantConfig, float_parts_allowed: bool = True) -> None:
     """Integer kernels come in one width: refuse other bits instead of silently running 8-bit ones."""
     if config.w_bits != 8 or config.a_bits != 8:
         raise ValueError(
@@ -100,32 +69,6 @@ def check_int8_bits(pipeline: str, config: QuantConfig, float_parts_allowed: boo
             raise ValueError(
                 f"Pipeline {pipeline!r} runs {name} at 8 bits or leaves that layer float (≥ 16); got {bits}."
             )
-
-
-def settings_from_extra(config: QuantConfig, key: str, settings_type: type, default: Any) -> Any:
-    """The runtime's settings: ``config.extra[key]`` as a settings object or a dict of its fields."""
-    value = config.extra.get(key, default)
-    if isinstance(value, settings_type):
-        return value
-    if isinstance(value, Mapping):
-        known = (
-            [f.name for f in dataclasses.fields(settings_type)]
-            if dataclasses.is_dataclass(settings_type)
-            else []
-        )
-        for name in value:
-            if known and name not in known:
-                close = difflib.get_close_matches(str(name), known, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(
-                    f"Unknown {settings_type.__name__} setting {name!r} in QuantConfig.extra[{key!r}].{hint} "
-                    f"Known: {', '.join(known)}."
-                )
-        return settings_type(**value)
-    raise TypeError(
-        f"QuantConfig.extra[{key!r}] must be a {settings_type.__name__} or a dict of its fields, got "
-        f"{type(value).__name__}."
-    )
 
 
 def interleaved_median_ms(

@@ -18,16 +18,16 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from hf_cd.architectures import classifiers, unwrap_model
-from hf_cd.quant.config import QuantConfig
+from hf_cd.quant.algorithms.quantizers import is_float_bits
+from hf_cd.quant.config import BaseQuantConfig
 from hf_cd.quant.evaluate import evaluate_accuracy
 from hf_cd.quant.prepare import check_quantizable
-from hf_cd.quant.quantizers import is_float_bits
 from hf_cd.quant.runtimes.base import (
     RuntimePipeline,
     RuntimeUnavailableError,
@@ -35,12 +35,11 @@ from hf_cd.quant.runtimes.base import (
     example_images,
     interleaved_median_ms,
     latency_columns,
-    settings_from_extra,
     tile_images,
 )
 
 TORCHAO_EXTRA_KEY = "torchao"
-"""``QuantConfig.extra[TORCHAO_EXTRA_KEY]`` holds the `TorchaoRuntimeConfig` (or a dict of its fields)."""
+"""The deprecated ``QuantConfig.extra[TORCHAO_EXTRA_KEY]`` held the torchao settings."""
 BF16_BITS = 16
 FP8_MIN_CAPABILITY = (8, 9)
 LINEAR_MULTIPLE = 16
@@ -48,8 +47,10 @@ LINEAR_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
-class TorchaoRuntimeConfig:
-    """Device, compilation and timing for the torchao pipelines; ``QuantConfig(extra={"torchao": ...})``."""
+class TorchaoConfig(BaseQuantConfig):
+    """Device, compilation and timing, shared by `TorchaoInt8Config` and `TorchaoFloat8Config`."""
+
+    extra_key: ClassVar[str] = TORCHAO_EXTRA_KEY
 
     device: str = "cuda"
     compile: bool = True
@@ -60,11 +61,30 @@ class TorchaoRuntimeConfig:
     latency_warmup: int = 5
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.latency_batch_size < 1 or self.latency_runs < 1 or self.latency_warmup < 0:
             raise ValueError(
                 "latency_batch_size and latency_runs must be ≥ 1 and latency_warmup ≥ 0, got "
                 f"{self.latency_batch_size}, {self.latency_runs}, {self.latency_warmup}."
             )
+
+
+TorchaoRuntimeConfig = TorchaoConfig
+"""Deprecated name of the settings (``QuantConfig(extra={"torchao": TorchaoRuntimeConfig(...)})``)."""
+
+
+@dataclass(frozen=True)
+class TorchaoInt8Config(TorchaoConfig):
+    """``torchao-int8``: per-token dynamic int8 activations, per-channel int8 weights, on CUDA."""
+
+    name: ClassVar[str] = "torchao-int8"
+
+
+@dataclass(frozen=True)
+class TorchaoFloat8Config(TorchaoConfig):
+    """``torchao-fp8``: float8 (e4m3) with per-row scales, on compute capability ≥ 8.9."""
+
+    name: ClassVar[str] = "torchao-fp8"
 
 
 def require_torchao(pipeline: str, device: str = "cuda", float8: bool = False):
@@ -77,7 +97,7 @@ def require_torchao(pipeline: str, device: str = "cuda", float8: bool = False):
         )
     if not torch.device(device).type == "cuda":
         raise RuntimeUnavailableError(
-            f"Pipeline {pipeline!r} runs on a CUDA device; TorchaoRuntimeConfig.device is {device!r}."
+            f"Pipeline {pipeline!r} runs on a CUDA device; TorchaoConfig.device is {device!r}."
         )
     try:
         import torchao.quantization as torchao_quantization
@@ -103,29 +123,23 @@ class TorchaoPipeline(RuntimePipeline):
     runtime = "torchao"
     float8 = False
 
-    def __init__(self, settings: TorchaoRuntimeConfig | None = None):
-        self.default_settings = settings or TorchaoRuntimeConfig()
-
-    def settings(self, config: QuantConfig) -> TorchaoRuntimeConfig:
-        return settings_from_extra(config, TORCHAO_EXTRA_KEY, TorchaoRuntimeConfig, self.default_settings)
-
-    def require(self, config: QuantConfig):
+    def require(self, config: TorchaoConfig):
         """``torchao.quantization``, once torchao, the device and (for float8) its compute capability check out."""
-        return require_torchao(self.name, self.settings(config).device, self.float8)
+        return require_torchao(self.name, config.device, self.float8)
 
     def torchao_config(self, torchao_quantization) -> Any:
         raise NotImplementedError
 
-    def _bf16_copy(self, model: nn.Module, settings: TorchaoRuntimeConfig) -> nn.Module:
+    def _bf16_copy(self, model: nn.Module, settings: TorchaoConfig) -> nn.Module:
         check_quantizable(model)
         return copy.deepcopy(unwrap_model(model)).to(device=settings.device, dtype=torch.bfloat16).eval()
 
-    def _compiled(self, model: nn.Module, settings: TorchaoRuntimeConfig) -> nn.Module:
+    def _compiled(self, model: nn.Module, settings: TorchaoConfig) -> nn.Module:
         return torch.compile(model, mode=settings.compile_mode) if settings.compile else model
 
-    def quantize_copy(self, model: nn.Module, config: QuantConfig) -> tuple[nn.Module, int]:
+    def quantize_copy(self, model: nn.Module, config: TorchaoConfig) -> tuple[nn.Module, int]:
         """The quantized, compiled copy and the classifier bits that really ran (8, or 16 if left bf16)."""
-        settings = self.settings(config)
+        settings = config
         check_int8_bits(self.name, config)
         torchao_quantization = self.require(config)
         quantized = self._bf16_copy(model, settings)
@@ -150,18 +164,18 @@ class TorchaoPipeline(RuntimePipeline):
         return self._compiled(quantized, settings), classifier_bits
 
     def __call__(
-        self, model: nn.Module, config: QuantConfig, calibration_images: torch.Tensor | None
+        self, model: nn.Module, config: TorchaoConfig, calibration_images: torch.Tensor | None
     ) -> nn.Module:
         return self.quantize_copy(model, config)[0]
 
     def evaluate(
         self,
         model: nn.Module,
-        config: QuantConfig,
+        config: TorchaoConfig,
         calibration_images: torch.Tensor | None,
         eval_data: Any,
     ) -> dict[str, Any]:
-        settings = self.settings(config)
+        settings = config
         start = time.perf_counter()
         quantized, classifier_bits = self.quantize_copy(model, config)
         quantize_seconds = time.perf_counter() - start
@@ -218,10 +232,6 @@ class TorchaoInt8Pipeline(TorchaoPipeline):
     activation_mode = "dynamic_per_token"
     description = "torchao Int8DynamicActivationInt8WeightConfig + torch.compile, CUDA"
 
-    def require(self, config: QuantConfig):
-        """``torchao.quantization``, once torchao, the device and (for float8) its compute capability check out."""
-        return require_torchao(self.name, self.settings(config).device, self.float8)
-
     def torchao_config(self, torchao_quantization) -> Any:
         return torchao_quantization.Int8DynamicActivationInt8WeightConfig()
 
@@ -233,10 +243,6 @@ class TorchaoFloat8Pipeline(TorchaoPipeline):
     activation_mode = "dynamic_per_token"
     description = "torchao Float8DynamicActivationFloat8WeightConfig(PerRow) + torch.compile, CUDA sm_89+"
     float8 = True
-
-    def require(self, config: QuantConfig):
-        """``torchao.quantization``, once torchao, the device and (for float8) its compute capability check out."""
-        return require_torchao(self.name, self.settings(config).device, self.float8)
 
     def torchao_config(self, torchao_quantization) -> Any:
         return torchao_quantization.Float8DynamicActivationFloat8WeightConfig(

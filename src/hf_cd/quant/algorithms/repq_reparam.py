@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from hf_cd.quant.quantizers import SCALE_EPS
+from hf_cd.quant.algorithms.quantizers import SCALE_EPS
 
 
 @torch.no_grad()

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from hf_cd.quant.params import QuantParams
-from hf_cd.quant.quantizers import (
+from hf_cd.quant.algorithms.params import QuantParams
+from hf_cd.quant.algorithms.quantizers import (
     asymmetric_params,
     fake_quantize_asymmetric,
     fake_quantize_log_sqrt2,

@@ -6,7 +6,7 @@ controller whose feedback is the reconstruction error. Only the abstract is publ
 below is this library's design, written down here in full.
 
 Plant. For module m (one linear layer) and a candidate α, quantize the weight with GPTAQ's
-correction scaled by α (`hf_cd.quant.gptaq`) and measure, on the calibration inputs,
+correction scaled by α (`hf_cd.quant.algorithms.gptaq`) and measure, on the calibration inputs,
 
     E(α) = ‖W_q(α) X_q − W X_fp‖_F / ‖W X_fp‖_F                       (relative reconstruction error)
 

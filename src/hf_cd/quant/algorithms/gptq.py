@@ -11,7 +11,7 @@ Lazy batches (``block_size`` columns) apply the updates of a block to the later 
 product, which is algebraically the same. ``H`` is damped by ``percdamp · mean(diag H)`` so its
 Cholesky factor exists; ``act_order`` quantizes the columns with the largest ``H_ii`` first.
 
-The grid is the library's weight format (`hf_cd.quant.quantizers`): narrow-range symmetric, one scale
+The grid is the library's weight format (`hf_cd.quant.algorithms.quantizers`): narrow-range symmetric, one scale
 per output channel (or per group of ``group_size`` input columns), each scale's clipping ratio chosen
 by least squared weight error, computed once on the float weight (static groups).
 """
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_cd.quant.quantizers import fake_quantize_symmetric, quantization_mse, symmetric_scale
+from hf_cd.quant.algorithms.quantizers import fake_quantize_symmetric, quantization_mse, symmetric_scale
 
 Correction = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 """``correction(upper, permutation) -> P``: GPTAQ's residual term, built once the factor is known."""

@@ -14,7 +14,8 @@ also reparameterizes LayerNorms first), and so do the patch embedding and classi
 how encoder linear weights are chosen changes. For GPTAQ and MARR a second, float copy of the model
 gives each linear's full-precision input for the same images.
 
-Options, in ``QuantConfig.extra`` (keys starting ``gptq_`` / ``gptaq_`` / ``marr_`` are checked):
+Options: the fields of `GPTQConfig`, `GPTAQConfig`, `MARRConfig` and `MARRGridConfig`, spelt as below in
+``NAME:key=value`` (the field is the key without its prefix; a misspelt key is refused with a did-you-mean):
 
 =========================  =========  ==============================================================
 ``gptq_activations``       percentile registered fake-quant pipeline for activations, embedding, head
@@ -45,28 +46,36 @@ against the float model on held-out images with the same relative error.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_cd.architectures import unwrap_model
+from hf_cd.quant.algorithms.gptq import (
+    InputStatistics,
+    SolverSettings,
+    WeightGrid,
+    weight_grid,
+)
+from hf_cd.quant.algorithms.marr import AlphaSearch
+from hf_cd.quant.algorithms.observers import Observer
+from hf_cd.quant.algorithms.quantizers import is_float_bits
 from hf_cd.quant.calibration import calibrate, forward_images, load_presets, model_device_and_dtype
-from hf_cd.quant.config import QuantConfig, check_option, options_from_extra
-from hf_cd.quant.gptq import InputStatistics, SolverSettings
-from hf_cd.quant.marr import DEFAULT_GRID
-from hf_cd.quant.prepare import ActivationSite, WeightSite, quantization_state
-from hf_cd.quant.quantizers import is_float_bits
+from hf_cd.quant.config import BaseQuantConfig
+from hf_cd.quant.method_configs import GPTQConfig
+from hf_cd.quant.pipelines.base import FakeQuantPipeline
+from hf_cd.quant.prepare import (
+    ActivationSite,
+    WeightSite,
+    prepare_fake_quant_copy,
+    quantization_state,
+)
+from hf_cd.quant.reconstruction_errors import RECONSTRUCTION_ATTRIBUTE
+from hf_cd.quant.registry import pipeline_for
 from hf_cd.table import Table
-
-RECONSTRUCTION_ATTRIBUTE = "hf_cd_reconstruction"
-"""Attribute of a copy made by a reconstruction pipeline holding its per-module `Table`."""
-
-OPTION_PREFIXES = ("gptq_", "gptaq_", "marr_")
 
 SITE_STAGES: dict[str, int] = {
     "attention_input": 0,
@@ -94,88 +103,6 @@ def linear_stage(role: str) -> int:
     if role == "ffn_output":
         return 3
     raise ValueError(f"No reconstruction stage for an encoder linear of role {role!r}.")
-
-
-# --- options -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ReconstructionOptions:
-    """The ``QuantConfig.extra`` options of the reconstruction pipelines (table in the module docstring)."""
-
-    gptq_activations: str = "percentile"
-    gptq_damp: float = 0.01
-    gptq_block_size: int = 128
-    gptq_group_size: int | None = None
-    gptq_act_order: bool = False
-    gptq_clip_search: bool = True
-    gptq_precision: str = "float64"
-    gptaq_alpha: float = 0.25
-    marr_alpha_init: float = 0.25
-    marr_rounds: int = 6
-    marr_gains: tuple[float, float, float] = (0.8, 0.05, 0.1)
-    marr_max_step: float = 0.35
-    marr_tolerance: float = 0.01
-    marr_grid: tuple[float, ...] = DEFAULT_GRID
-    marr_feedback: str = "calibration"
-    marr_holdout: float = 0.25
-
-    @classmethod
-    def from_extra(cls, extra: dict[str, Any]) -> ReconstructionOptions:
-        """Read our keys from ``extra``; other pipelines' keys are left alone, misspelt ones of ours raise."""
-        values = options_from_extra(extra, OPTION_PREFIXES, [f.name for f in fields(cls)], "reconstruction")
-        if "marr_gains" in values:
-            values["marr_gains"] = tuple(float(g) for g in values["marr_gains"])
-        if "marr_grid" in values:
-            values["marr_grid"] = tuple(float(a) for a in values["marr_grid"])
-        return cls(**values)
-
-    def __post_init__(self) -> None:
-        check = functools.partial(check_option, self)
-
-        def positive_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-        check(isinstance(self.gptq_activations, str), "gptq_activations", "a registered pipeline name")
-        check(isinstance(self.gptq_damp, (int, float)) and self.gptq_damp >= 0, "gptq_damp", "a number ≥ 0")
-        check(positive_int(self.gptq_block_size), "gptq_block_size", "a positive int")
-        check(
-            self.gptq_group_size is None or positive_int(self.gptq_group_size),
-            "gptq_group_size",
-            "None or a positive int",
-        )
-        check(isinstance(self.gptq_act_order, bool), "gptq_act_order", "a bool")
-        check(isinstance(self.gptq_clip_search, bool), "gptq_clip_search", "a bool")
-        check(self.gptq_precision in ("float32", "float64"), "gptq_precision", "'float32' or 'float64'")
-        check(0.0 <= self.gptaq_alpha <= 1.0, "gptaq_alpha", "in [0, 1]")
-        check(0.0 < self.marr_alpha_init <= 1.0, "marr_alpha_init", "in (0, 1]")
-        check(positive_int(self.marr_rounds), "marr_rounds", "a positive int")
-        check(
-            len(self.marr_gains) == 3 and min(self.marr_gains) >= 0,
-            "marr_gains",
-            "three gains ≥ 0 (kp, ki, kd)",
-        )
-        check(self.marr_max_step > 0, "marr_max_step", "> 0")
-        check(self.marr_tolerance >= 0, "marr_tolerance", "≥ 0")
-        check(
-            len(self.marr_grid) > 0 and all(0.0 <= a <= 1.0 for a in self.marr_grid),
-            "marr_grid",
-            "a non-empty sequence of α in [0, 1]",
-        )
-        check(self.marr_feedback in ("calibration", "holdout"), "marr_feedback", "'calibration' or 'holdout'")
-        check(0.0 < self.marr_holdout < 1.0, "marr_holdout", "in (0, 1)")
-
-    def holdout_fraction(self) -> float | None:
-        """Share of calibration images an α search measures on, or ``None`` to measure on all of them."""
-        return self.marr_holdout if self.marr_feedback == "holdout" else None
-
-    def solver_settings(self) -> SolverSettings:
-        return SolverSettings(
-            percdamp=float(self.gptq_damp),
-            block_size=self.gptq_block_size,
-            act_order=self.gptq_act_order,
-            dtype=getattr(torch, self.gptq_precision),
-        )
 
 
 # --- capturing a layer's input ------------------------------------------------------------------------
@@ -292,86 +219,6 @@ def plan_stages(
     return [stage for stage in stages if stage.sites or stage.weights]
 
 
-def reconstruction_report(model: nn.Module) -> Table:
-    """Per encoder linear, what a reconstruction pipeline did: α, the α tried, and the errors.
-
-    Columns: ``module``, ``block``, ``role``, ``method``, ``alpha`` (kept; ``None`` for GPTQ),
-    ``error`` (relative reconstruction error on the calibration data at that α), ``error_alpha_0``
-    (GPTQ's solution on the same inputs, where a float reference exists), ``float_target`` (whether
-    the error compares with the float layer on float inputs, or, for GPTQ, with ``W X_q``),
-    ``alphas`` / ``errors`` (every α evaluated, in order) and ``tokens``.
-    """
-    table = getattr(unwrap_model(model), RECONSTRUCTION_ATTRIBUTE, None)
-    if table is None:
-        raise ValueError(
-            "This model was not made by a reconstruction pipeline (gptq, gptaq, marr, marr_grid)."
-        )
-    return table
-
-
-@torch.no_grad()
-def measure_reconstruction_errors(
-    float_model: nn.Module, quantized_model: nn.Module, images: torch.Tensor, batch_size: int = 32
-) -> Table:
-    """``‖Y_q − Y_fp‖_F / ‖Y_fp − b‖_F`` of every encoder linear, summed over ``images``, for any pipeline.
-
-    ``Y_fp`` is the linear's output in ``float_model`` and ``Y_q`` in the quantized copy (both on
-    their own inputs), so this is the error MARR controls (``‖W_q X_q − W X_fp‖ / ‖W X_fp‖``)
-    measured on held-out images; a reparameterized copy (RepQ) compares the same way, its outputs
-    being the float model's in float.
-    """
-    state = quantization_state(quantized_model)
-    float_model = unwrap_model(float_model)
-    float_modules = dict(float_model.named_modules())
-    quantized_modules = dict(unwrap_model(quantized_model).named_modules())
-    sites = [site for site in state.weights if site.block is not None]
-    error = {site.name: 0.0 for site in sites}
-    norm = {site.name: 0.0 for site in sites}
-    reference: dict[str, torch.Tensor] = {}
-
-    def keep(name: str):
-        def hook(module, args, output):
-            bias = module.bias if module.bias is not None else 0.0
-            reference[name] = output.detach()
-            norm[name] += float((output.detach().double() - bias).square().sum())
-
-        return hook
-
-    def compare(name: str):
-        def hook(module, args, output):
-            error[name] += float((output.detach().double() - reference.pop(name).double()).square().sum())
-
-        return hook
-
-    modes = {m: m.training for model in (float_model, quantized_model) for m in model.modules()}
-    handles = []
-    try:
-        float_model.eval()
-        quantized_model.eval()
-        for site in sites:
-            handles.append(float_modules[site.name].register_forward_hook(keep(site.name)))
-            handles.append(quantized_modules[site.name].register_forward_hook(compare(site.name)))
-        for start in range(0, images.shape[0], batch_size):
-            batch = images[start : start + batch_size]
-            forward_images(float_model, batch)
-            forward_images(quantized_model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
-    rows = [
-        {
-            "module": site.name,
-            "block": site.block,
-            "role": site.role,
-            "error": (error[site.name] ** 0.5) / max(norm[site.name] ** 0.5, 1e-30),
-        }
-        for site in sites
-    ]
-    return Table(rows)
-
-
 def progress_bar(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, unit="stage", disable=not enabled, leave=False)
 
@@ -380,7 +227,7 @@ def calibrate_sites(
     model: nn.Module,
     sites: Sequence[ActivationSite],
     activation_pipeline: Any,
-    config: QuantConfig,
+    config: BaseQuantConfig,
     images: torch.Tensor | None,
     description: str,
 ) -> None:
@@ -407,4 +254,192 @@ def calibrate_sites(
         sequential=True,
         progress=False,
         description=description,
+    )
+
+
+# --- the pipeline base ------------------------------------------------------------------------------
+
+
+class ReconstructionPipeline(FakeQuantPipeline):
+    """Base class: copy, reparameterize as the activation pipeline does, then calibrate and solve in order."""
+
+    method: str = ""
+    needs_reference: bool = False
+    """Whether the solve needs each linear's float input (a second, float copy of the model)."""
+
+    def __call__(
+        self, model: nn.Module, config: GPTQConfig, calibration_images: torch.Tensor | None
+    ) -> nn.Module:
+        activation, activation_config = self.activation_pipeline(config), config.activation_config()
+        settings = solver_settings(config)
+        quantized = prepare_fake_quant_copy(model, config)
+        state = quantization_state(quantized)
+        encoder = [w for w in state.weights if w.block is not None and not is_float_bits(w.bits)]
+        if encoder and calibration_images is None:
+            raise ValueError(
+                f"Pipeline {self.name!r} solves the encoder weights on calibration inputs, so it needs "
+                "calibration images even when no activation is quantized: pass calib_data=... to quantize(). "
+                "(evaluate_quantized hands images only to rows that quantize some activation: keep "
+                "embedding_bits or classifier_bits below 16 there.)"
+            )
+        activation.before_weights(quantized, state, activation_config, calibration_images)
+        reference = None
+        if self.needs_reference and encoder:
+            reference = prepare_fake_quant_copy(model, config)  # stays float: every quantizer passes through
+            activation.before_weights(
+                reference, quantization_state(reference), activation_config, calibration_images
+            )
+        with torch.no_grad():
+            for site in state.weights:
+                if site.block is None and not is_float_bits(site.bits):
+                    weight = site.module.weight
+                    weight.copy_(activation.quantize_weight(weight.detach(), site.bits, activation_config))
+        label = f"{self.name} {config.label}"
+        outer = [s for s in state.activations if s.block is None]
+        calibrate_sites(
+            quantized,
+            [s for s in outer if s.group == 0],
+            activation,
+            activation_config,
+            calibration_images,
+            label,
+        )
+        stages = plan_stages(state.activations, encoder, len(state.blocks))
+        rows: list[dict[str, Any]] = []
+        with progress_bar(len(stages), label, config.progress) as bar:
+            for stage in stages:
+                bar.set_postfix_str(stage.name)
+                calibrate_sites(
+                    quantized, stage.sites, activation, activation_config, calibration_images, label
+                )
+                if stage.weights:
+                    rows += self.solve_stage(
+                        quantized, reference, stage, calibration_images, config, settings
+                    )
+                bar.update(1)
+        calibrate_sites(
+            quantized,
+            [s for s in outer if s.group != 0],
+            activation,
+            activation_config,
+            calibration_images,
+            label,
+        )
+        del reference
+        state.num_calibration = 0 if calibration_images is None else int(calibration_images.shape[0])
+        object.__setattr__(quantized, RECONSTRUCTION_ATTRIBUTE, Table(rows))
+        return quantized
+
+    def check(self, config: GPTQConfig) -> None:
+        """The activation method's own check (bits a runtime cannot run, …) before any row runs."""
+        self.activation_pipeline(config).check(config.activation_config())
+
+    @staticmethod
+    def activation_pipeline(config: GPTQConfig) -> FakeQuantPipeline:
+        """The pipeline of ``config.activations``: its observers, weight rounding and reparameterization."""
+        pipeline = pipeline_for(config.activations)
+        if not isinstance(pipeline, FakeQuantPipeline) or isinstance(pipeline, ReconstructionPipeline):
+            raise ValueError(
+                f"GPTQConfig.activations={type(config.activations).__name__}(...) must be a fake-quant "
+                "activation method (e.g. PercentileConfig(), MinMaxConfig() or RepQConfig()), not a runtime or "
+                "another reconstruction."
+            )
+        return pipeline
+
+    @torch.no_grad()
+    def solve_stage(
+        self,
+        quantized: nn.Module,
+        reference: nn.Module | None,
+        stage: Stage,
+        images: torch.Tensor,
+        config: GPTQConfig,
+        settings: SolverSettings,
+    ) -> list[dict[str, Any]]:
+        """Collect the stage's input statistics once, then solve each of its linears."""
+        reference_modules = dict(reference.named_modules()) if reference is not None else {}
+
+        def statistics_of(subset: torch.Tensor):
+            return collect_statistics(
+                quantized,
+                [site.module for site in stage.weights],
+                subset,
+                config.batch_size,
+                settings.dtype,
+                reference,
+                [reference_modules[site.name] for site in stage.weights] if reference is not None else (),
+            )
+
+        holdout = config.holdout_fraction()
+        if holdout is None:
+            statistics = statistics_of(images)
+            inputs = LayerInputs(statistics, statistics, statistics)
+        else:
+            held_out = max(1, round(images.shape[0] * holdout))
+            if held_out >= images.shape[0]:
+                raise ValueError(
+                    f"marr_feedback='holdout' needs at least 2 calibration images, got {images.shape[0]}."
+                )
+            fit, feedback = statistics_of(images[:-held_out]), statistics_of(images[-held_out:])
+            inputs = LayerInputs(fit.merged(feedback), fit, feedback)
+        clip_ratios = config.weight_clip_ratios if config.clip_search else (1.0,)
+        rows = []
+        for site in stage.weights:
+            weight = site.module.weight
+            grid = weight_grid(weight, site.bits, config.group_size, clip_ratios)
+            solution, error, search = self.solve(weight.detach(), inputs, grid, config, settings, site.name)
+            weight.copy_(solution)
+            rows.append(
+                {
+                    "module": site.name,
+                    "block": site.block,
+                    "role": site.role,
+                    "method": self.method,
+                    "alpha": None if search is None else search.best_alpha,
+                    "error": error,
+                    "error_alpha_0": None
+                    if search is None or 0.0 not in search.alphas
+                    else search.errors[search.alphas.index(0.0)],
+                    "float_target": inputs.statistics.with_reference,
+                    "feedback": None if search is None else ("holdout" if inputs.split else "calibration"),
+                    "alphas": [] if search is None else search.alphas,
+                    "errors": [] if search is None else search.errors,
+                    "tokens": inputs.statistics.count,
+                }
+            )
+        return rows
+
+    def solve(
+        self,
+        weight: torch.Tensor,
+        inputs: LayerInputs,
+        grid: WeightGrid,
+        config: GPTQConfig,
+        settings: SolverSettings,
+        name: str,
+    ) -> tuple[torch.Tensor, float, AlphaSearch | None]:
+        """One linear: its quantized weight, its relative reconstruction error, and the α search (if any)."""
+        raise NotImplementedError
+
+    def quantize_weight(self, weight: torch.Tensor, bits: int, config: GPTQConfig) -> torch.Tensor:
+        """Round-to-nearest as the activation method does (what encoder weights get without a solve)."""
+        return self.activation_pipeline(config).quantize_weight(weight, bits, config.activation_config())
+
+    def weight_scheme(self, site: WeightSite, config: GPTQConfig) -> str:
+        """Encoder linears are solved on the symmetric grid; the others are the activation method's."""
+        if site.block is not None and not is_float_bits(site.bits):
+            return "symmetric"
+        return self.activation_pipeline(config).weight_scheme(site, config.activation_config())
+
+    def observer(self, site: ActivationSite, config: GPTQConfig) -> Observer:
+        return self.activation_pipeline(config).observer(site, config.activation_config())
+
+
+def solver_settings(config: GPTQConfig) -> SolverSettings:
+    """The solver's settings (`hf_cd.quant.algorithms.gptq`) from ``config``."""
+    return SolverSettings(
+        percdamp=float(config.damp),
+        block_size=config.block_size,
+        act_order=config.act_order,
+        dtype=getattr(torch, config.precision),
     )

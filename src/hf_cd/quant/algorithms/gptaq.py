@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_cd.quant.gptq import DEFAULT_SOLVER_SETTINGS, SolverSettings, WeightGrid, gptq_quantize
+from hf_cd.quant.algorithms.gptq import DEFAULT_SOLVER_SETTINGS, SolverSettings, WeightGrid, gptq_quantize
 
 DEFAULT_ALPHA = 0.25
 """GPTAQ's published scale of the residual term."""

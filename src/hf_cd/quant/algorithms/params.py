@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from hf_cd.quant.quantizers import (
+from hf_cd.quant.algorithms.quantizers import (
     fake_quantize_asymmetric,
     fake_quantize_dynamic_per_token,
     fake_quantize_log_sqrt2,
@@ -23,7 +23,7 @@ SCHEMES: tuple[str, ...] = (
     "dynamic_per_token",
 )
 """``log_sqrt2`` is RepQ-ViT's (2^b levels and a zero outside them); ``log_sqrt2_zero_code`` gives
-zero one of the 2^b codes (`hf_cd.quant.quantizers.fake_quantize_log_sqrt2`). ``dynamic_per_token``
+zero one of the 2^b codes (`hf_cd.quant.algorithms.quantizers.fake_quantize_log_sqrt2`). ``dynamic_per_token``
 is not calibrated: every row of the last dimension (a token; per head inside attention) gets its
 own asymmetric range from its own min and max at run time (QuaRot's activations); its ``scale``
 holds a clip ratio of that range (1: none)."""
