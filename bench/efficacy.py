@@ -322,6 +322,15 @@ def pretrained_rows() -> list[tuple[str, tuple[int, int], bool]]:
     return cheap + [(p, b, True) for b in PRETRAINED_SELECTION_BITS for p in PRETRAINED_STRONG_PIPELINES]
 
 
+def pretrained_row_config(spec: str, w_bits: int, a_bits: int, seed: int):
+    """The config of one pretrained row: ``spec`` (``NAME[:key=value,...]``) at these bits, 32 calibration images."""
+    from hf_cd.quant import parse_quant_spec
+
+    return parse_quant_spec(
+        spec, w_bits=w_bits, a_bits=a_bits, num_calibration=32, seed=seed, batch_size=64, progress=False
+    )
+
+
 def measure_rows(
     model, test: tuple, validation: tuple, calibration, seed: int, cache: Path | None = None
 ) -> tuple[list[dict], list[dict]]:
@@ -335,11 +344,9 @@ def measure_rows(
 
     from tqdm.auto import tqdm
 
-    from hf_cd.quant import QuantConfig, quantize
+    from hf_cd.quant import quantize
     from hf_cd.quant.evaluate import _evaluate, mean_feature_cosine, model_fingerprint
-    from pretrained_ptq import parse_spec
 
-    base = QuantConfig(num_calibration=32, seed=seed, batch_size=64, progress=False)
     fp_test, _, reference = _evaluate(model, test, 64, False, "fp", capture_features=True)
     fp_validation, _, _ = _evaluate(model, validation, 64, False, "fp", capture_features=False)
     on_test = [{"pipeline": "full_precision", "w_bits": 32, "a_bits": 32, "acc": fp_test}]
@@ -356,8 +363,7 @@ def measure_rows(
             on_test.append(done[key]["test"])
             on_validation += [done[key]["validation"]] if "validation" in done[key] else []
             continue
-        name, extra = parse_spec(spec)
-        row_config = base.replace(pipeline=name, w_bits=w, a_bits=a, extra=extra)
+        row_config = pretrained_row_config(spec, w, a, seed)
         started = time.perf_counter()
         quantized = quantize(model, row_config, calibration)
         seconds = time.perf_counter() - started

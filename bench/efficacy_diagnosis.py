@@ -164,15 +164,23 @@ def weight_only_by_role(model, test: tuple, roles=ROLES) -> dict[str, float]:
     return accuracies
 
 
+def quant_config(pipeline: str, w_bits: int, a_bits: int, seed: int):
+    """The config of a diagnosis row: ``pipeline`` at these bits, 32 calibration images drawn with ``seed``."""
+    from hf_cd.quant import parse_quant_spec
+
+    return parse_quant_spec(
+        pipeline, w_bits=w_bits, a_bits=a_bits, num_calibration=32, seed=seed, batch_size=125, progress=False
+    )
+
+
 def diagnose(name: str, output_dir: Path, test: tuple, calibration: torch.Tensor, seed: int) -> dict:
     from transformers import AutoModelForImageClassification
 
     from hf_cd.architectures import resolve_blocks
-    from hf_cd.quant import QuantConfig, evaluate_accuracy, quantize, sensitivity
+    from hf_cd.quant import evaluate_accuracy, quantize, sensitivity
 
     started = time.perf_counter()
     model = AutoModelForImageClassification.from_pretrained(output_dir).eval()
-    quant = QuantConfig(num_calibration=32, seed=seed, batch_size=125, progress=False)
     inputs = linear_inputs(model, calibration[:64])
     calibration = calibration[:32]
     record: dict = {"name": name, "model_dir": str(output_dir), "seed": seed, "num_test": len(test[1])}
@@ -180,14 +188,14 @@ def diagnose(name: str, output_dir: Path, test: tuple, calibration: torch.Tensor
     split = {}
     for pipeline in ("percentile", "repq"):
         for w, a in ((4, 16), (16, 4), (4, 4)):
-            quantized = quantize(model, quant.replace(pipeline=pipeline, w_bits=w, a_bits=a), calibration)
+            quantized = quantize(model, quant_config(pipeline, w, a, seed), calibration)
             split[f"{pipeline} W{w}A{a}"] = evaluate_accuracy(
                 quantized, test, batch_size=125, progress=False
             )[0]
     record["split"] = split
     record["weight_only_by_role"] = weight_only_by_role(model, test)
     table = sensitivity(model, test, calibration, pipeline="percentile", w_bits=8, a_bits=4, per_block=True,
-                        config=quant, progress=True)  # fmt: skip
+                        config=quant_config("percentile", 8, 8, seed), progress=True)  # fmt: skip
     record["sensitivity"] = [
         {"group": r["group"], "block": r["block"], "accuracy_drop": r["accuracy_drop"]}
         for r in table.to_dicts()

@@ -28,7 +28,7 @@ from transformers import ViTConfig, ViTForImageClassification
 sys.path.insert(0, str(Path(__file__).parent))
 from common import parse_checked, write_result
 from fashion_vit import SHAPES, fashion_mnist_tensors, train_fashion_vit
-from hf_cd.quant import QuantConfig, evaluate_quantized
+from hf_cd.quant import BaseQuantConfig, evaluate_quantized
 from hf_cd.quant.runtimes import OnnxRuntimeInt8Config, OnnxRuntimeInt8Pipeline
 from hf_cd.quant.runtimes.base import interleaved_median_ms
 from hf_cd.quant.runtimes.onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session
@@ -66,6 +66,11 @@ def runtime_pipelines(device: torch.device) -> tuple[list[str], list[str]]:
     else:
         skipped.append("torchao-int8 / torchao-fp8: GPU only (run with --device cuda); unmeasured here")
     return pipelines, skipped
+
+
+def row_methods(runtimes: list[str], onnxruntime: OnnxRuntimeInt8Config) -> list[str | OnnxRuntimeInt8Config]:
+    """What each model is measured with: fake-quant ``minmax``, then each runtime, ORT with this run's settings."""
+    return ["minmax", *(onnxruntime if name == onnxruntime.name else name for name in runtimes)]
 
 
 @torch.no_grad()
@@ -138,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = OnnxRuntimeInt8Config(
         num_threads=args.threads, latency_runs=args.latency_runs, calibration_method=args.calibration_method
     )
-    config = QuantConfig(progress=False, batch_size=500, extra={"onnxruntime": settings})
+    methods = row_methods(pipelines, settings)
+    config = BaseQuantConfig(progress=False, batch_size=500)
 
     rows, training = [], {}
     for name, strength in (("baseline", 0.0), ("cd", args.cd_strength)):
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             model,
             (x_test, y_test),
             data["train"][0],
-            pipelines=("minmax", *pipelines),
+            pipelines=methods,
             bits=((8, 8),),
             config=config,
         )

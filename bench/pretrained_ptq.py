@@ -8,8 +8,9 @@ images, mean cosine between the float and the quantized feature, and quantize ti
 per-block W4A4 sensitivity of the best fake-quant W4A4 pipeline, with its heat-map.
 
 Rows are saved as they finish (``--work-dir``), so an interrupted run resumes where it stopped.
-A pipeline may be given with options for its ``QuantConfig.extra`` as ``NAME:key=value,key=value``
-(e.g. ``rotate:rotate_activations=dynamic_per_token``); that spec is the row's ``variant``.
+A pipeline may be given with its options as ``NAME:key=value,key=value`` (the spelling
+`hf_cd.quant.parse_quant_spec` reads, e.g. ``rotate:rotate_activations=dynamic_per_token``); that spec
+is the row's ``variant``.
 
     python bench/pretrained_ptq.py --threads 2                          # the record (≈ 20 min, 2 cores)
     python bench/pretrained_ptq.py --pipelines minmax percentile --bits 8,8 6,6 --output /tmp/x.json
@@ -335,7 +336,7 @@ def main() -> None:
             else:
                 print(f"[{time.strftime('%H:%M:%S')}] sensitivity {best}", flush=True)
                 sens = sensitivity(model, (test_x[: args.sensitivity_eval], test_y[: args.sensitivity_eval]), train_x,
-                                   pipeline=best, w_bits=4, a_bits=4, per_block=args.sensitivity_per_block, config=base.replace(pipeline=best))  # fmt: skip
+                                   pipeline=best, w_bits=4, a_bits=4, per_block=args.sensitivity_per_block, config=base)  # fmt: skip
                 sens_rows = sens.to_dicts()
                 sens_file.write_text(json.dumps(sens_rows, indent=1, default=str))
             sensitivity_records.append(

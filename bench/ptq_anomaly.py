@@ -28,7 +28,7 @@ from common import RESULTS_DIR, environment, parse_checked, record_header
 
 LINEAR_INPUT_ROLES = ("attention_input", "attention_output", "ffn_input", "ffn_hidden")
 VARIANTS = {
-    # name: (pipeline, QuantConfig overrides)
+    # name: (pipeline, overrides of its shared settings: BaseQuantConfig fields)
     "minmax": ("minmax", {}),
     "percentile": ("percentile", {}),
     "percentile-plain": ("percentile", {"weight_prefix_tokens": False}),  # the plain per-tensor error
@@ -38,6 +38,14 @@ VARIANTS = {
     "percentile+max": ("percentile", {"activation_percentiles": (0.999, 0.9999, 0.99999, 1.0)}),
     "repq+max": ("repq", {"activation_percentiles": (0.999, 0.9999, 0.99999, 1.0)}),
 }
+
+
+def variant_config(variant: str, a_bits: int):
+    """The config of ``variant`` with float weights and activations at ``a_bits``."""
+    from hf_cd.quant import parse_quant_spec
+
+    pipeline, overrides = VARIANTS[variant]
+    return parse_quant_spec(pipeline, w_bits=16, a_bits=a_bits, progress=False, **overrides)
 
 
 @torch.no_grad()
@@ -134,7 +142,7 @@ def main() -> None:
 
     from transformers import AutoImageProcessor, Dinov2ForImageClassification
 
-    from hf_cd.quant import QuantConfig, quantize, sensitivity
+    from hf_cd.quant import quantize, sensitivity
     from hf_cd.quant.api import calibration_images_for
     from hf_cd.quant.prepare import quantization_state
     from pretrained_ptq import load_tensors
@@ -152,8 +160,8 @@ def main() -> None:
     results = {"groups": [], "clipping": []}
     for bits in args.bits:
         for variant in args.variants:
-            pipeline, overrides = VARIANTS[variant]
-            config = QuantConfig(pipeline=pipeline, w_bits=16, a_bits=bits, progress=False, **overrides)
+            pipeline, _ = VARIANTS[variant]
+            config = variant_config(variant, bits)
             print(f"[{time.strftime('%H:%M:%S')}] {variant} A{bits}", flush=True)
             table = sensitivity(model, test, train_x, pipeline=pipeline, w_bits=16, a_bits=bits, base_bits=16,
                                 config=config, progress=False)  # fmt: skip

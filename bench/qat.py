@@ -208,14 +208,21 @@ def run_recipe_resuming(argv: list[str], output_dir: Path):
     return run_recipe(parse_recipe_args(argv))
 
 
+def ptq_config(spec: str, bits: str, seed: int):
+    """The config of a PTQ row: ``spec`` (``NAME[:key=value,...]``) at ``bits`` (``W4A4``), calibrated with ``seed``."""
+    from hf_cd.quant import parse_quant_spec
+    from hf_cd.quant.config import parse_bits
+
+    w_bits, a_bits = parse_bits(bits)
+    return parse_quant_spec(spec, w_bits=w_bits, a_bits=a_bits, seed=seed, progress=False)
+
+
 def float_run(args, seed: int, cd: str, records: list[dict]) -> Path:
     """The float fine-tune of (seed, cd): trained if its folder is not complete, recorded if not yet recorded."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from hf_cd.pretrained import offline_dinov2_small
-    from hf_cd.quant import QuantConfig, quantize
-    from hf_cd.quant.config import parse_bits
-    from pretrained_ptq import parse_spec
+    from hf_cd.quant import quantize
 
     start = args.total_steps - args.qat_steps
     output_dir = args.output_root / f"float-{cd}-seed{seed}-{args.total_steps}steps"
@@ -239,15 +246,13 @@ def float_run(args, seed: int, cd: str, records: list[dict]) -> Path:
              "val_accuracy": accuracy(model, validation)}]  # fmt: skip
     for bits in args.bits:
         for spec in args.ptq:
-            name, extra = parse_spec(spec)
-            w, a = parse_bits(bits)
-            config = QuantConfig(w_bits=w, a_bits=a, pipeline=name, extra=extra, seed=seed, progress=False)
+            config = ptq_config(spec, bits, seed)
             quantized = quantize(model, config, calibration)
             rows.append(
                 {
                     "pipeline": spec,
-                    "w_bits": w,
-                    "a_bits": a,
+                    "w_bits": config.w_bits,
+                    "a_bits": config.a_bits,
                     "accuracy": accuracy(quantized, test),
                     "val_accuracy": accuracy(quantized, validation),
                 }

@@ -24,7 +24,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import parse_checked, write_result
-from hf_cd.quant import QuantConfig, quantize
+from hf_cd.quant import BaseQuantConfig, parse_quant_spec, quantize
 
 MODELS = {
     "vit_small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
@@ -52,7 +52,7 @@ def images_per_second(model, pixel_values: torch.Tensor, steps: int, warmup: int
     return pixel_values.shape[0] * steps / (time.perf_counter() - start)
 
 
-def timed_quantize(model, config: QuantConfig, calibration: torch.Tensor, device: torch.device):
+def timed_quantize(model, config: BaseQuantConfig, calibration: torch.Tensor, device: torch.device):
     synchronize(device)
     start = time.perf_counter()
     quantized = quantize(model, config, calibration)
@@ -60,19 +60,24 @@ def timed_quantize(model, config: QuantConfig, calibration: torch.Tensor, device
     return quantized, time.perf_counter() - start
 
 
+def config_from_args(args: argparse.Namespace) -> BaseQuantConfig:
+    """The config every model is quantized with: ``--pipeline`` at ``--bits``, ``--num-calibration`` images."""
+    return parse_quant_spec(
+        args.pipeline,
+        w_bits=args.bits[0],
+        a_bits=args.bits[1],
+        num_calibration=args.num_calibration,
+        batch_size=args.calibration_batch_size,
+        progress=False,
+    )
+
+
 def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
     torch.manual_seed(0)
     config = ViTConfig(image_size=args.image_size, patch_size=16, num_labels=1000, **MODELS[name])
     model = ViTForImageClassification(config).to(device=device, dtype=dtype).eval()
     calibration = torch.randn(args.num_calibration, 3, args.image_size, args.image_size)
-    quant_config = QuantConfig(
-        w_bits=args.bits[0],
-        a_bits=args.bits[1],
-        pipeline=args.pipeline,
-        num_calibration=args.num_calibration,
-        batch_size=args.calibration_batch_size,
-        progress=False,
-    )
+    quant_config = config_from_args(args)
     quantized, cold_s = timed_quantize(model, quant_config, calibration, device)
     del quantized
     quantized, warm_s = timed_quantize(model, quant_config, calibration, device)

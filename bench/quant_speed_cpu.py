@@ -58,9 +58,9 @@ def load(image_size: int, num_calibration: int):
 
 
 def config_for(pipeline: str, num_calibration: int):
-    from hf_cd.quant import QuantConfig
+    from hf_cd.quant import parse_quant_spec
 
-    return QuantConfig(w_bits=8, a_bits=8, pipeline=pipeline, num_calibration=num_calibration, progress=False)
+    return parse_quant_spec(pipeline, w_bits=8, a_bits=8, num_calibration=num_calibration, progress=False)
 
 
 BEFORE = ":before"

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS_DIR, environment, parse_checked, write_result
 from fashion_vit import SHAPES, fashion_mnist_tensors, train_fashion_vit
-from hf_cd.quant import QuantConfig, evaluate_accuracy, quantize
+from hf_cd.quant import evaluate_accuracy, parse_quant_spec, quantize
 from hf_cd.quant.reconstruction_errors import measure_reconstruction_errors, reconstruction_report
 
 METHODS: dict[str, tuple[str, str, dict]] = {
@@ -45,25 +45,35 @@ METHODS: dict[str, tuple[str, str, dict]] = {
     "marr": ("MARR", "marr", {}),
     "marr_holdout": ("MARR (holdout)", "marr", {"marr_feedback": "holdout"}),
 }
-"""Method key → (label, registered pipeline, extra options)."""
+"""Method key → (label, method name, its own options as ``NAME:key=value`` keys)."""
 TRAJECTORY_ROLES = (("query", 0), ("output", -1), ("ffn_input_0", -1), ("ffn_output", -1))
 """Modules whose α trajectories are plotted: (role, block index; −1 is the last block)."""
 
 
-def run_method(model, method: str, bits, args, data) -> tuple[dict, object]:
-    calibration = data["train"][0]
-    x_test, y_test = data["test"]
-    label, pipeline, extra = METHODS[method]
-    config = QuantConfig(
-        pipeline=pipeline,
+def method_config(method: str, bits, args):
+    """The config of ``method`` at ``bits``: percentile activations for every row, ``--alpha`` where GPTAQ reads it.
+
+    The options go in as ``extra``, options for several methods at once: each method takes its own
+    keys (RTN ignores ``gptq_activations``, GPTQ ignores ``gptaq_alpha``).
+    """
+    _, pipeline, options = METHODS[method]
+    return parse_quant_spec(
+        pipeline,
         w_bits=bits[0],
         a_bits=bits[1],
         num_calibration=args.num_calibration,
         batch_size=args.batch_size,
         seed=args.seed,
         progress=False,
-        extra={"gptq_activations": "percentile", "gptaq_alpha": args.alpha, **extra},
+        extra={"gptq_activations": "percentile", "gptaq_alpha": args.alpha, **options},
     )
+
+
+def run_method(model, method: str, bits, args, data) -> tuple[dict, object]:
+    calibration = data["train"][0]
+    x_test, y_test = data["test"]
+    label, pipeline, _ = METHODS[method]
+    config = method_config(method, bits, args)
     start = time.perf_counter()
     quantized = quantize(model, config, calibration)
     quantize_seconds = time.perf_counter() - start

@@ -393,10 +393,13 @@ class QuantArguments:
     quant_extra: dict[str, Any] | str | None = field(
         default=None,
         metadata={
-            "help": "Pipeline options (hf_cd.quant's QuantConfig.extra) for every quantized row: a JSON object on "
-            'the command line, e.g. \'{"rotate_activations": "dynamic_per_token"}\' or '
-            '\'{"onnxruntime": {"calibration_method": "percentile"}}\', a mapping in a YAML config. Each '
-            "pipeline reads its own keys; a misspelt one is refused before training."
+            "help": "Options for every quantized row's method, keyed as NAME:key=value spells them (the "
+            "method config's spec keys: rotate_activations is RotateConfig.activations, repq_weights "
+            "RepQConfig.weights, calibration_method OnnxRuntimeInt8Config.calibration_method): a JSON "
+            'object on the command line, e.g. \'{"rotate_activations": "dynamic_per_token"}\', a mapping '
+            "in a YAML config. Each method takes its own keys and leaves the others; a misspelt one is "
+            "refused before training. Options of one method alone follow its name in --quant_pipelines "
+            "(rotate_gptaq:rotate_activations=dynamic_per_token)."
         },
     )
 

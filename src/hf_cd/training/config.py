@@ -172,7 +172,9 @@ class CDConfig(CDArguments, TrainingArguments):
     def qat_config(self, **quant_config):
         """The `hf_cd.quant.QATConfig` of ``qat_bits`` / ``qat_init`` (``None`` without QAT).
 
-        ``quant_config`` adds or overrides `QuantConfig` fields (e.g. ``extra`` pipeline options, ``protocol``).
+        ``quant_config`` sets the shared settings (`BaseQuantConfig` fields, e.g. ``protocol``) and
+        ``extra``: options of the ``qat_init`` method keyed as ``NAME:key=value`` spells them
+        (``{"repq_weights": "symmetric"}``), read by `hf_cd.quant.parse_quant_spec`.
         """
         if self.qat_bits is None:
             return None
