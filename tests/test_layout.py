@@ -76,12 +76,28 @@ def test_the_cd_package_imports_nothing_above_it():
 
 
 def test_training_does_not_import_the_recipe_or_the_command_line():
+    assert _imports_into("hf_cd.training", ("hf_cd.recipe", "hf_cd.cli")) == set()
+
+
+def _imports_into(package: str, forbidden: tuple[str, ...]) -> set[tuple[str, str]]:
+    """(module, target) pairs where a module of ``package`` imports one of ``forbidden``, lazily or not."""
     modules = _modules()
-    above = {
+    return {
         (name, target)
         for name, path in modules.items()
-        if name.startswith("hf_cd.training.")
+        if name.startswith(package + ".")
         for target in _imports(name, path, modules, lazy=True)
-        if target.startswith(("hf_cd.recipe", "hf_cd.cli"))
+        if target.startswith(forbidden)
     }
-    assert above == set()
+
+
+def test_quantization_math_imports_no_pipeline_or_runtime():
+    """`quant/algorithms` is the math: the pipelines compose it, never the other way round."""
+    forbidden = ("hf_cd.quant.pipelines", "hf_cd.quant.runtimes", "hf_cd.quant.api", "hf_cd.quant.evaluate")
+    assert _imports_into("hf_cd.quant.algorithms", forbidden) == set()
+
+
+def test_pipelines_import_no_runtime_and_no_command():
+    """A pipeline gets its parts as config objects, so it needs neither the runtimes nor the CLI."""
+    forbidden = ("hf_cd.quant.runtimes", "hf_cd.quant.cli", "hf_cd.recipe", "hf_cd.cli")
+    assert _imports_into("hf_cd.quant.pipelines", forbidden) == set()
