@@ -211,9 +211,15 @@ class BaseQuantConfig:
     (``"repq_"``: `RepQConfig.weights` is ``repq_weights``); inherited fields keep their class's prefix."""
     spec_prefixes: ClassVar[tuple[str, ...]] = ()
     """Every prefix of this method's option keys: a misspelt key with one of them is an error, while
-    keys of other methods are left to them (the options of the deprecated ``QuantConfig.extra``)."""
+    keys of other methods are left to them (the options of the deprecated ``QuantConfig.extra``).
+    Left out, it is ``(option_prefix,)`` (`__init_subclass__`); a family of methods declares all of theirs."""
     spec_renames: ClassVar[dict[str, str]] = {}
     """Fields whose option key is not prefix + field name (``{"rotation_seed": "rotate_seed"}``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.spec_prefixes and cls.option_prefix:
+            cls.spec_prefixes = (cls.option_prefix,)
 
     def replace(self, **changes: Any) -> BaseQuantConfig:
         """A copy with some fields changed (validated again)."""

@@ -68,7 +68,6 @@ class PercentileConfig(BaseQuantConfig):
 
     option_prefix: ClassVar[str] = "percentile_"
     name: ClassVar[str] = "percentile"
-    spec_prefixes: ClassVar[tuple[str, ...]] = ("percentile_",)
 
     weights: str = "asymmetric"
     """One of `PERCENTILE_WEIGHT_SCHEMES`; ``symmetric`` is the earlier default."""
@@ -93,7 +92,6 @@ class RepQConfig(BaseQuantConfig):
 
     option_prefix: ClassVar[str] = "repq_"
     name: ClassVar[str] = "repq"
-    spec_prefixes: ClassVar[tuple[str, ...]] = ("repq_",)
 
     weights: str = "asymmetric"
     weight_percentiles: tuple[float, ...] = DEFAULT_ACTIVATION_PERCENTILES
@@ -128,7 +126,6 @@ class RotateConfig(BaseQuantConfig):
     """
 
     option_prefix: ClassVar[str] = "rotate_"
-    spec_prefixes: ClassVar[tuple[str, ...]] = ("rotate_",)
     spec_renames: ClassVar[dict[str, str]] = {"rotation_seed": "rotate_seed"}
 
     solver: GPTQConfig | None = None
