@@ -15,8 +15,8 @@ from torch import nn
 
 from hf_cd.architectures import resolve_blocks, unwrap_model
 from hf_cd.cd.colinearity import alignment
-from hf_cd.cd.pairs import DEFAULT_KINDS, MatrixPair, factor_heads, find_pairs
-from hf_cd.cd.weights import ModelWeights, read_weights
+from hf_cd.cd.pairs import DEFAULT_KINDS, MatrixPair, factor_heads, find_pairs, model_weights
+from hf_cd.cd.weights import read_weights
 from hf_cd.extras import require
 from hf_cd.files import atomic_path
 from hf_cd.table import Table
@@ -39,7 +39,7 @@ def measure_alignment(
     1 means every row of B lies along A's top direction (rank-one amplification); values near
     ``1/rank`` mean no preferred direction.
     """
-    weights = ModelWeights.of(unwrap_model(model))
+    weights = model_weights(model)
     found = find_pairs(weights, kinds, pairs=pairs, fold_layer_scale=fold_layer_scale, fold_norm=fold_norm)
     names = [name for pair in found for name in pair.tensor_names]
     tensors = read_weights(weights.sources(names), weights.params)  # LoRA: effective W
