@@ -54,6 +54,7 @@ def test_two_process_cpu_run_completes_and_the_ranks_agree(tmp_path):
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4
     assert ranks[0]["sha256"] == ranks[1]["sha256"]  # CD acted identically on both replicas
+    assert [r["process_group_alive_after_main"] for r in ranks] == [False, False]
 
     results = json.loads((out / "results.json").read_text())  # written once, by rank 0
     assert results["training"]["world_size"] == 2 and results["training"]["global_step"] == 4

@@ -17,6 +17,7 @@ from transformers import ViTForImageClassification
 
 from conftest import tiny_vit_config
 from hf_cd import CDConfig, CDTrainer
+from hf_cd.recipe.cli import end_process_group
 from test_trainer import RandomImages
 
 
@@ -43,6 +44,7 @@ def main(output_prefix: str, per_device_batch: int) -> None:
     rank = int(os.environ.get("RANK", 0))
     state = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()}
     save_file(state, f"{output_prefix}_rank{rank}.safetensors")
+    end_process_group()  # no rank exits with its gloo group alive
 
 
 if __name__ == "__main__":

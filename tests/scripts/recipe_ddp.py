@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "finetune.py"
 
 
@@ -37,6 +39,8 @@ def main(argv: list[str]) -> None:
         "world_size": args.world_size,
         "global_step": run.trainer.state.global_step,
         "sha256": fingerprint(run.trainer.model),
+        # the command ends its gloo group itself (a rank exiting with it alive can abort at exit)
+        "process_group_alive_after_main": dist.is_initialized(),
     }
     path = Path(args.output_dir) / f"fingerprint_rank{args.process_index}.json"
     path.write_text(json.dumps(record))

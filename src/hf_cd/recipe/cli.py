@@ -16,7 +16,15 @@ from hf_cd.recipe.parser import PROG, parse_recipe_args
 from hf_cd.recipe.report import format_summary
 from hf_cd.recipe.run import RecipeRun, run_recipe
 
-__all__ = ["DEBUG_ENV", "USAGE_EXIT_CODE", "debug_requested", "main", "one_line", "user_errors"]
+__all__ = [
+    "DEBUG_ENV",
+    "USAGE_EXIT_CODE",
+    "debug_requested",
+    "end_process_group",
+    "main",
+    "one_line",
+    "user_errors",
+]
 
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> RecipeRun:
@@ -24,11 +32,28 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> RecipeRun:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("hf_cd").setLevel(logging.INFO)  # parsing logs too (a config's model source replaced)
-    with command_errors(argv):
-        args = parse_recipe_args(argv, prog=prog)
-        if args.training.process_index != 0:
-            logging.getLogger("hf_cd").setLevel(logging.WARNING)
-        run = run_recipe(args)
+    try:
+        with command_errors(argv):
+            args = parse_recipe_args(argv, prog=prog)
+            if args.training.process_index != 0:
+                logging.getLogger("hf_cd").setLevel(logging.WARNING)
+            run = run_recipe(args)
+    finally:
+        end_process_group()
     if run.results is not None:
         print(format_summary(run.results), flush=True)
     return run
+
+
+def end_process_group() -> None:
+    """Destroy the distributed process group this run started, if any, before the interpreter exits.
+
+    Why: under ``accelerate launch`` the other ranks finish right after the test evaluation while rank 0
+    quantizes; a rank that exits with its gloo group alive can abort in the group's destructor
+    ("terminate called without an active exception"). The group is the command's to end: the
+    quantized evaluation after training is local to rank 0, so nothing communicates after this.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
