@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hf_cd.files import atomic_write_text
+
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
@@ -113,6 +115,6 @@ def write_result(name: str, device: str, payload: dict, markdown: str) -> tuple[
     stem = f"{name}-{env['date'][:10]}-{'gpu' if device.startswith('cuda') else 'cpu'}"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     json_path, md_path = RESULTS_DIR / f"{stem}.json", RESULTS_DIR / f"{stem}.md"
-    json_path.write_text(json.dumps({**env, **payload}, indent=2) + "\n")
-    md_path.write_text(f"# {name}\n\n{record_header(env)}\n\n{markdown.strip()}\n")
+    atomic_write_text(json_path, json.dumps({**env, **payload}, indent=2) + "\n")  # whole or not at all
+    atomic_write_text(md_path, f"# {name}\n\n{record_header(env)}\n\n{markdown.strip()}\n")
     return json_path, md_path

@@ -30,6 +30,10 @@ records outside it, so the code can move on meanwhile (the records are copied ba
           --records ../records/efficacy.json; done; done
     python bench/efficacy.py --scale pretrained-cpu --suite pretrained_final --seeds 0 1 2 --threads 2 \
         --final-cd auto --final-tweo auto --records ../records/efficacy.json
+
+The final set reuses the chosen runs' records (same names, flags and seeds); `verdict` then decides,
+by the rule written before the final numbers: if a paired difference is within two standard errors,
+run ``--seeds 3 4`` of the same final command before reading it.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, environment, in_percent, require_clean_tree
+from common import RESULTS_DIR, atomic_write_text, environment, in_percent, require_clean_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = RESULTS_DIR / "efficacy.json"
@@ -240,9 +244,17 @@ def run_one(method: Method, model: str, seed: int, scale: str, output_root: Path
 
 
 def pretrained_suite(
-    name: str, strength: float | None, tweo_weight: float | None, final_cd: str | None
+    name: str,
+    strength: float | None,
+    tweo_weight: float | None,
+    final_cd: str | None,
+    final_cd_name: str | None = None,
 ) -> list[Method]:
-    """Suites that depend on an earlier choice: modes and kinds at the chosen λ, and the final set."""
+    """Suites that depend on an earlier choice: modes and kinds at the chosen λ, and the final set.
+
+    ``final_cd_name`` names the final CD run (``--final-cd auto`` passes the chosen run's name, so its
+    recorded seeds count and are not trained again under another name).
+    """
     if name == "pretrained_modes":
         if strength is None:
             raise SystemExit(
@@ -264,7 +276,7 @@ def pretrained_suite(
             BASELINE,
             Method("baseline_wd", f"wd{strength:g}", ("--cd_strength", "0", "--weight_decay", f"{strength:g}")),
             Method("tweo", f"tweo_w{tweo_weight:g}", ("--cd_strength", "0", "--tweo_weight", str(tweo_weight))),
-            Method("cd", "cd_final_" + "_".join(f.lstrip("-") for f in flags), flags, strength,
+            Method("cd", final_cd_name or "cd_final_" + "_".join(f.lstrip("-") for f in flags), flags, strength,
                    values.get("--cd_mode", "plain"), kinds),
         ]  # fmt: skip
     return SUITES[name]
@@ -548,6 +560,104 @@ def select_final(records: list[dict]) -> dict[str, dict]:
     return chosen
 
 
+FINAL_SEEDS = 3
+"""The final set's seeds; `FINAL_SEEDS_IF_CLOSE` when a paired difference is within two standard errors."""
+FINAL_SEEDS_IF_CLOSE = 5
+FINAL_FAMILIES = ("baseline", "tweo", "cd")
+"""What the verdict compares: CD must beat both the baseline and the chosen TWEO."""
+
+
+def mean_test_accuracy(record: dict, bits: tuple[int, int]) -> float:
+    """Test accuracy at ``bits``, averaged over every pipeline (the verdict's number per run)."""
+    return statistics.mean(q["acc"] for q in record["quant"] if (q["w_bits"], q["a_bits"]) == bits)
+
+
+def paired(differences: list[float]) -> dict[str, float]:
+    """Mean and standard error of per-seed paired differences (s.e. is NaN for one seed)."""
+    se = statistics.stdev(differences) / len(differences) ** 0.5 if len(differences) > 1 else float("nan")
+    return {"mean": statistics.mean(differences), "se": se}
+
+
+def verdict(records: list[dict]) -> dict:
+    """Issue 24's decision, written down before the final numbers were seen.
+
+    CD *helps* when the CD run chosen on validation (`select_final`) beats both the baseline and the
+    chosen TWEO on the test images at W6A6 and at W4A4 (3-seed means of the accuracy averaged over
+    every pipeline), with test full precision ≥ the baseline's − `PRETRAINED_FP_TOLERANCE`. If any
+    paired difference is within two standard errors at 3 seeds, the final set grows to 5 seeds before
+    deciding (status ``extend``); at 5 seeds the means decide, and the report says how close they were.
+    Returns ``{"status": incomplete | extend | cd_helps | cd_does_not_help, ...}`` with the numbers.
+    """
+    chosen = select_final(records)
+    if "cd" not in chosen or "tweo" not in chosen:
+        return {"status": "incomplete", "why": "no CD or TWEO run passes the selection rule yet"}
+    names = {"baseline": "baseline", "tweo": chosen["tweo"]["name"], "cd": chosen["cd"]["name"]}
+    runs = {family: {r["seed"]: r for r in current_pretrained(records) if r["name"] == name}
+            for family, name in names.items()}  # fmt: skip
+    seeds = sorted(set.intersection(*(set(by_seed) for by_seed in runs.values())))
+    result: dict = {"names": names, "seeds": seeds}
+    if len(seeds) < FINAL_SEEDS:
+        return {**result, "status": "incomplete", "why": f"{len(seeds)} of {FINAL_SEEDS} seeds shared"}
+    fp = {f: statistics.mean(runs[f][s]["fp_acc"] for s in seeds) for f in FINAL_FAMILIES}
+    result["fp"] = fp
+    fp_ok = fp["cd"] >= fp["baseline"] - PRETRAINED_FP_TOLERANCE
+    beats, close = fp_ok, False
+    result["bits"] = {}
+    for bits in PRETRAINED_SELECTION_BITS:
+        means = {
+            f: statistics.mean(mean_test_accuracy(runs[f][s], bits) for s in seeds) for f in FINAL_FAMILIES
+        }
+        against = {
+            other: paired(
+                [
+                    mean_test_accuracy(runs["cd"][s], bits) - mean_test_accuracy(runs[other][s], bits)
+                    for s in seeds
+                ]
+            )
+            for other in ("baseline", "tweo")
+        }
+        result["bits"][f"W{bits[0]}A{bits[1]}"] = {"means": means, "cd_minus": against}
+        beats = beats and all(means["cd"] > means[other] for other in against)
+        close = close or any(abs(d["mean"]) < 2 * d["se"] for d in against.values())
+    result["fp_ok"], result["close"] = fp_ok, close
+    if close and len(seeds) < FINAL_SEEDS_IF_CLOSE:
+        return {**result, "status": "extend"}
+    return {**result, "status": "cd_helps" if beats else "cd_does_not_help"}
+
+
+def verdict_lines(decision: dict) -> list[str]:
+    """The verdict as report lines: the rule's outcome first, then the numbers it was taken on."""
+    status = decision["status"]
+    if status == "incomplete":
+        return [f"Not decided yet: {decision['why']}."]
+    names, seeds = decision["names"], decision["seeds"]
+    outcome = {
+        "extend": f"A paired difference is within two standard errors at {len(seeds)} seeds: the final set "
+        f"runs seeds up to {FINAL_SEEDS_IF_CLOSE - 1} before deciding.",
+        "cd_helps": f"CD (`{names['cd']}`) beats the baseline and TWEO (`{names['tweo']}`) at W6A6 and W4A4.",
+        "cd_does_not_help": f"CD (`{names['cd']}`) does not beat both the baseline and TWEO (`{names['tweo']}`) at "
+        "W6A6 and W4A4 with full precision kept.",
+    }[status]
+    fp = decision["fp"]
+    lines = [
+        f"**{outcome}**",
+        "",
+        f"Seeds {seeds}; full precision: CD {fp['cd']:.2f}, baseline {fp['baseline']:.2f}, TWEO {fp['tweo']:.2f} "
+        f"({'kept' if decision['fp_ok'] else 'not kept'} within {PRETRAINED_FP_TOLERANCE}).",
+        "",
+        "| bits | CD | baseline | TWEO | CD − baseline (paired) | CD − TWEO (paired) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for bits, entry in decision["bits"].items():
+        means, minus = entry["means"], entry["cd_minus"]
+        lines.append(
+            f"| {bits} | {means['cd']:.2f} | {means['baseline']:.2f} | {means['tweo']:.2f} | "
+            + " | ".join(f"{minus[o]['mean']:+.2f} ± {minus[o]['se']:.2f}" for o in ("baseline", "tweo"))
+            + " |"
+        )
+    return lines
+
+
 def mean_std(values: list[float]) -> str:
     if not values:
         return "—"
@@ -611,6 +721,8 @@ def pretrained_report(records: list[dict], plots_dir: Path = RESULTS_DIR) -> str
     ]
     lines += [f"- {family}: `{c['name']}` (seeds {c['seeds']}): score {c['score']:.2f} vs baseline {c['baseline_score']:.2f}; "
               f"FP {c['fp']:.2f} vs {c['baseline_fp']:.2f}" for family, c in sorted(chosen.items())] or ["- none yet"]  # fmt: skip
+    lines += ["", "### Verdict (`verdict`: test accuracy averaged over every pipeline; mean ± s.e. over seeds)", "",
+              *verdict_lines(verdict(records))]  # fmt: skip
     lines += ["", "### Test: mean ± s.e. over seeds", "",
               "| run | seeds | FP | " + " | ".join(f"W{b[0]}A{b[1]} {short(p)}" for p, b in cells) + " |",
               "|---" * (3 + len(cells)) + "|"]  # fmt: skip
@@ -817,13 +929,14 @@ def main() -> None:
     args = parser.parse_args()
     if not args.report:
         require_clean_tree(args.allow_dirty)
+    final_cd_name = None
     if args.suite == "pretrained_final" and "auto" in (args.final_cd, args.final_tweo):
         chosen = select_final(load_records(args.records))
         missing = [f for f in ("cd", "tweo") if f not in chosen]
         if missing:
             raise SystemExit(f"--final-cd/--final-tweo auto: no {missing} run passes the selection rule yet.")
         if args.final_cd == "auto":
-            args.final_cd = " ".join(chosen["cd"]["flags"])
+            args.final_cd, final_cd_name = " ".join(chosen["cd"]["flags"]), chosen["cd"]["name"]
         if args.final_tweo == "auto":
             args.final_tweo = chosen["tweo"]["flags"][chosen["tweo"]["flags"].index("--tweo_weight") + 1]
         print(f"selection rule (validation): CD {args.final_cd!r}, TWEO {args.final_tweo}", flush=True)
@@ -837,7 +950,7 @@ def main() -> None:
         done = {run_key(r) for r in records}
         models = args.models or list(SCALES[args.scale][1])
         final_tweo = None if args.final_tweo is None else float(args.final_tweo)
-        methods = pretrained_suite(args.suite, args.cd_strength, final_tweo, args.final_cd)
+        methods = pretrained_suite(args.suite, args.cd_strength, final_tweo, args.final_cd, final_cd_name)
         if args.scale == "pretrained-cpu":
             check_names(methods, records)
         for seed in args.seeds:
@@ -866,10 +979,11 @@ def main() -> None:
                     )  # one by one: an interrupted suite keeps what finished
     report_path = args.records.with_suffix(".md")
     text = report(load_records(args.records), args.records.parent)
-    report_path.write_text(
+    atomic_write_text(
+        report_path,
         "# Efficacy: quantized accuracy of CD against the baselines\n\n"
         "Generated by `python bench/efficacy.py --report` from `efficacy.json` (one record per run, with its "
-        "commit, device and date).\n\n" + text + "\n"
+        "commit, device and date).\n\n" + text + "\n",
     )
     print(text)
     print(yaml.safe_dump({"wrote": [str(args.records), str(report_path)]}))

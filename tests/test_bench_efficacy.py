@@ -117,3 +117,46 @@ def test_report_reads_and_writes_beside_the_records_file_it_is_given(tmp_path):
     subprocess.run([sys.executable, str(BENCH / "efficacy.py"), "--report", "--records", str(records)], check=True,
                    capture_output=True)  # fmt: skip
     assert "No runs recorded yet." in records.with_suffix(".md").read_text()
+
+
+def _final_record(name, method, seed, fp, score, flags=()):
+    """A record with test rows too: the validation rows score ``score``, the test rows ``score + seed noise``."""
+    record = _record(name, method, seed, fp, score, flags)
+    rows = [{**row, "acc": row["acc"] + 0.1 * seed} for row in record["val_quant"]]
+    return {**record, "fp_acc": fp, "quant": rows}
+
+
+def _final_set(cd_score, cd_fp=85.0, seeds=(0, 1, 2), cd_noise=0.0):
+    records = [_final_record("baseline", "baseline", s, 85.0, 70.0) for s in seeds]
+    records += [_final_record("tweo_x", "tweo", s, 85.0, 71.0, ("--tweo_weight", "0.01")) for s in seeds]
+    records += [_final_record("cd_a", "cd", s, cd_fp, cd_score + cd_noise * (-1) ** s) for s in seeds]
+    return records
+
+
+def test_the_verdict_follows_the_rule_written_before_the_final_numbers():
+    assert efficacy.verdict(_final_set(75.0, seeds=(0, 1)))["status"] == "incomplete"  # 2 of 3 seeds
+    helps = efficacy.verdict(_final_set(75.0))
+    assert helps["status"] == "cd_helps" and helps["names"]["cd"] == "cd_a"
+    assert helps["bits"]["W4A4"]["cd_minus"]["tweo"]["mean"] == pytest.approx(4.0)
+    # better than the baseline but not than TWEO: no
+    assert efficacy.verdict(_final_set(70.5))["status"] == "cd_does_not_help"
+    # a full-precision cost beyond the margin: no, however good the quantized rows (validation FP is
+    # within the margin, so the selection keeps it; test FP is what the verdict reads)
+    worse_fp = _final_set(75.0)
+    for record in worse_fp:
+        if record["name"] == "cd_a":
+            record["fp_acc"] = 84.7
+    assert efficacy.verdict(worse_fp)["status"] == "cd_does_not_help"
+    # a lead within two standard errors at 3 seeds asks for 5 seeds; at 5 seeds the means decide
+    assert efficacy.verdict(_final_set(71.5, cd_noise=3.0))["status"] == "extend"
+    five = efficacy.verdict(_final_set(71.5, cd_noise=3.0, seeds=range(5)))
+    assert five["status"] in ("cd_helps", "cd_does_not_help") and five["close"]
+    lines = "\n".join(efficacy.verdict_lines(helps))
+    assert "beats the baseline and TWEO" in lines and "| W4A4 |" in lines
+
+
+def test_the_final_set_reuses_the_chosen_cd_run_by_name():
+    flags = "--cd_strength 100 --cd_mode plain --cd_kinds ffn value_output"
+    methods = efficacy.pretrained_suite("pretrained_final", None, 0.1, flags, "cd_plain_100")
+    assert [m.name for m in methods] == ["baseline", "wd100", "tweo_w0.1", "cd_plain_100"]
+    assert methods[-1].flags == efficacy.cd("cd_plain_100", 100).flags  # the round-two run's key
