@@ -658,6 +658,73 @@ def verdict_lines(decision: dict) -> list[str]:
     return lines
 
 
+VERDICT_BEGIN, VERDICT_END = "<!-- efficacy-verdict:begin -->", "<!-- efficacy-verdict:end -->"
+"""The block of README.md and docs/method.md that `--sync-docs` rewrites from the records (a test checks it)."""
+VERDICT_DOCS = (ROOT / "README.md", ROOT / "docs" / "method.md")
+VERDICT_W4A4_PIPELINES = ("percentile", "repq", "gptaq", "rotate_gptaq:rotate_activations=dynamic_per_token")
+
+
+def final_set(records: list[dict], decision: dict) -> dict[str, list[dict]]:
+    """The final set's runs by name: baseline, weight decay at CD's λ, the chosen TWEO, the chosen CD."""
+    names = decision["names"]
+    cd_flags = select_final(records)["cd"]["flags"]
+    strength = float(cd_flags[cd_flags.index("--cd_strength") + 1])
+    ordered = [names["baseline"], f"wd{strength:g}", names["tweo"], names["cd"]]
+    runs = current_pretrained(records)
+    found = {
+        name: sorted((r for r in runs if r["name"] == name), key=lambda r: r["seed"]) for name in ordered
+    }
+    return {name: group for name, group in found.items() if group}
+
+
+def verdict_markdown(records: list[dict]) -> str:
+    """What README.md and docs/method.md say of round two: the verdict and the final set's table."""
+    decision = verdict(records)
+    lines = ["Round two on the real DINOv2-S (issue 24; `python bench/efficacy.py --report`, "
+             "[`efficacy.md`](bench/results/efficacy.md)): " + verdict_lines(decision)[0].strip("*")]  # fmt: skip
+    if "names" not in decision:
+        return "\n".join(lines)
+    lines += verdict_lines(decision)[1:] if decision["status"] != "incomplete" else []
+    everything = len(PRETRAINED_PIPELINES) + len(PRETRAINED_STRONG_PIPELINES)
+    header = [
+        "run",
+        "seeds",
+        "FP",
+        *(f"W{w}A{a} (mean of {everything} pipelines)" for w, a in PRETRAINED_SELECTION_BITS),
+    ]
+    header += [f"W4A4 {short(p)}" for p in VERDICT_W4A4_PIPELINES] + ["residual max, last block"]
+    lines += ["", "Test accuracy (%), mean ± s.e. over seeds:", "", "| " + " | ".join(header) + " |",
+              "|---" * len(header) + "|"]  # fmt: skip
+    for name, runs in final_set(records, decision).items():
+        cells = [mean_se([r["fp_acc"] for r in runs])]
+        cells += [mean_se([mean_test_accuracy(r, b) for r in runs]) for b in PRETRAINED_SELECTION_BITS]
+        cells += [
+            mean_se([a for r in runs if (a := _acc(r, p, (4, 4))) is not None])
+            for p in VERDICT_W4A4_PIPELINES
+        ]
+        cells.append(mean_se([r["outlier_profile"]["residual_max"][-1] for r in runs]))
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def with_verdict_block(text: str, block: str, link_prefix: str = "") -> str:
+    """``text`` with its verdict block replaced by ``block`` (links made relative by ``link_prefix``)."""
+    begin, end = text.find(VERDICT_BEGIN), text.find(VERDICT_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"No {VERDICT_BEGIN} … {VERDICT_END} block to rewrite.")
+    block = block.replace("](bench/", f"]({link_prefix}bench/")
+    return text[: begin + len(VERDICT_BEGIN)] + "\n" + block + "\n" + text[end:]
+
+
+def sync_docs(records: list[dict]) -> list[Path]:
+    """Rewrite the verdict block of README.md and docs/method.md from ``records``; returns the paths."""
+    block = verdict_markdown(records)
+    for path in VERDICT_DOCS:
+        prefix = "../" * len(path.parent.relative_to(ROOT).parts)
+        atomic_write_text(path, with_verdict_block(path.read_text(), block, prefix))
+    return list(VERDICT_DOCS)
+
+
 def mean_std(values: list[float]) -> str:
     if not values:
         return "—"
@@ -900,6 +967,11 @@ def main() -> None:
     )
     parser.add_argument("--report", action="store_true", help="only rebuild efficacy.md from efficacy.json")
     parser.add_argument(
+        "--sync-docs",
+        action="store_true",
+        help="also rewrite the verdict block of README.md and docs/method.md from the records",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (recorded); default: torch's"
     )
     parser.add_argument("--cd-strength", type=float, default=None, help="λ for --suite pretrained_modes")
@@ -986,7 +1058,10 @@ def main() -> None:
         "commit, device and date).\n\n" + text + "\n",
     )
     print(text)
-    print(yaml.safe_dump({"wrote": [str(args.records), str(report_path)]}))
+    wrote = [str(args.records), str(report_path)]
+    if args.sync_docs:
+        wrote += [str(path) for path in sync_docs(load_records(args.records))]
+    print(yaml.safe_dump({"wrote": wrote}))
 
 
 if __name__ == "__main__":

@@ -160,3 +160,32 @@ def test_the_final_set_reuses_the_chosen_cd_run_by_name():
     methods = efficacy.pretrained_suite("pretrained_final", None, 0.1, flags, "cd_plain_100")
     assert [m.name for m in methods] == ["baseline", "wd100", "tweo_w0.1", "cd_plain_100"]
     assert methods[-1].flags == efficacy.cd("cd_plain_100", 100).flags  # the round-two run's key
+
+
+def test_readme_and_method_say_what_the_committed_records_say():
+    """The verdict blocks are generated (`--report --sync-docs`); hand edits or stale records fail here."""
+    block = efficacy.verdict_markdown(efficacy.load_records())
+    for path in efficacy.VERDICT_DOCS:
+        text = path.read_text()
+        prefix = "../" * len(path.parent.relative_to(efficacy.ROOT).parts)
+        assert efficacy.with_verdict_block(text, block, prefix) == text, (
+            f"{path.name}'s verdict block is stale: python bench/efficacy.py --report --sync-docs"
+        )
+
+
+def test_the_verdict_block_is_rewritten_in_place_and_only_there():
+    text = f"intro\n{efficacy.VERDICT_BEGIN}\nold\n{efficacy.VERDICT_END}\noutro\n"
+    new = efficacy.with_verdict_block(text, "see [x](bench/results/efficacy.md)", "../")
+    assert (
+        new
+        == f"intro\n{efficacy.VERDICT_BEGIN}\nsee [x](../bench/results/efficacy.md)\n{efficacy.VERDICT_END}\noutro\n"
+    )
+    with pytest.raises(SystemExit, match="block"):
+        efficacy.with_verdict_block("no markers", "x")
+    records = _final_set(75.0)
+    for record in records:
+        record["outlier_profile"] = {"residual_max": [1.0, 2.0 + record["seed"]]}
+        record["flags"] = ["--cd_strength", "100"] if record["method"] == "cd" else record["flags"]
+    markdown = efficacy.verdict_markdown(records)
+    assert "beats the baseline and TWEO" in markdown and "| cd_a | 3 |" in markdown
+    assert "| baseline | 3 | 85.00 ± 0.00 |" in markdown and "3.00 ± 0.58 |" in markdown  # residual 2, 3, 4
