@@ -240,9 +240,17 @@ def run_one(method: Method, model: str, seed: int, scale: str, output_root: Path
 
 
 def pretrained_suite(
-    name: str, strength: float | None, tweo_weight: float | None, final_cd: str | None
+    name: str,
+    strength: float | None,
+    tweo_weight: float | None,
+    final_cd: str | None,
+    final_cd_name: str | None = None,
 ) -> list[Method]:
-    """Suites that depend on an earlier choice: modes and kinds at the chosen λ, and the final set."""
+    """Suites that depend on an earlier choice: modes and kinds at the chosen λ, and the final set.
+
+    ``final_cd_name`` names the final CD run (``--final-cd auto`` passes the chosen run's name, so its
+    recorded seeds count and are not trained again under another name).
+    """
     if name == "pretrained_modes":
         if strength is None:
             raise SystemExit(
@@ -264,7 +272,7 @@ def pretrained_suite(
             BASELINE,
             Method("baseline_wd", f"wd{strength:g}", ("--cd_strength", "0", "--weight_decay", f"{strength:g}")),
             Method("tweo", f"tweo_w{tweo_weight:g}", ("--cd_strength", "0", "--tweo_weight", str(tweo_weight))),
-            Method("cd", "cd_final_" + "_".join(f.lstrip("-") for f in flags), flags, strength,
+            Method("cd", final_cd_name or "cd_final_" + "_".join(f.lstrip("-") for f in flags), flags, strength,
                    values.get("--cd_mode", "plain"), kinds),
         ]  # fmt: skip
     return SUITES[name]
@@ -811,13 +819,14 @@ def main() -> None:
     args = parser.parse_args()
     if not args.report:
         require_clean_tree(args.allow_dirty)
+    final_cd_name = None
     if args.suite == "pretrained_final" and "auto" in (args.final_cd, args.final_tweo):
         chosen = select_final(load_records(args.records))
         missing = [f for f in ("cd", "tweo") if f not in chosen]
         if missing:
             raise SystemExit(f"--final-cd/--final-tweo auto: no {missing} run passes the selection rule yet.")
         if args.final_cd == "auto":
-            args.final_cd = " ".join(chosen["cd"]["flags"])
+            args.final_cd, final_cd_name = " ".join(chosen["cd"]["flags"]), chosen["cd"]["name"]
         if args.final_tweo == "auto":
             args.final_tweo = chosen["tweo"]["flags"][chosen["tweo"]["flags"].index("--tweo_weight") + 1]
         print(f"selection rule (validation): CD {args.final_cd!r}, TWEO {args.final_tweo}", flush=True)
@@ -831,7 +840,7 @@ def main() -> None:
         done = {run_key(r) for r in records}
         models = args.models or list(SCALES[args.scale][1])
         final_tweo = None if args.final_tweo is None else float(args.final_tweo)
-        methods = pretrained_suite(args.suite, args.cd_strength, final_tweo, args.final_cd)
+        methods = pretrained_suite(args.suite, args.cd_strength, final_tweo, args.final_cd, final_cd_name)
         if args.scale == "pretrained-cpu":
             check_names(methods, records)
         for seed in args.seeds:
