@@ -716,13 +716,27 @@ def with_verdict_block(text: str, block: str, link_prefix: str = "") -> str:
     return text[: begin + len(VERDICT_BEGIN)] + "\n" + block + "\n" + text[end:]
 
 
+CARD_EVIDENCE = ROOT / "src" / "hf_cd" / "templates" / "evidence.md"
+"""The verdict block every CD model card carries (`hf_cd.hub.card_render.evidence_table`)."""
+
+
+def card_evidence(records: list[dict]) -> str:
+    """The card's verdict block: links made absolute (a card lives on the Hub); empty until decided."""
+    from hf_cd.hub.card_render import REPOSITORY_URL
+
+    if verdict(records)["status"] not in ("cd_helps", "cd_does_not_help"):
+        return ""
+    return verdict_markdown(records).replace("](bench/", f"]({REPOSITORY_URL}bench/") + "\n"
+
+
 def sync_docs(records: list[dict]) -> list[Path]:
-    """Rewrite the verdict block of README.md and docs/method.md from ``records``; returns the paths."""
+    """Rewrite the verdict block of README.md, docs/method.md and the card's from ``records``; returns the paths."""
     block = verdict_markdown(records)
     for path in VERDICT_DOCS:
         prefix = "../" * len(path.parent.relative_to(ROOT).parts)
         atomic_write_text(path, with_verdict_block(path.read_text(), block, prefix))
-    return list(VERDICT_DOCS)
+    atomic_write_text(CARD_EVIDENCE, card_evidence(records))
+    return [*VERDICT_DOCS, CARD_EVIDENCE]
 
 
 def mean_std(values: list[float]) -> str:

@@ -171,6 +171,9 @@ def test_readme_and_method_say_what_the_committed_records_say():
         assert efficacy.with_verdict_block(text, block, prefix) == text, (
             f"{path.name}'s verdict block is stale: python bench/efficacy.py --report --sync-docs"
         )
+    assert efficacy.CARD_EVIDENCE.read_text() == efficacy.card_evidence(efficacy.load_records()), (
+        "the card's evidence block is stale: python bench/efficacy.py --report --sync-docs"
+    )
 
 
 def test_the_verdict_block_is_rewritten_in_place_and_only_there():
@@ -189,3 +192,16 @@ def test_the_verdict_block_is_rewritten_in_place_and_only_there():
     markdown = efficacy.verdict_markdown(records)
     assert "beats the baseline and TWEO" in markdown and "| cd_a | 3 |" in markdown
     assert "| baseline | 3 | 85.00 ± 0.00 |" in markdown and "3.00 ± 0.58 |" in markdown  # residual 2, 3, 4
+
+
+def test_the_card_carries_the_verdict_only_once_decided_with_links_that_work_on_the_hub():
+    records = _final_set(75.0)
+    for record in records:
+        record["outlier_profile"] = {"residual_max": [1.0, 2.0]}
+        record["flags"] = ["--cd_strength", "100"] if record["method"] == "cd" else record["flags"]
+    card = efficacy.card_evidence(records)
+    assert (
+        "beats the baseline and TWEO" in card and "](https://github.com/hf-cd/hf-cd/blob/main/bench/" in card
+    )
+    assert "](bench/" not in card
+    assert efficacy.card_evidence(records[:-1]) == ""  # two CD seeds: no verdict, no block

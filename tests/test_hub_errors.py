@@ -358,6 +358,23 @@ def test_a_cd_card_says_what_cd_is_what_this_run_measured_and_links_the_evidence
     assert "therefore keeps more of its accuracy" not in text  # the claim the template used to assert
 
 
+def test_a_cd_card_carries_the_projects_verdict_block_once_there_is_one(monkeypatch):
+    from hf_cd.hub import card_render
+
+    assert card_render.evidence_table() == card_render.evidence_table().strip()  # the packaged file reads
+    monkeypatch.setattr(card_render, "evidence_table", lambda: "")
+    _, text = _card(_results(ACCURACIES))
+    assert "What the project's own comparison says" not in text
+    block = "Round two: **CD does not beat both.**\n\n| run | FP |\n|---|---|\n| baseline | 85.00 |"
+    monkeypatch.setattr(card_render, "evidence_table", lambda: block)
+    _, text = _card(_results(ACCURACIES))
+    assert "What the project's own comparison says" in text and block in text
+    baseline = _results(ACCURACIES)
+    baseline["cd_settings"] = {**baseline["cd_settings"], "strength": 0.0}
+    _, text = _card(baseline)
+    assert block not in text  # a baseline's card is the comparison, not the method's claim
+
+
 def test_the_model_index_holds_fractions_and_reads_back_as_the_rows_percent(tmp_path):
     metadata, _ = _card(_results(ACCURACIES))
     values = [m["value"] for entry in metadata["model-index"] for r in entry["results"] for m in r["metrics"]]

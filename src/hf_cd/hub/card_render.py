@@ -21,7 +21,12 @@ from hf_cd.quant.config import DEFAULT_PROTOCOL
 from hf_cd.quant.qat import QAT_PIPELINE
 
 TEMPLATE_RESOURCE = "templates/model_card.md"
-EVIDENCE_URL = "https://github.com/hf-cd/hf-cd/blob/main/docs/method.md#evidence-so-far"
+EVIDENCE_TABLE_RESOURCE = "templates/evidence.md"
+"""The project's verdict on CD and its final-set table, generated from the records by
+``bench/efficacy.py --report --sync-docs`` (empty until the verdict is decided); a test keeps it current."""
+REPOSITORY_URL = "https://github.com/hf-cd/hf-cd/blob/main/"
+"""Where a card's links to the project's files point: a card lives on the Hub, away from the repository."""
+EVIDENCE_URL = REPOSITORY_URL + "docs/method.md#evidence-so-far"
 CD_EVIDENCE = (
     "Whether CD makes a model keep more of its accuracy when quantized is not demonstrated yet. In the "
     "project's recorded comparisons, at fine-tuning learning rates CD at strength 1 changes nothing "
@@ -37,6 +42,11 @@ def card_template() -> str:
     ``model_cards/template.md`` is the canonical copy in the repository. A test keeps the two identical.
     """
     return resources.files("hf_cd").joinpath(TEMPLATE_RESOURCE).read_text(encoding="utf-8")
+
+
+def evidence_table() -> str:
+    """The packaged verdict block (`EVIDENCE_TABLE_RESOURCE`), or ``""`` while there is no verdict."""
+    return resources.files("hf_cd").joinpath(EVIDENCE_TABLE_RESOURCE).read_text(encoding="utf-8").strip()
 
 
 def _percent(value: Any) -> str | None:
@@ -282,6 +292,7 @@ def template_values(facts: CardFacts, model_id: str) -> dict[str, Any]:
         "cd_enabled": cd_enabled(results),
         "cd_measured": _cd_measured(results.get("diagnostics")),
         "cd_evidence": CD_EVIDENCE,
+        "cd_evidence_table": evidence_table(),
         "evidence_url": EVIDENCE_URL,
         "hf_cd_version": results.get("hf_cd_version") or __version__,
         "dataset": dataset,
