@@ -20,7 +20,7 @@ from conftest import tiny_dinov2_config, tiny_vit_config
 from hf_cd import UnsupportedArchitectureError
 from hf_cd.export import export_model, main
 from hf_cd.quant import (
-    QuantConfig,
+    BaseQuantConfig,
     RuntimeUnavailableError,
     evaluate_quantized,
     parse_quant_spec,
@@ -128,7 +128,7 @@ def test_the_users_model_is_unchanged_by_export_and_int8(tmp_path):
     model.vit.embeddings.patch_embeddings.projection.weight.requires_grad_(False)
     before = _state(model)
     export_onnx(model, tmp_path / "float.onnx")
-    config = QuantConfig(pipeline="onnxruntime-int8", progress=False)
+    config = parse_quant_spec("onnxruntime-int8", progress=False)
     int8 = quantize(model, config, images(32))
     after = _state(model)
     assert before["weights"].keys() == after["weights"].keys()
@@ -151,9 +151,7 @@ def test_int8_pipeline_calibrates_on_the_fake_quant_images(monkeypatch):
         return original(float_path, output_path, calibration_images, *args, **kwargs)
 
     monkeypatch.setattr(ort_module, "quantize_onnx_int8", spy)
-    config = QuantConfig(
-        progress=False, num_calibration=16, seed=3, extra={"onnxruntime": {"latency_runs": 2}}
-    )
+    config = BaseQuantConfig(progress=False, num_calibration=16, seed=3)
     table = evaluate_quantized(
         model,
         (images(40, 1), torch.arange(40) % 10),
@@ -161,6 +159,7 @@ def test_int8_pipeline_calibrates_on_the_fake_quant_images(monkeypatch):
         ("onnxruntime-int8",),
         ((8, 8),),
         config,
+        extra={"onnxruntime": {"latency_runs": 2}},
     )
     assert len(seen) == 1
     assert torch.equal(seen[0], select_calibration_images(calibration_pool, 16, 3))
@@ -269,7 +268,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match="resnet"):
         export_onnx(resnet, tmp_path / "resnet.onnx")
     with pytest.raises(UnsupportedArchitectureError, match="resnet"):
-        quantize(resnet, QuantConfig(pipeline="onnxruntime-int8"), torch.randn(4, 3, 32, 32))
+        quantize(resnet, parse_quant_spec("onnxruntime-int8"), torch.randn(4, 3, 32, 32))
 
 
 def test_an_op_the_exporter_cannot_translate_is_named(tmp_path):
@@ -301,12 +300,10 @@ def test_unknown_op_types_and_settings_are_refused():
     with pytest.raises(ValueError, match="calibration_method must be one of"):
         OnnxRuntimeInt8Config(calibration_method="kl")
     with pytest.raises(TypeError, match=r"extra\['onnxruntime'\] must be a OnnxRuntimeInt8Config"):
-        quantize(
-            make_model("vit"), QuantConfig(pipeline="onnxruntime-int8", extra={"onnxruntime": 3}), images(4)
-        )
+        quantize(make_model("vit"), parse_quant_spec("onnxruntime-int8", extra={"onnxruntime": 3}), images(4))
     with pytest.raises(ValueError, match=r"'calibration_metod' .* Did you mean 'calibration_method'"):
-        # the deprecated spelling is checked as soon as it is built, before any row
-        QuantConfig(pipeline="onnxruntime-int8", extra={"onnxruntime": {"calibration_metod": "percentile"}})
+        # the --quant_extra spelling is checked as soon as the config is built, before any row
+        parse_quant_spec("onnxruntime-int8", extra={"onnxruntime": {"calibration_metod": "percentile"}})
     with pytest.raises(
         ValueError, match=r"Unknown option 'calibration_metod'.* Did you mean 'calibration_method'"
     ):
@@ -316,9 +313,9 @@ def test_unknown_op_types_and_settings_are_refused():
 def test_int8_runtimes_refuse_other_bit_widths():
     model = make_model("vit")
     with pytest.raises(ValueError, match="W8A8 only; got W4A4"):
-        quantize(model, QuantConfig(pipeline="onnxruntime-int8", w_bits=4, a_bits=4), images(8))
+        quantize(model, parse_quant_spec("onnxruntime-int8", w_bits=4, a_bits=4), images(8))
     with pytest.raises(ValueError, match="classifier_bits at 8 bits"):
-        quantize(model, QuantConfig(pipeline="onnxruntime-int8", classifier_bits=6), images(8))
+        quantize(model, parse_quant_spec("onnxruntime-int8", classifier_bits=6), images(8))
 
 
 def test_evaluate_quantized_refuses_a_bad_row_before_running_any(monkeypatch):
@@ -334,9 +331,7 @@ def test_evaluate_quantized_refuses_a_bad_row_before_running_any(monkeypatch):
             model, eval_data, x, pipelines=("minmax", "onnxruntime-int8"), bits=((8, 8), (4, 4))
         )
     with pytest.raises(ValueError, match="gptaq_alpha"):
-        evaluate_quantized(
-            model, eval_data, x, pipelines=("minmax", "gptaq"), config=QuantConfig(extra={"gptaq_alpha": 2.0})
-        )
+        evaluate_quantized(model, eval_data, x, pipelines=("minmax", "gptaq"), extra={"gptaq_alpha": 2.0})
     assert evaluated == []  # not even the full-precision row ran
 
 
@@ -352,7 +347,7 @@ def test_missing_onnxruntime_says_what_to_install(monkeypatch, tmp_path):
             images(8),
             pipelines=("onnxruntime-int8",),
             bits=((8, 8),),
-            config=QuantConfig(progress=False),
+            config=BaseQuantConfig(progress=False),
         )
 
 
@@ -361,7 +356,7 @@ def test_torchao_without_cuda_is_a_clear_error(monkeypatch):
     model = make_model("vit")
     for name in ("torchao-int8", "torchao-fp8"):
         with pytest.raises(RuntimeUnavailableError, match="needs a CUDA device"):
-            quantize(model, QuantConfig(pipeline=name), images(4))
+            quantize(model, parse_quant_spec(name), images(4))
 
 
 def test_torchao_missing_or_fp8_on_an_old_gpu_is_a_clear_error(monkeypatch):
@@ -369,7 +364,7 @@ def test_torchao_missing_or_fp8_on_an_old_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "torchao", None)
     with pytest.raises(RuntimeUnavailableError, match=r"pip install 'hf-cd\[gpu\]'"):
-        quantize(model, QuantConfig(pipeline="torchao-int8"), images(4))
+        quantize(model, parse_quant_spec("torchao-int8"), images(4))
     fake_torchao = types.ModuleType("torchao")
     fake_torchao.quantization = types.ModuleType("torchao.quantization")
     monkeypatch.setitem(sys.modules, "torchao", fake_torchao)
@@ -377,7 +372,7 @@ def test_torchao_missing_or_fp8_on_an_old_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     with pytest.raises(RuntimeUnavailableError, match=r"compute capability ≥ 8.9.*sm_80"):
-        quantize(model, QuantConfig(pipeline="torchao-fp8"), images(4))
+        quantize(model, parse_quant_spec("torchao-fp8"), images(4))
 
 
 def test_export_cli_writes_a_float_model_with_metadata(tmp_path, capsys):

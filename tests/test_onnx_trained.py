@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_cd.export import export_model
-from hf_cd.quant import QuantConfig, evaluate_quantized
+from hf_cd.quant import BaseQuantConfig, evaluate_quantized
 from hf_cd.quant.runtimes import OnnxRuntimeInt8Config
 from hf_cd.quant.runtimes.onnx_export import ort_session
 
@@ -26,7 +26,8 @@ def ort_table(trained_tiny_vit, fashion_mnist_tensors, one_cpu_thread):
         fashion_mnist_tensors["train"][0],
         pipelines=("minmax", "onnxruntime-int8"),
         bits=((8, 8),),
-        config=QuantConfig(progress=False, batch_size=500, extra={"onnxruntime": settings}),
+        config=BaseQuantConfig(progress=False, batch_size=500),
+        extra={"onnxruntime": settings},
     )
 
 
@@ -66,7 +67,7 @@ def test_exported_int8_file_runs_standalone(
         tmp_path / "vit-int8.onnx",
         int8=True,
         calib_data=fashion_mnist_tensors["train"][0],
-        config=QuantConfig(extra={"onnxruntime": OnnxRuntimeInt8Config(calibration_method="percentile")}),
+        extra={"onnxruntime": OnnxRuntimeInt8Config(calibration_method="percentile")},
     )
     session = ort_session(path, 1)
     assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in _graph_nodes(path)}

@@ -25,11 +25,12 @@ from hf_cd.quant import (
     FULL_PRECISION,
     PIPELINES,
     RESULT_COLUMNS,
+    BaseQuantConfig,
     CalibrationDataError,
-    QuantConfig,
     UnknownPipelineError,
     available_pipelines,
     evaluate_quantized,
+    parse_quant_spec,
     quantization_state,
     quantize,
     register_pipeline,
@@ -81,8 +82,9 @@ def _labelled(count: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
     return _images(count, seed=2), torch.randint(0, 10, (count,), generator=torch.Generator().manual_seed(3))
 
 
-def _config(**changes) -> QuantConfig:
-    return QuantConfig(progress=False, **changes)
+def _config(pipeline: str = "repq", **changes) -> BaseQuantConfig:
+    """The typed config of ``pipeline`` without progress bars (also the shared settings of `evaluate_quantized`)."""
+    return parse_quant_spec(pipeline, progress=False, **changes)
 
 
 def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -302,16 +304,16 @@ def test_a_registered_pipeline_produces_rows_in_the_same_format():
 @pytest.mark.parametrize("bits", [1, 0, 9, 15, -4, 4.0, True, "8"])
 def test_bits_out_of_range_are_rejected_with_the_fix(bits):
     with pytest.raises((ValueError, TypeError), match=r"2..8|≥ 16"):
-        QuantConfig(w_bits=bits)
+        BaseQuantConfig(w_bits=bits)
     with pytest.raises((ValueError, TypeError), match="a_bits"):
-        QuantConfig(a_bits=bits)
+        BaseQuantConfig(a_bits=bits)
     with pytest.raises((ValueError, TypeError), match="embedding_bits"):
-        QuantConfig(embedding_bits=bits)
+        BaseQuantConfig(embedding_bits=bits)
 
 
 def test_unknown_pipeline_lists_the_known_ones():
     with pytest.raises(UnknownPipelineError, match=r"'repqq'.*minmax, .*per_tensor, percentile, repq"):
-        QuantConfig(pipeline="repqq")
+        parse_quant_spec("repqq")
     with pytest.raises(UnknownPipelineError, match="minmax"):
         evaluate_quantized(_model(), _labelled(), _images(), pipelines=("nope",), config=_config())
 

@@ -10,7 +10,7 @@ import torch
 from transformers import ViTForImageClassification
 
 from conftest import tiny_vit_config
-from hf_cd.quant import QuantConfig, quantization_state, quantize
+from hf_cd.quant import BaseQuantConfig, parse_quant_spec, quantization_state, quantize
 from hf_cd.quant.algorithms.gptaq import gptaq_quantize
 from hf_cd.quant.algorithms.gptq import (
     HessianNotPositiveDefiniteError,
@@ -227,9 +227,9 @@ def images(count: int = 48, seed: int = 1) -> torch.Tensor:
     return torch.randn(count, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
 
 
-def config(pipeline: str, **changes) -> QuantConfig:
+def config(pipeline: str, **changes) -> BaseQuantConfig:
     defaults = dict(w_bits=4, a_bits=4, num_calibration=16, batch_size=8, progress=False)
-    return QuantConfig(pipeline=pipeline, **{**defaults, **changes})
+    return parse_quant_spec(pipeline, **{**defaults, **changes})
 
 
 def test_alpha_zero_gptaq_pipeline_equals_gptq_pipeline_bitwise():

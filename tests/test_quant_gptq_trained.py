@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from hf_cd.quant import RESULT_COLUMNS, QuantConfig, evaluate_quantized, quantize
+from hf_cd.quant import RESULT_COLUMNS, BaseQuantConfig, evaluate_quantized, parse_quant_spec, quantize
 from hf_cd.quant.reconstruction_errors import measure_reconstruction_errors
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def test_w4a4_reconstruction_pipelines_run_end_to_end(
         fashion_mnist_tensors["train"][0],
         pipelines=("gptq", "gptaq", "marr"),
         bits=((4, 4),),
-        config=QuantConfig(progress=False, batch_size=250),
+        config=BaseQuantConfig(progress=False, batch_size=250),
     )
     assert table.columns == [*RESULT_COLUMNS, "config"]
     assert [(r["pipeline"], r["w_bits"], r["a_bits"]) for r in table][1:] == [
@@ -48,7 +48,7 @@ def test_gptq_and_gptaq_reconstruct_held_out_images_better_than_round_to_nearest
     calibration, held_out = fashion_mnist_tensors["train"][0], fashion_mnist_tensors["test"][0][-256:]
 
     def mean_error(pipeline: str) -> float:
-        config = QuantConfig(pipeline=pipeline, w_bits=3, a_bits=4, progress=False)
+        config = parse_quant_spec(pipeline, w_bits=3, a_bits=4, progress=False)
         quantized = quantize(trained_tiny_vit, config, calibration)
         return statistics.fmean(
             measure_reconstruction_errors(trained_tiny_vit, quantized, held_out).column("error")

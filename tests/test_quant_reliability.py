@@ -14,7 +14,7 @@ from conftest import tiny_dinov2_config, tiny_vit_config
 from hf_cd import quant
 from hf_cd.quant.inputs import CalibrationDataError, UnnormalizedImagesWarning
 
-CONFIG = quant.QuantConfig(progress=False, num_calibration=8, batch_size=16)
+CONFIG = quant.RepQConfig(progress=False, num_calibration=8, batch_size=16)
 
 
 @pytest.fixture(scope="module")

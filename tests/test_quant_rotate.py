@@ -16,7 +16,7 @@ from transformers import (
 
 from conftest import scramble, tiny_dinov2_config, tiny_vit_config
 from hf_cd.architectures import resolve_blocks
-from hf_cd.quant import QuantConfig, RotateConfig, evaluate_quantized, parse_quant_spec, quantize
+from hf_cd.quant import BaseQuantConfig, RotateConfig, evaluate_quantized, parse_quant_spec, quantize
 from hf_cd.quant.algorithms.quantizers import fake_quantize_dynamic_per_token
 from hf_cd.quant.algorithms.rotation import (
     hadamard_factors,
@@ -119,7 +119,7 @@ def test_every_rotation_keeps_the_float_function(name, residual, fc2_online, val
     }
     with torch.no_grad():
         expected = model(pixel_values=x).logits
-        rotated = quantize(model, QuantConfig(pipeline="rotate", extra=extra, **FLOAT))
+        rotated = quantize(model, parse_quant_spec("rotate", extra=extra, **FLOAT))
         assert relative_error(rotated(pixel_values=x).logits, expected) < 1e-4
 
 
@@ -129,7 +129,7 @@ def test_each_block_of_a_rotated_vit_computes_the_centred_rotated_residual():
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         expected = model(pixel_values=x, output_hidden_states=True).hidden_states
-        rotated = quantize(model, QuantConfig(pipeline="rotate", seed=3, **FLOAT))
+        rotated = quantize(model, parse_quant_spec("rotate", seed=3, **FLOAT))
         actual = rotated(pixel_values=x, output_hidden_states=True).hidden_states
     q = rotation_matrix(model.config.hidden_size, seed=3)[0].float()
     for block, (a, e) in enumerate(zip(actual, expected, strict=True)):
@@ -142,7 +142,7 @@ def test_each_block_of_a_rotated_vit_computes_the_centred_rotated_residual():
 def test_online_rotation_runs_before_the_fc2_input_quantizer_and_keeps_fc2():
     model = tiny_model("vit")
     extra = {"rotate_residual": False, "rotate_value_output": False}
-    rotated = quantize(model, QuantConfig(pipeline="rotate", extra=extra, **FLOAT))
+    rotated = quantize(model, parse_quant_spec("rotate", extra=extra, **FLOAT))
     original_fc2 = resolve_blocks(model)[0].ffn_output
     fc2 = resolve_blocks(rotated)[0].ffn_output
     hidden = torch.randn(2, 17, fc2.in_features)
@@ -162,7 +162,7 @@ def test_w16_reproduces_the_float_logits_with_every_solver():
     with torch.no_grad():
         expected = model(pixel_values=x).logits
         for pipeline in ("rotate", "rotate_gptq", "rotate_gptaq"):
-            rotated = quantize(model, QuantConfig(pipeline=pipeline, **FLOAT))
+            rotated = quantize(model, parse_quant_spec(pipeline, **FLOAT))
             assert relative_error(rotated(pixel_values=x).logits, expected) < 1e-4, pipeline
 
 
@@ -182,7 +182,7 @@ def test_the_users_model_is_untouched(pipeline, extra):
     attention = model.config._attn_implementation
     quantized = quantize(
         model,
-        QuantConfig(pipeline=pipeline, w_bits=4, a_bits=8, extra=extra),
+        parse_quant_spec(pipeline, w_bits=4, a_bits=8, extra=extra),
         calib_data=torch.randn(8, 1, 28, 28),
     )
     assert quantized is not model
@@ -195,9 +195,7 @@ def test_the_users_model_is_untouched(pipeline, extra):
 
 def test_dynamic_mode_quantizes_encoder_sites_per_token_and_keeps_the_outer_ones_static():
     model = tiny_model("vit")
-    config = QuantConfig(
-        pipeline="rotate", w_bits=8, a_bits=4, extra={"rotate_activations": "dynamic_per_token"}
-    )
+    config = RotateConfig(w_bits=8, a_bits=4, activations="dynamic_per_token")
     quantized = quantize(model, config, calib_data=torch.randn(8, 1, 28, 28))
     schemes = {site.role: site.quantizer.scheme for site in quantization_state(quantized).activations}
     assert schemes["ffn_hidden"] == schemes["attention_probs"] == "dynamic_per_token"
@@ -213,17 +211,26 @@ def test_options_are_checked_and_recorded_in_every_row():
     images = torch.randn(16, 1, 28, 28)
     data = (images, torch.randint(0, 10, (16,)))
     rows = evaluate_quantized(
-        model, data, images, pipelines=["minmax", "rotate"], bits=[(8, 8)], config=QuantConfig(progress=False)
+        model,
+        data,
+        images,
+        pipelines=["minmax", "rotate"],
+        bits=[(8, 8)],
+        config=BaseQuantConfig(progress=False),
     ).to_dicts()
     assert rows[0]["activation_mode"] is None
     assert rows[1]["activation_mode"] == rows[2]["activation_mode"] == "static_per_tensor"
     assert rows[2]["weight_solver"] == "rtn"
     assert rows[2]["rotations"] == "residual+fc2_online+value_output"
-    config = QuantConfig(
-        progress=False, extra={"rotate_activations": "dynamic_per_token", "rotate_fc2_online": False}
-    )
+    extra = {"rotate_activations": "dynamic_per_token", "rotate_fc2_online": False}
     rows = evaluate_quantized(
-        model, data, images, pipelines=["rotate_gptq"], bits=[(8, 8)], config=config
+        model,
+        data,
+        images,
+        pipelines=["rotate_gptq"],
+        bits=[(8, 8)],
+        config=BaseQuantConfig(progress=False),
+        extra=extra,
     ).to_dicts()
     assert (rows[1]["activation_mode"], rows[1]["weight_solver"]) == ("dynamic_per_token", "gptq")
     assert rows[1]["rotations"] == "residual+value_output"
@@ -260,7 +267,7 @@ def test_the_real_dinov2_small_keeps_its_function_after_folding_and_rotation():
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         expected = model(pixel_values=x, output_hidden_states=True)
-        rotated = quantize(model, QuantConfig(pipeline="rotate", **FLOAT))
+        rotated = quantize(model, parse_quant_spec("rotate", **FLOAT))
         actual = rotated(pixel_values=x, output_hidden_states=True)
     assert relative_error(actual.logits, expected.logits) < 1e-4
     q = rotation_matrix(model.config.hidden_size, seed=0)[0].float()
@@ -333,9 +340,9 @@ def test_sensitivity_runs_on_rotate_and_refuses_a_solver_that_would_skip_its_sit
         images,
         pipeline="rotate",
         a_bits=4,
-        config=QuantConfig(pipeline="rotate", progress=False),
+        config=parse_quant_spec("rotate", progress=False),
     )
     assert "fc2_input" in [row["group"] for row in table.to_dicts()]
     with pytest.raises(ValueError, match="rotate_solver='rtn'"):
         sensitivity(model, data, images, pipeline="rotate_gptaq", a_bits=4,
-                    config=QuantConfig(pipeline="rotate_gptaq", progress=False))  # fmt: skip
+                    config=parse_quant_spec("rotate_gptaq", progress=False))  # fmt: skip

@@ -7,7 +7,7 @@ import torch
 from transformers import Dinov2ForImageClassification, ViTForImageClassification
 
 from conftest import tiny_dinov2_config, tiny_vit_config
-from hf_cd.quant import QuantConfig, quantization_state, quantize
+from hf_cd.quant import PercentileConfig, parse_quant_spec, quantization_state, quantize
 from hf_cd.quant import calibration as calibration_module
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -47,7 +47,7 @@ def test_replayed_second_pass_picks_the_same_ranges_with_fewer_forwards(monkeypa
     model = _model(kind)
     torch.manual_seed(1)
     images = torch.randn(12, 1, 28, 28)
-    config = QuantConfig(w_bits=4, a_bits=4, pipeline=pipeline, batch_size=5, progress=False)
+    config = parse_quant_spec(pipeline, w_bits=4, a_bits=4, batch_size=5, progress=False)
     counts = {}
     results = {}
     for replay_bytes in (0, calibration_module.REPLAY_BYTES):
@@ -68,7 +68,7 @@ def test_a_replay_budget_too_small_for_some_sites_still_gives_the_same_ranges(mo
     model = _model("vit")
     torch.manual_seed(1)
     images = torch.randn(12, 1, 28, 28)
-    config = QuantConfig(w_bits=4, a_bits=4, pipeline="percentile", batch_size=5, progress=False)
+    config = PercentileConfig(w_bits=4, a_bits=4, batch_size=5, progress=False)
     monkeypatch.setattr(calibration_module, "REPLAY_BYTES", 0)
     reference = _params(quantize(model, config, images))
     monkeypatch.setattr(calibration_module, "REPLAY_BYTES", 12 * 17 * 32 * 4 * 2)  # two of a block's sites

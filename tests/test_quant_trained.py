@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import accuracy
-from hf_cd.quant import QuantConfig, evaluate_quantized, quantization_state, quantize
+from hf_cd.quant import BaseQuantConfig, evaluate_quantized, parse_quant_spec, quantization_state, quantize
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def ptq_table(trained_tiny_vit, fashion_mnist_tensors, one_cpu_thread):
         fashion_mnist_tensors["train"][0],
         pipelines=("minmax", "per_tensor"),
         bits=((8, 8), (4, 4)),
-        config=QuantConfig(progress=False, batch_size=500),
+        config=BaseQuantConfig(progress=False, batch_size=500),
     )
 
 
@@ -48,7 +48,7 @@ def test_calibration_is_deterministic_for_a_fixed_seed(
 ):
     train_images = fashion_mnist_tensors["train"][0]
     x = fashion_mnist_tensors["test"][0][:256]
-    config = QuantConfig(pipeline="repq", w_bits=4, a_bits=4, progress=False, batch_size=8)
+    config = parse_quant_spec("repq", w_bits=4, a_bits=4, progress=False, batch_size=8)
     runs = [quantize(trained_tiny_vit, config, train_images) for _ in range(2)]
     other_seed = quantize(trained_tiny_vit, config.replace(seed=1), train_images)
 

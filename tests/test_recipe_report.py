@@ -201,7 +201,7 @@ def test_pyproject_does_not_hide_every_future_warning():
 def test_write_model_card_accepts_the_table_evaluate_quantized_returns(tmp_path):
     from hf_cd.hub import write_model_card
     from hf_cd.hub.parse import parse_card
-    from hf_cd.quant import QuantConfig, evaluate_quantized
+    from hf_cd.quant import BaseQuantConfig, evaluate_quantized
 
     torch.manual_seed(0)
     model = ViTForImageClassification(tiny_vit_config(num_labels=3))
@@ -211,7 +211,7 @@ def test_write_model_card_accepts_the_table_evaluate_quantized_returns(tmp_path)
     images, labels = torch.randn(24, 1, 28, 28), torch.randint(0, 3, (24,))
     table = evaluate_quantized(
         model, (images, labels), images[:8], pipelines=["minmax"], bits=[(8, 8), (4, 4)],
-        config=QuantConfig(num_calibration=8, progress=False),
+        config=BaseQuantConfig(num_calibration=8, progress=False),
     )  # fmt: skip
     card = write_model_card(tmp_path, table)  # the notebook call: "dictionary update sequence element" before
     text = card.read_text()

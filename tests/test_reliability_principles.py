@@ -132,7 +132,7 @@ def test_cards_and_row_files_never_overwrite_a_file_hf_cd_did_not_write(tmp_path
     notes = tmp_path / "notes.json"
     notes.write_text('{"my": "notes"}')
     data = (_images(8), torch.randint(0, 10, (8,)))
-    config = quant.QuantConfig(progress=False, num_calibration=4)
+    config = quant.BaseQuantConfig(progress=False, num_calibration=4)
     with pytest.raises(ValueError, match="not written by hf-cd"):  # hf_cd.files.OutputPathError
         quant.evaluate_quantized(
             _tiny_vit(), data, data[0], pipelines=["minmax"], config=config, results_file=notes
@@ -183,11 +183,11 @@ def test_quant_and_export_refuse_nan_weights_by_name_and_parity_counts_nan_as_fa
 
     model = _nan_model()
     data = (_images(16), torch.randint(0, 10, (16,)))
-    config = quant.QuantConfig(progress=False, num_calibration=8)
+    config = quant.BaseQuantConfig(progress=False, num_calibration=8)
     with pytest.raises(NonFiniteWeightsError, match=r"classifier\.weight \(1 non-finite"):
         quant.evaluate_quantized(model, data, data[0], pipelines=["minmax"], bits=["W8A8"], config=config)
     with pytest.raises(NonFiniteWeightsError, match=r"classifier\.weight \(1 non-finite"):
-        quant.quantize(model, config.replace(pipeline="minmax"), data[0])
+        quant.quantize(model, quant.MinMaxConfig(progress=False, num_calibration=8), data[0])
     with pytest.raises(NonFiniteWeightsError, match=r"classifier\.weight"):
         export_model(model, tmp_path / "nan.onnx")
     assert not (tmp_path / "nan.onnx").exists()

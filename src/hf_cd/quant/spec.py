@@ -165,12 +165,12 @@ def _runtime_settings(config_type: type, extra: Mapping[str, Any]) -> dict[str, 
                 close = difflib.get_close_matches(str(name), own, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise ValueError(
-                    f"Unknown {config_type.__name__} setting {name!r} in QuantConfig.extra[{key!r}].{hint} "
+                    f"Unknown {config_type.__name__} setting {name!r} in extra[{key!r}].{hint} "
                     f"Known: {', '.join(own)}."
                 )
         return dict(value)
     raise TypeError(
-        f"QuantConfig.extra[{key!r}] must be a {config_type.__name__} or a dict of its fields, got "
+        f"extra[{key!r}] must be a {config_type.__name__} or a dict of its fields, got "
         f"{type(value).__name__}."
     )
 

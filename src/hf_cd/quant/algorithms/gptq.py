@@ -260,7 +260,8 @@ def factor_hessian(
         raise HessianNotPositiveDefiniteError(
             f"The Hessian of {name} ({h.shape[0]} input features) is not positive definite even after adding "
             f"{float(damp):.3g} (percdamp={settings.percdamp}) to its diagonal. Raise the damping, e.g. "
-            "QuantConfig(extra={'gptq_damp': 0.1}), use more calibration images, or gptq_precision='float64'."
+            "GPTQConfig(damp=0.1) (spec option gptq_damp=0.1), use more calibration images, or "
+            "precision='float64' (gptq_precision=float64)."
         )
     return HessianFactor(upper=upper, permutation=permutation)
 
