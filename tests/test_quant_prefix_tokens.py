@@ -1,4 +1,4 @@
-"""The prefix-aware percentile search (`QuantConfig.weight_prefix_tokens`) and ``percentile``'s weights."""
+"""The prefix-aware percentile search (`BaseQuantConfig.weight_prefix_tokens`) and ``percentile``'s weights."""
 
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ class Observer:
 class MinMaxObserver(Observer):
     """Running minimum and maximum → asymmetric per-tensor range (the plain textbook calibration).
 
-    ``include_zero`` (`QuantConfig.activation_include_zero`) widens the range to contain 0.
+    ``include_zero`` (`BaseQuantConfig.activation_include_zero`) widens the range to contain 0.
     """
 
     def __init__(self, bits: int, name: str = "", include_zero: bool = True) -> None:
@@ -275,7 +275,7 @@ class PercentileObserver(_TailObserver):
     prefix-aware: the squared error of each of the first ``prefix_tokens`` tokens (CLS) is weighted
     by the number of patch tokens, and the candidates include each percentile range widened to
     cover the prefix tokens. A plain per-tensor error weighs the CLS token 1/N and clips its rare
-    large values, which are what a classifier reads (`QuantConfig.weight_prefix_tokens`).
+    large values, which are what a classifier reads (`BaseQuantConfig.weight_prefix_tokens`).
 
     Per-channel ranges (RepQ-ViT's post-LayerNorm calibration before reparameterization) never
     force 0 into the range. Per-tensor ranges do when ``include_zero``
