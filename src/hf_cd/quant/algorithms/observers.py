@@ -279,7 +279,7 @@ class PercentileObserver(_TailObserver):
 
     Per-channel ranges (RepQ-ViT's post-LayerNorm calibration before reparameterization) never
     force 0 into the range. Per-tensor ranges do when ``include_zero``
-    (`QuantConfig.activation_include_zero`, on by default), so the zero-point is a valid code;
+    (`BaseQuantConfig.activation_include_zero`, on by default), so the zero-point is a valid code;
     RepQ-ViT's per-tensor ranges don't.
     """
 
