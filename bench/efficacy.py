@@ -166,6 +166,14 @@ SUITES: dict[str, list[Method]] = {
         cd("cd_fold_ls_100", 100, extra=("--cd_fold_layer_scale", "true")),
         cd("cd_peak_100", 100, extra=("--cd_rate_schedule", "peak_lr")),
     ],
+    # The issue's remaining pair kinds, each on its own at the best plain strength: query_key (the
+    # attention logits' pair) and cross_norm (a sublayer's output into the next sublayer's inputs
+    # through its LayerNorm: where the diagnosis found the baseline's W4A4 activation loss, fc1's and
+    # q/k/v's inputs).
+    "pretrained_forms2": [
+        cd("cd_qk_100", 100, kinds=("query_key",)),
+        cd("cd_cross_100", 100, kinds=("cross_norm",)),
+    ],
     "pilot": [BASELINE, cd("cd_plain_1", 1.0), cd("cd_outlier_rows_1", 1.0, "outlier_rows"),
               cd("cd_balanced_1", 1.0, "balanced"), Method("tweo", "tweo_w0.01", ("--cd_strength", "0", "--tweo_weight", "0.01"))],
 }  # fmt: skip
