@@ -205,3 +205,14 @@ def test_the_card_carries_the_verdict_only_once_decided_with_links_that_work_on_
     )
     assert "](bench/" not in card
     assert efficacy.card_evidence(records[:-1]) == ""  # two CD seeds: no verdict, no block
+
+
+def test_a_form_far_below_the_baseline_on_validation_is_not_run_at_later_seeds():
+    records = [_record("baseline", "baseline", 0, 85.0, 70.0), _record("cd_bad", "cd", 0, 84.0, 67.5),
+               _record("cd_close", "cd", 0, 85.0, 68.5), _record("wd100", "baseline_wd", 0, 80.0, 60.0)]  # fmt: skip
+    bad, close = efficacy.cd("cd_bad", 300), efficacy.cd("cd_close", 300)
+    assert "-2.50" in efficacy.pruned(bad, 1, records)
+    assert efficacy.pruned(bad, 0, records) is None  # its first seed itself runs
+    assert efficacy.pruned(close, 1, records) is None  # -1.5: within the margin
+    assert efficacy.pruned(efficacy.Method("baseline_wd", "wd100"), 1, records) is None  # controls always run
+    assert efficacy.pruned(efficacy.cd("cd_new", 100), 1, records) is None  # nothing recorded yet
