@@ -67,7 +67,7 @@ def test_exported_int8_file_runs_standalone(
         tmp_path / "vit-int8.onnx",
         int8=True,
         calib_data=fashion_mnist_tensors["train"][0],
-        extra={"onnxruntime": OnnxRuntimeInt8Config(calibration_method="percentile")},
+        config=OnnxRuntimeInt8Config(calibration_method="percentile"),
     )
     session = ort_session(path, 1)
     assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in _graph_nodes(path)}
