@@ -534,14 +534,19 @@ def pruned(method: Method, seed: int, records: list[dict]) -> str | None:
     """Why ``method`` is not run at ``seed`` (`PRUNE_MARGIN`), or None. Controls are never pruned."""
     if method.method not in ("cd", "tweo"):
         return None
+    return pruning_reason(method.name, records, before_seed=seed)
+
+
+def pruning_reason(name: str, records: list[dict], before_seed: int | None = None) -> str | None:
+    """Why run ``name`` stops after its first seed (recorded before ``before_seed``, if given), or None."""
     runs = current_pretrained(records)
     baseline = {r["seed"]: r for r in runs if r["name"] == "baseline"}
-    own = sorted(
-        (r for r in runs if r["name"] == method.name and r["seed"] in baseline), key=lambda r: r["seed"]
-    )
-    if not own or own[0]["seed"] >= seed:
+    own = [r for r in runs if r["name"] == name and r["seed"] in baseline]
+    if not own:
         return None
-    first = own[0]
+    first = min(own, key=lambda r: r["seed"])
+    if before_seed is not None and first["seed"] >= before_seed:
+        return None
     gap = validation_score(first) - validation_score(baseline[first["seed"]])
     if gap >= -PRUNE_MARGIN:
         return None
@@ -628,7 +633,7 @@ def verdict(records: list[dict]) -> dict:
     runs = {family: {r["seed"]: r for r in current_pretrained(records) if r["name"] == name}
             for family, name in names.items()}  # fmt: skip
     seeds = sorted(set.intersection(*(set(by_seed) for by_seed in runs.values())))
-    result: dict = {"names": names, "seeds": seeds}
+    result: dict = {"names": names, "seeds": seeds, "cd_flags": chosen["cd"]["flags"]}
     if len(seeds) < FINAL_SEEDS:
         return {**result, "status": "incomplete", "why": f"{len(seeds)} of {FINAL_SEEDS} seeds shared"}
     fp = {f: statistics.mean(runs[f][s]["fp_acc"] for s in seeds) for f in FINAL_FAMILIES}
@@ -700,8 +705,8 @@ VERDICT_W4A4_PIPELINES = ("percentile", "repq", "gptaq", "rotate_gptaq:rotate_ac
 def final_set(records: list[dict], decision: dict) -> dict[str, list[dict]]:
     """The final set's runs by name: baseline, weight decay at CD's λ, the chosen TWEO, the chosen CD."""
     names = decision["names"]
-    cd_flags = select_final(records)["cd"]["flags"]
-    strength = float(cd_flags[cd_flags.index("--cd_strength") + 1])
+    flags = decision["cd_flags"]
+    strength = float(flags[flags.index("--cd_strength") + 1])
     ordered = [names["baseline"], f"wd{strength:g}", names["tweo"], names["cd"]]
     runs = current_pretrained(records)
     found = {
@@ -710,14 +715,15 @@ def final_set(records: list[dict], decision: dict) -> dict[str, list[dict]]:
     return {name: group for name, group in found.items() if group}
 
 
-def verdict_markdown(records: list[dict]) -> str:
+def verdict_markdown(records: list[dict], decision: dict | None = None) -> str:
     """What README.md and docs/method.md say of round two: the verdict and the final set's table."""
-    decision = verdict(records)
+    decision = verdict(records) if decision is None else decision
+    outcome, *numbers = verdict_lines(decision)
     lines = ["Round two on the real DINOv2-S (issue 24; `python bench/efficacy.py --report`, "
-             "[`efficacy.md`](bench/results/efficacy.md)): " + verdict_lines(decision)[0].strip("*")]  # fmt: skip
+             "[`efficacy.md`](bench/results/efficacy.md)): " + outcome.strip("*")]  # fmt: skip
     if "names" not in decision:
         return "\n".join(lines)
-    lines += verdict_lines(decision)[1:] if decision["status"] != "incomplete" else []
+    lines += numbers
     everything = len(PRETRAINED_PIPELINES) + len(PRETRAINED_STRONG_PIPELINES)
     header = [
         "run",
@@ -749,8 +755,12 @@ def with_verdict_block(text: str, block: str, link_prefix: str = "") -> str:
     begin, end = text.find(VERDICT_BEGIN), text.find(VERDICT_END)
     if begin < 0 or end < begin:
         raise SystemExit(f"No {VERDICT_BEGIN} … {VERDICT_END} block to rewrite.")
-    block = block.replace("](bench/", f"]({link_prefix}bench/")
-    return text[: begin + len(VERDICT_BEGIN)] + "\n" + block + "\n" + text[end:]
+    return text[: begin + len(VERDICT_BEGIN)] + "\n" + relink(block, link_prefix) + "\n" + text[end:]
+
+
+def relink(block: str, prefix: str) -> str:
+    """``block`` with its links to the repository's ``bench/`` files prefixed (``../``, or a URL)."""
+    return block.replace("](bench/", f"]({prefix}bench/")
 
 
 CARD_EVIDENCE = ROOT / "src" / "hf_cd" / "templates" / "evidence.md"
@@ -761,9 +771,10 @@ def card_evidence(records: list[dict]) -> str:
     """The card's verdict block: links made absolute (a card lives on the Hub); empty until decided."""
     from hf_cd.hub.card_render import REPOSITORY_URL
 
-    if verdict(records)["status"] not in ("cd_helps", "cd_does_not_help"):
+    decision = verdict(records)
+    if decision["status"] not in ("cd_helps", "cd_does_not_help"):
         return ""
-    return verdict_markdown(records).replace("](bench/", f"]({REPOSITORY_URL}bench/") + "\n"
+    return relink(verdict_markdown(records, decision), REPOSITORY_URL) + "\n"
 
 
 def sync_docs(records: list[dict]) -> list[Path]:
@@ -839,9 +850,8 @@ def pretrained_report(records: list[dict], plots_dir: Path = RESULTS_DIR) -> str
     ]
     lines += [f"- {family}: `{c['name']}` (seeds {c['seeds']}): score {c['score']:.2f} vs baseline {c['baseline_score']:.2f}; "
               f"FP {c['fp']:.2f} vs {c['baseline_fp']:.2f}" for family, c in sorted(chosen.items())] or ["- none yet"]  # fmt: skip
-    candidates = {r["name"]: r for r in records if r["method"] in ("cd", "tweo")}
-    cut = [f"`{name}` ({why})" for name, r in sorted(candidates.items())
-           if (why := pruned(Method(r["method"], name, tuple(r.get("flags", ()))), 10**6, records))]  # fmt: skip
+    candidates = sorted({r["name"] for r in records if r["method"] in ("cd", "tweo")})
+    cut = [f"`{name}` ({why})" for name in candidates if (why := pruning_reason(name, records))]
     if cut:
         lines += ["", "Not run after their first seed (`pruned`): " + "; ".join(cut) + "."]
     lines += ["", "### Verdict (`verdict`: test accuracy averaged over every pipeline; mean ± s.e. over seeds)", "",
