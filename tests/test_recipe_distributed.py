@@ -35,14 +35,21 @@ def run_recipe_on_two_processes(out: Path, *extra: str) -> None:
         "--quant_max_eval_samples", "16", "--diagnostics_samples", "4", *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [*launcher, str(SCRIPT), *recipe_args],
-        env=env,
-        cwd=out.parent,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    try:
+        result = subprocess.run(
+            [*launcher, str(SCRIPT), *recipe_args],
+            env=env,
+            cwd=out.parent,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    except subprocess.TimeoutExpired as timeout:  # say which rank got how far, not just "timed out"
+        finished = sorted(path.name for path in out.glob("fingerprint_rank*.json"))
+        output = [
+            (stream or b"").decode(errors="replace")[-2000:] for stream in (timeout.stdout, timeout.stderr)
+        ]
+        pytest.fail(f"the two-process run hung; ranks that finished main: {finished}\n" + "\n".join(output))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 

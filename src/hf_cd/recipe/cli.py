@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from hf_cd.errors import DEBUG_ENV, USAGE_EXIT_CODE, command_errors, debug_requested, one_line, user_errors
 from hf_cd.recipe.parser import PROG, parse_recipe_args
 from hf_cd.recipe.report import format_summary
-from hf_cd.recipe.run import RecipeRun, run_recipe
+from hf_cd.recipe.run import RecipeRun, end_process_group, run_recipe
 
 __all__ = [
     "DEBUG_ENV",
@@ -43,17 +43,3 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> RecipeRun:
     if run.results is not None:
         print(format_summary(run.results), flush=True)
     return run
-
-
-def end_process_group() -> None:
-    """Destroy the distributed process group this run started, if any, before the interpreter exits.
-
-    Why: under ``accelerate launch`` the other ranks finish right after the test evaluation while rank 0
-    quantizes; a rank that exits with its gloo group alive can abort in the group's destructor
-    ("terminate called without an active exception"). The group is the command's to end: the
-    quantized evaluation after training is local to rank 0, so nothing communicates after this.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

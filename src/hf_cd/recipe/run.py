@@ -276,6 +276,7 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
     test_started = time.perf_counter()
     test_metrics = trainer.evaluate(evaluation["test"], metric_key_prefix="test")
     test_seconds = time.perf_counter() - test_started
+    end_process_group(together=True)  # the test evaluation was the last collective: what follows is rank 0's
     if not is_main:
         return RecipeRun(trainer, None)
     if model_args.use_lora:
@@ -408,6 +409,24 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
             token=training_args.hub_token,
         )
     return RecipeRun(trainer, rounded(results))  # as results.json holds them
+
+
+def end_process_group(together: bool = False) -> None:
+    """Destroy the distributed process group this run started, if any; ``together`` waits for every rank first.
+
+    Why: after the test evaluation only rank 0 works (quantized evaluation, diagnostics, card), and a
+    rank that leaves while a peer still holds the gloo group open can abort in the group's destructor or
+    hang at exit. So every rank leaves at the same point, as a plain DDP script ends: a barrier, then the
+    group is destroyed on all ranks before rank 0 goes on alone. Without ``together`` (the command's
+    ``finally``, after an error) no rank waits for peers that may never arrive.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if together and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 FEW_OPTIMIZER_STEPS = 100
