@@ -417,7 +417,7 @@ def end_process_group(together: bool = False) -> None:
     Why: after the test evaluation only rank 0 works (quantized evaluation, diagnostics, card), and a
     rank that leaves while a peer still holds the gloo group open can abort in the group's destructor or
     hang at exit. So every rank leaves at the same point, as a plain DDP script ends: a barrier, then the
-    group is destroyed on all ranks before rank 0 goes on alone. Without ``together`` (the command's
+    group is destroyed on all ranks before rank 0 goes on alone (the pattern of pytorch/pytorch#75097). Without ``together`` (the command's
     ``finally``, after an error) no rank waits for peers that may never arrive.
     """
     import torch.distributed as dist
