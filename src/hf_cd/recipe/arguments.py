@@ -390,6 +390,15 @@ class QuantArguments:
         },
     )
     quant_batch_size: int = field(default=64, metadata={"help": "Images per forward pass while quantizing."})
+    compare_with: str | None = field(
+        default=None,
+        metadata={
+            "help": "An earlier run's results.json (or its output_dir), e.g. the same config with "
+            "--cd_strength 0: the summary and results.json show this run's test and quantized accuracy "
+            "beside it, with the difference. Both runs must have measured the same images (dataset, "
+            "--max_test_samples, --quant_max_eval_samples, --quant_num_calibration); checked before training."
+        },
+    )
     quant_extra: dict[str, Any] | str | None = field(
         default=None,
         metadata={

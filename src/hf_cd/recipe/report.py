@@ -195,6 +195,47 @@ def _diagnostics_lines(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _points(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:+.2f}"
+
+
+def describe_cd(cd: Mapping[str, Any] | None) -> str:
+    """``CD λ=100 on ffn, value_output`` or ``CD off``: what the other run trained with."""
+    if not cd or not cd.get("strength"):
+        return "CD off"
+    mode = f", {cd['mode']} mode" if cd.get("mode") not in (None, "plain") else ""
+    return f"CD λ={cd['strength']:g} on {', '.join(cd.get('kinds') or [])}{mode}"
+
+
+def comparison_lines(comparison: Mapping[str, Any]) -> list[str]:
+    """The summary's section: one line for the test set, then a table of here / there (here − there)."""
+    test = comparison["test"]
+    lines = [
+        f"beside     {comparison['path']} ({describe_cd(comparison.get('cd_settings'))}):",
+        f"accuracy   test {_percent(test['here'])} here, {_percent(test['there'])} there "
+        f"({_points(test['difference'])} points)",
+    ]
+    rows = comparison.get("rows") or []
+    if not rows:
+        lines.append("quantized  no row that both runs measured")
+        return lines
+    labels = list(dict.fromkeys(f"W{row['w_bits']}A{row['a_bits']}" for row in rows))
+    cells = {(row["pipeline"], f"W{row['w_bits']}A{row['a_bits']}"): row for row in rows}
+    lines.append("| pipeline | " + " | ".join(f"{label} here / there" for label in labels) + " |")
+    lines.append("|---|" + "---|" * len(labels))
+    for pipeline in dict.fromkeys(row["pipeline"] for row in rows):
+        values = []
+        for label in labels:
+            row = cells.get((pipeline, label))
+            values.append(
+                "—"
+                if row is None
+                else f"{_percent(row['here'])} / {_percent(row['there'])} ({_points(row['difference'])})"
+            )
+        lines.append(f"| {pipeline} | " + " | ".join(values) + " |")
+    return lines
+
+
 def format_summary(results: Mapping[str, Any]) -> str:
     """The end-of-run report: data, model, steps, accuracy, quantized accuracy, what CD changed, where files went."""
     dataset, model, training, cd = (
@@ -213,12 +254,7 @@ def format_summary(results: Mapping[str, Any]) -> str:
         f"{model['num_hidden_layers']} blocks, {model['num_attention_heads']} heads, {model['image_size']} px / "
         f"patch {model['patch_size']}, {model['num_parameters'] / 1e6:.2f} M parameters"
     )
-    mode = f", {cd['mode']} mode" if cd.get("mode") not in (None, "plain") else ""
-    cd_text = (
-        f"CD λ={cd['strength']:g} on {', '.join(cd.get('kinds') or [])}{mode}"
-        if cd.get("strength")
-        else "CD off"
-    )
+    cd_text = describe_cd(cd)
     resumed = f", resumed from {training['resumed_from']}" if training.get("resumed_from") else ""
     lines.append(
         f"training   {training['global_step']:,} steps ({training['epochs']:.2f} epochs, "
@@ -244,6 +280,10 @@ def format_summary(results: Mapping[str, Any]) -> str:
         lines.append(
             f"quantized accuracy: not measured ({quantized.get('reason') or quantized.get('status')})"
         )
+
+    if results.get("comparison"):
+        lines.append("")
+        lines.extend(comparison_lines(results["comparison"]))
 
     diagnostics = results.get("diagnostics", {})
     if "before" in diagnostics and "after" in diagnostics:

@@ -34,9 +34,11 @@ from hf_cd.finite import require_finite_weights
 from hf_cd.quant.results import ACCURACY_UNIT, rows_as_fractions
 from hf_cd.recipe.arguments import (
     LORA_ADAPTER_DIR,
+    QuantArguments,
     RecipeArgumentError,
     RecipeArguments,
 )
+from hf_cd.recipe.comparison import check_comparable, compare_results, load_compared_results
 from hf_cd.recipe.data import (
     SeededAugmentation,
     check_resumable_augmentation,
@@ -213,10 +215,24 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
     check_quant_arguments(quant_args, data_seed)
     check_qat_arguments(model_args, training_args)
     check_resumable_augmentation(training_args)
+    compared = _compared_results(quant_args, output_dir) if is_main else None
 
     if model_args.model_name_or_path:
         checkpoint_config(model_args)  # a missing model fails now, not after the data has loaded
     raw = load_recipe_data(data_args, data_seed)
+    eval_subset = (
+        subsample_stratified(raw["test"], quant_args.quant_max_eval_samples, data_seed) if is_main else None
+    )
+    if compared is not None:
+        check_comparable(
+            *compared,
+            dataset_name=data_args.dataset_name,
+            test_samples=len(raw["test"]),
+            quant_eval_samples=len(eval_subset) if quant_args.quant_eval else None,
+            num_calibration=min(quant_args.quant_num_calibration, len(raw["train"]))
+            if quant_args.quant_eval
+            else None,
+        )
     labels = label_mapping(raw)
     logger.info(
         "Data: %s with %d classes; %s images.",
@@ -353,7 +369,6 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
     )
     model.eval()
     quant_started = time.perf_counter()
-    eval_subset = subsample_stratified(raw["test"], quant_args.quant_max_eval_samples, data_seed)
 
     def write_running(record: dict[str, Any]) -> None:  # each finished row reaches results.json at once
         results["quantized"] = record
@@ -395,6 +410,9 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
     else:  # the numbers are in results.json either way
         logger.warning("No plots: they need matplotlib, pip install 'hf-cd[plots]'.")
         results["plots"] = {}
+    if compared is not None:
+        file, other = compared
+        results["comparison"] = compare_results(results, other, file)
     card = write_model_card(output_dir, rounded(results))  # the card shows results.json's numbers
     results["model_card"] = None if card is None else str(card)
     results["wall_time_s"]["total"] = time.perf_counter() - started
@@ -409,6 +427,19 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
             token=training_args.hub_token,
         )
     return RecipeRun(trainer, rounded(results))  # as results.json holds them
+
+
+def _compared_results(quant_args: QuantArguments, output_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """``--compare_with``'s results, read before any work; this run's own results.json is refused."""
+    if quant_args.compare_with is None:
+        return None
+    file, other = load_compared_results(quant_args.compare_with)
+    if file.resolve() == (output_dir / RESULTS_FILE).resolve():
+        raise RecipeArgumentError(
+            f"--compare_with {quant_args.compare_with!r} is this run's own results.json (--output_dir), which "
+            "the run rewrites: give another run's."
+        )
+    return file, other
 
 
 def end_process_group(together: bool = False) -> None:
