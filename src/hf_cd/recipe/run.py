@@ -215,13 +215,15 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
     check_quant_arguments(quant_args, data_seed)
     check_qat_arguments(model_args, training_args)
     check_resumable_augmentation(training_args)
-    compared = _compared_results(quant_args, output_dir) if is_main else None
+    compared = _compared_results(quant_args, output_dir)  # on every rank, so that every rank refuses alike
 
     if model_args.model_name_or_path:
         checkpoint_config(model_args)  # a missing model fails now, not after the data has loaded
     raw = load_recipe_data(data_args, data_seed)
     eval_subset = (
-        subsample_stratified(raw["test"], quant_args.quant_max_eval_samples, data_seed) if is_main else None
+        subsample_stratified(raw["test"], quant_args.quant_max_eval_samples, data_seed)
+        if is_main or compared is not None
+        else None
     )
     if compared is not None:
         check_comparable(
@@ -411,8 +413,8 @@ def _run_recipe(args: RecipeArguments) -> RecipeRun:
         logger.warning("No plots: they need matplotlib, pip install 'hf-cd[plots]'.")
         results["plots"] = {}
     if compared is not None:
-        file, other = compared
-        results["comparison"] = compare_results(results, other, file)
+        compared_file, compared_run = compared
+        results["comparison"] = compare_results(results, compared_run, compared_file)
     card = write_model_card(output_dir, rounded(results))  # the card shows results.json's numbers
     results["model_card"] = None if card is None else str(card)
     results["wall_time_s"]["total"] = time.perf_counter() - started
@@ -447,9 +449,10 @@ def end_process_group(together: bool = False) -> None:
 
     Why: after the test evaluation only rank 0 works (quantized evaluation, diagnostics, card), and a
     rank that leaves while a peer still holds the gloo group open can abort in the group's destructor or
-    hang at exit. So every rank leaves at the same point, as a plain DDP script ends: a barrier, then the
-    group is destroyed on all ranks before rank 0 goes on alone (the pattern of pytorch/pytorch#75097). Without ``together`` (the command's
-    ``finally``, after an error) no rank waits for peers that may never arrive.
+    hang at exit. So every rank leaves at the same point, as a plain DDP script ends: a barrier, then
+    the group is destroyed on all ranks before rank 0 goes on alone (the pattern of pytorch/pytorch#75097).
+    Without ``together`` (the command's ``finally``, after an error) no rank waits for peers that may
+    never arrive.
     """
     import torch.distributed as dist
 
