@@ -46,8 +46,9 @@ def run_recipe_on_two_processes(out: Path, *extra: str) -> None:
         )
     except subprocess.TimeoutExpired as timeout:  # say which rank got how far, not just "timed out"
         finished = sorted(path.name for path in out.glob("fingerprint_rank*.json"))
-        output = [
-            (stream or b"").decode(errors="replace")[-2000:] for stream in (timeout.stdout, timeout.stderr)
+        output = [  # bytes even with text=True (the subprocess docs), or None
+            (stream.decode(errors="replace") if isinstance(stream, bytes) else stream or "")[-2000:]
+            for stream in (timeout.stdout, timeout.stderr)
         ]
         pytest.fail(f"the two-process run hung; ranks that finished main: {finished}\n" + "\n".join(output))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -200,7 +200,7 @@ def _points(value: float | None) -> str:
 
 
 def describe_cd(cd: Mapping[str, Any] | None) -> str:
-    """``CD λ=100 on ffn, value_output`` or ``CD off``: what the other run trained with."""
+    """``CD λ=100 on ffn, value_output`` or ``CD off``: a run's CD, from its results.json ``cd_settings``."""
     if not cd or not cd.get("strength"):
         return "CD off"
     mode = f", {cd['mode']} mode" if cd.get("mode") not in (None, "plain") else ""
