@@ -6,6 +6,7 @@ twice the per-device batch as the single-process reference.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
@@ -48,4 +49,5 @@ def main(output_prefix: str, per_device_batch: int) -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # an abort prints where it happened
     main(sys.argv[1], int(sys.argv[2]))

@@ -5,6 +5,8 @@ Run by tests/test_distributed.py with `torchrun --nproc_per_node 2`; with one pr
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import os
 import sys
 
@@ -17,13 +19,12 @@ from transformers import ViTForImageClassification
 
 from conftest import tiny_vit_config
 from hf_cd import ColinearityDecay, find_pairs
+from hf_cd.recipe.run import end_process_group
 
 
-def main(output: str, strength: float, steps: int = 4, global_batch: int = 8) -> None:
-    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    if distributed:
-        dist.init_process_group("gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+def train_and_gather(rank: int, world: int, strength: float, steps: int, global_batch: int) -> dict:
+    """A few AdamW + CD steps; every rank returns the full (unsharded) weights as plain tensors."""
+    distributed = world > 1
     torch.manual_seed(0)
     model = ViTForImageClassification(tiny_vit_config())
     if distributed:
@@ -48,11 +49,22 @@ def main(output: str, strength: float, steps: int = 4, global_batch: int = 8) ->
     for name, param in model.named_parameters():
         full = param.full_tensor() if hasattr(param, "full_tensor") else param
         state[name] = full.detach().clone().contiguous()
+    return state
+
+
+def main(output: str, strength: float, steps: int = 4, global_batch: int = 8) -> None:
+    faulthandler.enable()  # an abort prints where it happened
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if distributed:
+        dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    state = train_and_gather(rank, world, strength, steps, global_batch)
+    # The sharded model is gone with train_and_gather; its cycles (hooks, DTensors, pending gloo work)
+    # are collected here, while the group is alive, never at interpreter exit.
+    gc.collect()
     if rank == 0:
         save_file(state, output)
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    end_process_group(together=True)
 
 
 if __name__ == "__main__":

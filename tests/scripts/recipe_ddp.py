@@ -5,6 +5,7 @@ Used by tests/test_recipe_distributed.py: ranks that agree bit for bit write the
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import importlib.util
 import json
@@ -47,4 +48,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # an abort prints where it happened
     main(sys.argv[1:])

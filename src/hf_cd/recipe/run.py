@@ -452,12 +452,16 @@ def end_process_group(together: bool = False) -> None:
     hang at exit. So every rank leaves at the same point, as a plain DDP script ends: a barrier, then
     the group is destroyed on all ranks before rank 0 goes on alone (the pattern of pytorch/pytorch#75097).
     Without ``together`` (the command's ``finally``, after an error) no rank waits for peers that may
-    never arrive.
+    never arrive. Garbage (FSDP/DTensor cycles that may hold gloo work) is collected first, while the
+    group is alive: freed at interpreter exit it can abort the process (pytorch/pytorch#65231).
     """
+    import gc
+
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
+    gc.collect()
     if together and dist.get_world_size() > 1:
         dist.barrier()
     dist.destroy_process_group()
