@@ -6,7 +6,6 @@ Run by tests/test_distributed.py with `torchrun --nproc_per_node 2`; with one pr
 from __future__ import annotations
 
 import faulthandler
-import gc
 import os
 import sys
 
@@ -58,10 +57,9 @@ def main(output: str, strength: float, steps: int = 4, global_batch: int = 8) ->
     if distributed:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    # The sharded model lives only inside train_and_gather: end_process_group collects its cycles
+    # (hooks, DTensors, gloo work) while the group is alive, never at interpreter exit.
     state = train_and_gather(rank, world, strength, steps, global_batch)
-    # The sharded model is gone with train_and_gather; its cycles (hooks, DTensors, pending gloo work)
-    # are collected here, while the group is alive, never at interpreter exit.
-    gc.collect()
     if rank == 0:
         save_file(state, output)
     end_process_group(together=True)
