@@ -897,7 +897,11 @@ def pretrained_report(records: list[dict], plots_dir: Path = RESULTS_DIR) -> str
             f"{avg(lambda p: max(p['layer_scale_max'])):.2f} | " + " | ".join(
                 f"{avg(lambda p, k=k: p['alignment_mean'].get(k, float('nan'))):.4f}" for k in ("ffn", "value_output", "query_key")) + " |"
         )  # fmt: skip
-    lines += ["", f"Plots: `{_plot_pretrained(by_name, plots_dir)}`, `{_plot_profiles(by_name, plots_dir)}`."]
+    plots = [_plot_pretrained(by_name, plots_dir), _plot_profiles(by_name, plots_dir)]
+    decision = verdict(records)
+    if "names" in decision:
+        plots.append(_plot_final(final_set(records, decision), decision["seeds"], plots_dir))
+    lines += ["", "Plots: " + ", ".join(f"`{name}`" for name in plots) + "."]
     return "\n".join(lines)
 
 
@@ -914,24 +918,62 @@ def _plot_pretrained(by_name: dict[str, list[dict]], plots_dir: Path) -> str:
     import matplotlib.pyplot as plt
 
     pipelines = (*PRETRAINED_PIPELINES, *PRETRAINED_STRONG_PIPELINES)
+    colors = plt.get_cmap("tab20")  # twenty distinct colours: the default cycle repeats after ten runs
     fig, axes = plt.subplots(1, len(pipelines), figsize=(3.4 * len(pipelines), 3.6), sharey=True)
     for ax, pipeline in zip(axes, pipelines):
         bits = PRETRAINED_BITS if pipeline in PRETRAINED_PIPELINES else PRETRAINED_SELECTION_BITS
-        for name, runs in sorted(by_name.items()):
+        for index, (name, runs) in enumerate(sorted(by_name.items())):
             values = [statistics.mean(r["fp_acc"] for r in runs)]
             values += [statistics.mean(_acc(r, pipeline, b) for r in runs) for b in bits]
-            ax.plot(
-                ["FP"] + [f"W{w}A{a}" for w, a in bits], values, marker="o", label=f"{name} ({len(runs)})"
-            )
+            ax.plot(["FP"] + [f"W{w}A{a}" for w, a in bits], values, marker="o", color=colors(index % 20),
+                    label=f"{name} ({len(runs)})")  # fmt: skip
         ax.set_title(short(pipeline), fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 % (2,000 test images)")
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))  # the legend sits right of the panels, not over them
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=7)
     path = plots_dir / "efficacy-pretrained-accuracy.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
+
+
+def _plot_final(runs_by_name: dict[str, list[dict]], seeds: list[int], plots_dir: Path) -> str:
+    """The final set alone, so its four runs can be told apart: accuracy against bits per pipeline and the
+    residual-stream maximum per block, mean ± s.e. over the seeds the verdict used."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pipelines = (*PRETRAINED_PIPELINES, *PRETRAINED_STRONG_PIPELINES)
+    fig, axes = plt.subplots(1, len(pipelines) + 1, figsize=(3.2 * (len(pipelines) + 1), 3.6))
+    for name, every_seed in runs_by_name.items():
+        runs = [r for r in every_seed if r["seed"] in seeds]
+        for ax, pipeline in zip(axes, pipelines):
+            bits = PRETRAINED_BITS if pipeline in PRETRAINED_PIPELINES else PRETRAINED_SELECTION_BITS
+            columns = [[r["fp_acc"] for r in runs]] + [[_acc(r, pipeline, b) for r in runs] for b in bits]
+            ax.errorbar(["FP"] + [f"W{w}A{a}" for w, a in bits], [statistics.mean(c) for c in columns],
+                        yerr=[_standard_error(c) for c in columns], marker="o", capsize=3, label=name)  # fmt: skip
+            ax.set_title(short(pipeline), fontsize=9)
+        blocks = list(zip(*(r["outlier_profile"]["residual_max"] for r in runs)))
+        axes[-1].errorbar(range(len(blocks)), [statistics.mean(b) for b in blocks],
+                          yerr=[_standard_error(b) for b in blocks], marker="o", capsize=2, label=name)  # fmt: skip
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"top-1 % (2,000 test images), seeds {seeds}")
+    axes[-1].set_title("residual stream max |x| per block", fontsize=9)
+    axes[-1].set_yscale("log")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = plots_dir / "efficacy-final.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _standard_error(values: list[float]) -> float:
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
 
 
 def _plot_profiles(by_name: dict[str, list[dict]], plots_dir: Path) -> str:

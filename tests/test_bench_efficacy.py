@@ -216,3 +216,15 @@ def test_a_form_far_below_the_baseline_on_validation_is_not_run_at_later_seeds()
     assert efficacy.pruned(close, 1, records) is None  # -1.5: within the margin
     assert efficacy.pruned(efficacy.Method("baseline_wd", "wd100"), 1, records) is None  # controls always run
     assert efficacy.pruned(efficacy.cd("cd_new", 100), 1, records) is None  # nothing recorded yet
+
+
+def test_the_final_set_plot_draws_every_pipeline_and_the_outlier_profile(tmp_path):
+    def run(name, seed, acc):
+        rows = [{"pipeline": p, "w_bits": b[0], "a_bits": b[1], "acc": acc + seed}
+                for p, b, _ in efficacy.pretrained_rows()]  # fmt: skip
+        return {"name": name, "seed": seed, "fp_acc": 85.0, "quant": rows,
+                "outlier_profile": {"residual_max": [1.0 + block + seed for block in range(12)]}}  # fmt: skip
+
+    runs = {name: [run(name, s, acc) for s in range(4)] for name, acc in (("baseline", 70.0), ("cd_a", 71.0))}
+    name = efficacy._plot_final(runs, [0, 1, 2], tmp_path)  # seed 3 is not the verdict's: left out
+    assert name == "efficacy-final.png" and (tmp_path / name).stat().st_size > 0
