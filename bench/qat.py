@@ -47,6 +47,8 @@ DEFAULT_CD = "--cd_strength 150 --cd_mode plain --cd_kinds ffn value_output"
 """CD's setting for the ``cd`` arm: the one issue 24's rule (`efficacy.select_final`) chose on validation
 (``cd_plain_150``). It did not help post-training quantization there; QAT is measured separately."""
 NUM_TEST = 2000
+DYNAMIC_ACTIVATIONS = "dynamic_per_token"
+"""How a pipeline spec names run-time per-token activation scales (``rotate_gptaq:rotate_activations=…``)."""
 SMOKE = {
     "total_steps": 4,
     "qat_steps": 2,
@@ -320,16 +322,20 @@ def qat_run(
 # --- report -------------------------------------------------------------------------------------
 
 
-def best_ptq(record: dict, bits: str) -> tuple[str, float] | None:
+def best_ptq(record: dict, bits: str, static_only: bool = False) -> tuple[str, float] | None:
     """The PTQ row of a float run at ``bits`` that is best on *validation*, with its test accuracy.
 
     ``None`` where none was measured, or where the rows have no validation accuracy (records from
-    before it was measured): choosing on the test images would favour PTQ.
+    before it was measured): choosing on the test images would favour PTQ. ``static_only`` leaves out
+    pipelines with dynamic (per-token, computed at run time) activation scales: QAT's activation
+    scales are static, so that row is the PTQ with the same deployment cost.
     """
     from hf_cd.quant.config import parse_bits
 
     w, a = parse_bits(bits)
     rows = [r for r in record["rows"] if (r["w_bits"], r["a_bits"]) == (w, a) and "val_accuracy" in r]
+    if static_only:
+        rows = [r for r in rows if DYNAMIC_ACTIVATIONS not in r["pipeline"]]
     if not rows:
         return None
     best = max(rows, key=lambda r: r["val_accuracy"])
@@ -350,9 +356,10 @@ def report(args, records: list[dict]) -> str:
     lines = [f"# QAT vs PTQ on DINOv2-S/14 at 56 px{' (SMOKE RUN: not evidence)' if any(r['settings']['smoke'] for r in records) else ''}", "",
              record_header(records[-1]), "",
              "Accuracy in % on the fixed test images (mean ± std over seeds). PTQ: the best pipeline per seed "
-             "and bits, chosen on the run's validation split. Gap: full precision of the float run minus it.", "",
-             "| CD | bits | seeds | full precision | best PTQ (pipelines) | QAT (distill) | QAT gap | QAT train s / float train s per step |",
-             "|---" * 8 + "|"]  # fmt: skip
+             "and bits, chosen on the run's validation split; static: among pipelines whose activation scales are "
+             "fixed after calibration, as QAT's are. Gap: full precision of the float run minus QAT.", "",
+             "| CD | bits | seeds | full precision | best PTQ (pipelines) | best static PTQ (pipelines) | QAT (distill) | QAT gap | QAT train s / float train s per step |",
+             "|---" * 9 + "|"]  # fmt: skip
     for cd in ("none", "cd"):
         for bits in bits_list:
             for distill in sorted({r["qat_distill"] for r in qats} or {0.0}):
@@ -366,10 +373,12 @@ def report(args, records: list[dict]) -> str:
                 if not pairs:
                     continue
                 ptq = [best for _, f in pairs if (best := best_ptq(f, bits)) is not None]
+                static = [best for _, f in pairs if (best := best_ptq(f, bits, static_only=True)) is not None]
                 speed = [(q["train_s"] / q["steps"]) / (f["train_s"] / f["steps"]) for q, f in pairs]
                 lines.append(
                     f"| {cd} | {bits} | {len(pairs)} | {mean_std([f['fp_accuracy'] for _, f in pairs])} | "
                     f"{mean_std([a for _, a in ptq])} ({', '.join(sorted({p for p, _ in ptq}))}) | "
+                    f"{mean_std([a for _, a in static])} ({', '.join(sorted({p for p, _ in static}))}) | "
                     f"{mean_std([q['accuracy'] for q, _ in pairs])} ({distill:g}) | "
                     f"{mean_std([f['fp_accuracy'] - q['accuracy'] for q, f in pairs])} | {mean_std(speed)} |"
                 )
