@@ -342,6 +342,11 @@ def best_ptq(record: dict, bits: str, static_only: bool = False) -> tuple[str, f
     return best["pipeline"], best["accuracy"]
 
 
+def schedule(record: dict) -> tuple[int, int]:
+    """(QAT steps, total steps) of a record: runs on different schedules are never averaged together."""
+    return record["settings"]["qat_steps"], record["settings"]["total_steps"]
+
+
 def report(args, records: list[dict]) -> str:
     if not records:
         return "No runs recorded yet."
@@ -353,47 +358,59 @@ def report(args, records: list[dict]) -> str:
     qats = [r for r in records if r["kind"] == "qat"]
     measured = {f"W{row['w_bits']}A{row['a_bits']}" for r in floats.values() for row in r["rows"][1:]}
     bits_list = sorted({r["bits"] for r in qats} | measured)
+    schedules = sorted({schedule(r) for r in qats})
+    main = max(schedules, key=lambda s: sum(schedule(r) == s for r in qats), default=None)
     lines = [f"# QAT vs PTQ on DINOv2-S/14 at 56 px{' (SMOKE RUN: not evidence)' if any(r['settings']['smoke'] for r in records) else ''}", "",
              record_header(records[-1]), "",
-             "Accuracy in % on the fixed test images (mean ± std over seeds). PTQ: the best pipeline per seed "
+             "Accuracy in % on the fixed test images (mean ± std over seeds). Steps: QAT steps of the total, the "
+             "float run's length (QAT starts from its checkpoint at total − QAT). PTQ: the best pipeline per seed "
              "and bits, chosen on the run's validation split; static: among pipelines whose activation scales are "
              "fixed after calibration, as QAT's are. Gap: full precision of the float run minus QAT.", "",
-             "| CD | bits | seeds | full precision | best PTQ (pipelines) | best static PTQ (pipelines) | QAT (distill) | QAT gap | QAT train s / float train s per step |",
-             "|---" * 9 + "|"]  # fmt: skip
-    for cd in ("none", "cd"):
-        for bits in bits_list:
-            for distill in sorted({r["qat_distill"] for r in qats} or {0.0}):
-                runs = [
-                    r for r in qats if r["cd"] == cd and r["bits"] == bits and r["qat_distill"] == distill
-                ]
-                pairs = [
-                    (r, floats.get((r["seed"], cd, json.dumps(r["settings"], sort_keys=True)))) for r in runs
-                ]
-                pairs = [(q, f) for q, f in pairs if f is not None]
-                if not pairs:
-                    continue
-                ptq = [best for _, f in pairs if (best := best_ptq(f, bits)) is not None]
-                static = [best for _, f in pairs if (best := best_ptq(f, bits, static_only=True)) is not None]
-                speed = [(q["train_s"] / q["steps"]) / (f["train_s"] / f["steps"]) for q, f in pairs]
-                lines.append(
-                    f"| {cd} | {bits} | {len(pairs)} | {mean_std([f['fp_accuracy'] for _, f in pairs])} | "
-                    f"{mean_std([a for _, a in ptq])} ({', '.join(sorted({p for p, _ in ptq}))}) | "
-                    f"{mean_std([a for _, a in static])} ({', '.join(sorted({p for p, _ in static}))}) | "
-                    f"{mean_std([q['accuracy'] for q, _ in pairs])} ({distill:g}) | "
-                    f"{mean_std([f['fp_accuracy'] - q['accuracy'] for q, f in pairs])} | {mean_std(speed)} |"
-                )
+             "| CD | bits | steps | seeds | full precision | best PTQ (pipelines) | best static PTQ (pipelines) | QAT (distill) | QAT gap | QAT train s / float train s per step |",
+             "|---" * 10 + "|"]  # fmt: skip
+    for steps in schedules:
+        for cd in ("none", "cd"):
+            for bits in bits_list:
+                for distill in sorted({r["qat_distill"] for r in qats}):
+                    runs = [r for r in qats if (schedule(r), r["cd"], r["bits"], r["qat_distill"]) == (steps, cd, bits, distill)]  # fmt: skip
+                    pairs = [
+                        (r, floats.get((r["seed"], cd, json.dumps(r["settings"], sort_keys=True))))
+                        for r in runs
+                    ]
+                    pairs = [(q, f) for q, f in pairs if f is not None]
+                    if not pairs:
+                        continue
+                    ptq = [best for _, f in pairs if (best := best_ptq(f, bits)) is not None]
+                    static = [
+                        best for _, f in pairs if (best := best_ptq(f, bits, static_only=True)) is not None
+                    ]
+                    speed = [(q["train_s"] / q["steps"]) / (f["train_s"] / f["steps"]) for q, f in pairs]
+                    lines.append(
+                        f"| {cd} | {bits} | {steps[0]} / {steps[1]} | {len(pairs)} | "
+                        f"{mean_std([f['fp_accuracy'] for _, f in pairs])} | "
+                        f"{mean_std([a for _, a in ptq])} ({', '.join(sorted({p for p, _ in ptq}))}) | "
+                        f"{mean_std([a for _, a in static])} ({', '.join(sorted({p for p, _ in static}))}) | "
+                        f"{mean_std([q['accuracy'] for q, _ in pairs])} ({distill:g}) | "
+                        f"{mean_std([f['fp_accuracy'] - q['accuracy'] for q, f in pairs])} | {mean_std(speed)} |"
+                    )
     lines += ["", "Accuracy against QAT steps (first test images; mean over seeds):", ""]
-    for cd in ("none", "cd"):
-        for bits in bits_list:
-            runs = [r for r in qats if r["cd"] == cd and r["bits"] == bits and r["qat_distill"] == 0.0]
-            if runs:
-                steps = sorted({p["step"] for r in runs for p in r["curve"]})
-                points = [
-                    f"{s}: {statistics.mean(p['accuracy'] for r in runs for p in r['curve'] if p['step'] == s):.2f}"
-                    for s in steps
-                ]
-                lines.append(f"- {cd}, {bits}: " + ", ".join(points))
-    lines += ["", f"Plot: `{plot(args, records, bits_list)}`."]
+    for steps in schedules:
+        for cd in ("none", "cd"):
+            for bits in bits_list:
+                runs = [r for r in qats if (schedule(r), r["cd"], r["bits"], r["qat_distill"]) == (steps, cd, bits, 0.0)]  # fmt: skip
+                if runs:
+                    points = sorted({p["step"] for r in runs for p in r["curve"]})
+                    curve = [
+                        f"{s}: {statistics.mean(p['accuracy'] for r in runs for p in r['curve'] if p['step'] == s):.2f}"
+                        for s in points
+                    ]
+                    lines.append(
+                        f"- {cd}, {bits}, {steps[0]} of {steps[1]} steps ({len(runs)} seeds): "
+                        + ", ".join(curve)
+                    )
+    if main is not None:
+        shown = [r for r in records if schedule(r) == main]
+        lines += ["", f"Plot ({main[0]} QAT steps of {main[1]}): `{plot(args, shown, bits_list)}`."]
     return "\n".join(lines)
 
 

@@ -40,3 +40,31 @@ def test_the_static_ptq_row_leaves_out_dynamic_per_token_activations(qat_bench):
     ]
     assert qat_bench.best_ptq({"rows": rows}, "W4A4") == (dynamic, 83.0)
     assert qat_bench.best_ptq({"rows": rows}, "W4A4", static_only=True) == ("gptaq", 81.0)
+
+
+def test_the_report_never_averages_runs_of_different_schedules(qat_bench, tmp_path):
+    def settings(total, qat):
+        return {"total_steps": total, "qat_steps": qat, "smoke": False}
+
+    header = {"date": "2026-12-06", "commit": "abc", "device": "cpu", "command": "python bench/qat.py"}
+    rows = [
+        {"pipeline": "full_precision", "w_bits": 32, "a_bits": 32, "accuracy": 85.0},
+        {"pipeline": "percentile", "w_bits": 4, "a_bits": 4, "accuracy": 78.0, "val_accuracy": 78.0},
+    ]
+    records = []
+    for (total, qat), accuracy in (((250, 125), 80.0), ((500, 375), 84.0)):
+        common = {"seed": 0, "cd": "none", "settings": settings(total, qat), **header}
+        records.append(
+            {"kind": "float", "fp_accuracy": 85.0, "rows": rows, "train_s": 10.0, "steps": total, **common}
+        )
+        records.append({"kind": "qat", "bits": "W4A4", "qat_distill": 0.0, "accuracy": accuracy, "train_s": 10.0,
+                        "steps": qat, "curve": [{"step": qat, "accuracy": accuracy}], **common})  # fmt: skip
+    records.append({**records[-1], "seed": 1})  # a second seed on the long schedule: the plot shows that one
+    args = qat_bench.parse_args(["--report", "--results-dir", str(tmp_path)])
+    text = qat_bench.report(args, records)
+    assert "| none | W4A4 | 125 / 250 | 1 |" in text and "80.00 (0)" in text
+    assert (
+        "| none | W4A4 | 375 / 500 | 1 |" in text and "84.00 (0)" in text
+    )  # seed 1 has no float run of its own
+    assert "82.00" not in text  # never the mean of the two schedules
+    assert "Plot (375 QAT steps of 500)" in text and (tmp_path / "qat.png").is_file()
