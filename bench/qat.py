@@ -25,6 +25,7 @@ rebuilds ``qat.md`` and ``qat.png`` (accuracy against bits: PTQ vs QAT, CD vs no
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -156,6 +157,30 @@ def run_key(record: dict) -> tuple:
             record.get("qat_init"), json.dumps(record["settings"], sort_keys=True))  # fmt: skip
 
 
+def float_record(args, seed: int, cd: str) -> dict:
+    return {"kind": "float", "seed": seed, "cd": cd, "settings": settings(args)}
+
+
+def qat_record(args, seed: int, cd: str, bits: str, distill: float) -> dict:
+    return {"kind": "qat", "seed": seed, "cd": cd, "bits": bits.upper(), "qat_distill": distill,
+            "qat_init": args.qat_init, "settings": settings(args)}  # fmt: skip
+
+
+def folder_tag(args, cd: str, *extra) -> str:
+    """A short hash of what shapes a run's training, part of its folder's name: a run with other settings
+    (schedule, data, CD flags, …) never reuses, resumes or evaluates another's folder."""
+    shaping = {
+        "total_steps": args.total_steps,
+        "qat_steps": args.qat_steps,
+        "train_samples": args.train_samples,
+        "eval_samples": args.eval_samples,
+        "cd_flags": args.cd_flags if cd == "cd" else None,
+        "smoke": args.smoke,
+        "extra": [str(value) for value in extra],
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:8]
+
+
 # --- data and measurements ----------------------------------------------------------------------
 
 
@@ -231,8 +256,8 @@ def float_run(args, seed: int, cd: str, records: list[dict]) -> Path:
     from hf_cd.quant import quantize
 
     start = args.total_steps - args.qat_steps
-    output_dir = args.output_root / f"float-{cd}-seed{seed}-{args.total_steps}steps"
-    record = {"kind": "float", "seed": seed, "cd": cd, "settings": settings(args)}
+    output_dir = args.output_root / f"float-{cd}-seed{seed}-{args.total_steps}steps-{folder_tag(args, cd)}"
+    record = float_record(args, seed, cd)
     done = {run_key(r) for r in records}
     finished = (output_dir / "results.json").is_file() and (output_dir / f"checkpoint-{start}").is_dir()
     if finished and run_key(record) in done:
@@ -280,12 +305,12 @@ def qat_run(
 
     from hf_cd.quant import convert
 
-    record = {"kind": "qat", "seed": seed, "cd": cd, "bits": bits.upper(), "qat_distill": distill,
-              "qat_init": args.qat_init, "settings": settings(args)}  # fmt: skip
+    record = qat_record(args, seed, cd, bits, distill)
     if run_key(record) in {run_key(r) for r in records}:
         return
     start = args.total_steps - args.qat_steps
-    output_dir = args.output_root / f"qat-{bits.lower()}-{cd}-kd{distill:g}-seed{seed}-from{start}"
+    tag = folder_tag(args, cd, args.qat_init, args.qat_step_lr)
+    output_dir = args.output_root / f"qat-{bits.lower()}-{cd}-kd{distill:g}-seed{seed}-from{start}-{tag}"
     argv = recipe_argv(
         args, seed, cd, output_dir, float_dir / f"checkpoint-{start}", args.qat_steps, args.curve_every
     )
@@ -477,6 +502,15 @@ def main(argv=None) -> None:
         total=len(plan) * (1 + len(args.bits) * len(args.qat_distill)), desc="qat suite", unit="run"
     ) as bar:
         for seed, cd in plan:
+            keys = {run_key(r) for r in load_records(args)}
+            wanted = [
+                qat_record(args, seed, cd, bits, distill)
+                for bits in args.bits
+                for distill in args.qat_distill
+            ]
+            if all(run_key(r) in keys for r in (float_record(args, seed, cd), *wanted)):
+                bar.update(1 + len(wanted))  # recorded already: no need for the float run's folder
+                continue
             float_dir = float_run(args, seed, cd, load_records(args))
             bar.update(1)
             for bits in args.bits:

@@ -68,3 +68,37 @@ def test_the_report_never_averages_runs_of_different_schedules(qat_bench, tmp_pa
     )  # seed 1 has no float run of its own
     assert "82.00" not in text  # never the mean of the two schedules
     assert "Plot (375 QAT steps of 500)" in text and (tmp_path / "qat.png").is_file()
+
+
+def test_runs_with_other_settings_never_share_a_folder(qat_bench):
+    base = qat_bench.parse_args([])
+    longer = qat_bench.parse_args(["--total-steps", "500", "--qat-steps", "375"])
+    other_cd = qat_bench.parse_args(["--cd-flags", "--cd_strength 100"])
+    assert qat_bench.folder_tag(base, "cd") == qat_bench.folder_tag(qat_bench.parse_args([]), "cd")
+    assert qat_bench.folder_tag(base, "none") != qat_bench.folder_tag(longer, "none")  # the QAT-of-125 clash
+    assert qat_bench.folder_tag(base, "cd") != qat_bench.folder_tag(other_cd, "cd")
+    assert qat_bench.folder_tag(base, "none") == qat_bench.folder_tag(
+        other_cd, "none"
+    )  # CD flags: cd arm only
+    assert qat_bench.folder_tag(base, "none", "percentile") != qat_bench.folder_tag(base, "none", "minmax")
+
+
+def test_a_fully_recorded_seed_is_skipped_without_training(qat_bench, tmp_path, monkeypatch):
+    args = ["--seeds", "0", "--cd", "none", "--bits", "W4A4", "--results-dir", str(tmp_path), "--allow-dirty"]
+    parsed = qat_bench.parse_args(args)
+    recorded = [
+        qat_bench.float_record(parsed, 0, "none"),
+        qat_bench.qat_record(parsed, 0, "none", "W4A4", 0.0),
+    ]
+    monkeypatch.setattr(qat_bench, "load_records", lambda _args: recorded)
+    monkeypatch.setattr(qat_bench, "write_report", lambda _args: tmp_path / "qat.md")
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("a recorded run was trained again")
+
+    monkeypatch.setattr(qat_bench, "float_run", no_training)
+    monkeypatch.setattr(qat_bench, "qat_run", no_training)
+    qat_bench.main(args)
+    recorded.pop()  # the QAT run missing: now the float folder is needed
+    with pytest.raises(AssertionError, match="trained again"):
+        qat_bench.main(args)
