@@ -795,13 +795,22 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _standard_error(values: list[float]) -> float:
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+
+
+def _pipeline_bits(pipeline: str) -> tuple[tuple[int, int], ...]:
+    """The bits a pipeline is evaluated at: every bit width for the cheap ones, W6A6 and W4A4 for the rest."""
+    return PRETRAINED_BITS if pipeline in PRETRAINED_PIPELINES else PRETRAINED_SELECTION_BITS
+
+
 def mean_se(values: list[float]) -> str:
     """Mean ± standard error over seeds (just the value for one seed)."""
     if not values:
         return "—"
     if len(values) == 1:
         return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) / len(values) ** 0.5:.2f}"
+    return f"{statistics.mean(values):.2f} ± {_standard_error(values):.2f}"
 
 
 def _acc(record: dict, pipeline: str, bits: tuple[int, int], key: str = "quant") -> float | None:
@@ -921,7 +930,7 @@ def _plot_pretrained(by_name: dict[str, list[dict]], plots_dir: Path) -> str:
     colors = plt.get_cmap("tab20")  # twenty distinct colours: the default cycle repeats after ten runs
     fig, axes = plt.subplots(1, len(pipelines), figsize=(3.4 * len(pipelines), 3.6), sharey=True)
     for ax, pipeline in zip(axes, pipelines):
-        bits = PRETRAINED_BITS if pipeline in PRETRAINED_PIPELINES else PRETRAINED_SELECTION_BITS
+        bits = _pipeline_bits(pipeline)
         for index, (name, runs) in enumerate(sorted(by_name.items())):
             values = [statistics.mean(r["fp_acc"] for r in runs)]
             values += [statistics.mean(_acc(r, pipeline, b) for r in runs) for b in bits]
@@ -951,7 +960,7 @@ def _plot_final(runs_by_name: dict[str, list[dict]], seeds: list[int], plots_dir
     for name, every_seed in runs_by_name.items():
         runs = [r for r in every_seed if r["seed"] in seeds]
         for ax, pipeline in zip(axes, pipelines):
-            bits = PRETRAINED_BITS if pipeline in PRETRAINED_PIPELINES else PRETRAINED_SELECTION_BITS
+            bits = _pipeline_bits(pipeline)
             columns = [[r["fp_acc"] for r in runs]] + [[_acc(r, pipeline, b) for r in runs] for b in bits]
             ax.errorbar(["FP"] + [f"W{w}A{a}" for w, a in bits], [statistics.mean(c) for c in columns],
                         yerr=[_standard_error(c) for c in columns], marker="o", capsize=3, label=name)  # fmt: skip
@@ -970,10 +979,6 @@ def _plot_final(runs_by_name: dict[str, list[dict]], seeds: list[int], plots_dir
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
-
-
-def _standard_error(values: list[float]) -> float:
-    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
 
 
 def _plot_profiles(by_name: dict[str, list[dict]], plots_dir: Path) -> str:

@@ -25,6 +25,7 @@ rebuilds ``qat.md`` and ``qat.png`` (accuracy against bits: PTQ vs QAT, CD vs no
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -48,8 +49,6 @@ DEFAULT_CD = "--cd_strength 150 --cd_mode plain --cd_kinds ffn value_output"
 """CD's setting for the ``cd`` arm: the one issue 24's rule (`efficacy.select_final`) chose on validation
 (``cd_plain_150``). It did not help post-training quantization there; QAT is measured separately."""
 NUM_TEST = 2000
-DYNAMIC_ACTIVATIONS = "dynamic_per_token"
-"""How a pipeline spec names run-time per-token activation scales (``rotate_gptaq:rotate_activations=…``)."""
 SMOKE = {
     "total_steps": 4,
     "qat_steps": 2,
@@ -351,20 +350,29 @@ def best_ptq(record: dict, bits: str, static_only: bool = False) -> tuple[str, f
     """The PTQ row of a float run at ``bits`` that is best on *validation*, with its test accuracy.
 
     ``None`` where none was measured, or where the rows have no validation accuracy (records from
-    before it was measured): choosing on the test images would favour PTQ. ``static_only`` leaves out
-    pipelines with dynamic (per-token, computed at run time) activation scales: QAT's activation
-    scales are static, so that row is the PTQ with the same deployment cost.
+    before it was measured): choosing on the test images would favour PTQ. ``static_only`` keeps the
+    pipelines whose activation scales are static (per tensor, fixed after calibration), as QAT's are:
+    that row is the PTQ with the same deployment cost.
     """
     from hf_cd.quant.config import parse_bits
 
     w, a = parse_bits(bits)
     rows = [r for r in record["rows"] if (r["w_bits"], r["a_bits"]) == (w, a) and "val_accuracy" in r]
     if static_only:
-        rows = [r for r in rows if DYNAMIC_ACTIVATIONS not in r["pipeline"]]
+        rows = [r for r in rows if activation_mode(r["pipeline"], bits) == "static_per_tensor"]
     if not rows:
         return None
     best = max(rows, key=lambda r: r["val_accuracy"])
     return best["pipeline"], best["accuracy"]
+
+
+@functools.cache
+def activation_mode(spec: str, bits: str) -> str:
+    """How a PTQ spec quantizes encoder activations, as its pipeline's result rows say (`row_fields`)."""
+    from hf_cd.quant.registry import pipeline_for
+
+    config = ptq_config(spec, bits, seed=0)
+    return pipeline_for(config).row_fields(config)["activation_mode"]
 
 
 def schedule(record: dict) -> tuple[int, int]:
@@ -502,7 +510,8 @@ def main(argv=None) -> None:
         total=len(plan) * (1 + len(args.bits) * len(args.qat_distill)), desc="qat suite", unit="run"
     ) as bar:
         for seed, cd in plan:
-            keys = {run_key(r) for r in load_records(args)}
+            records = load_records(args)
+            keys = {run_key(r) for r in records}
             wanted = [
                 qat_record(args, seed, cd, bits, distill)
                 for bits in args.bits
@@ -511,7 +520,7 @@ def main(argv=None) -> None:
             if all(run_key(r) in keys for r in (float_record(args, seed, cd), *wanted)):
                 bar.update(1 + len(wanted))  # recorded already: no need for the float run's folder
                 continue
-            float_dir = float_run(args, seed, cd, load_records(args))
+            float_dir = float_run(args, seed, cd, records)
             bar.update(1)
             for bits in args.bits:
                 for distill in args.qat_distill:
